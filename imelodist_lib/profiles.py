@@ -1,0 +1,150 @@
+"""The one size switch: every notebook, test and command line reads its sizes from here.
+
+`cpu` is the size CI and laptops run in minutes (open corpus, IMelodist-tiny);
+`gpu` is IMelodist's published recipe (InternLM2-chat-7B, QLoRA, full data).
+The switch is `IMELODIST_PROFILE=cpu|gpu`; unset, it is `gpu` when CUDA is present, else `cpu`.
+Anything can be overridden per call: `get_profile("cpu", pt_max_steps=50)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILE_ENV = "IMELODIST_PROFILE"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+KNOWLEDGE_DIR = DATA_DIR / "knowledge"
+SHIPPED_MODEL_DIR = DATA_DIR / "models" / "imelodist-tiny"
+SYSTEM_PROMPT = "你是专业的音乐作曲家 IMelodist"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size the pipeline needs, for one machine class."""
+
+    name: str
+    device: str
+    # --- data (notebook 01) ---
+    corpus_sources: tuple[str, ...] = ("music21",)
+    max_tunes: int | None = None  # cap on tunes kept after cleaning (None: all)
+    max_tune_chars: int = 3000  # longer tunes are dropped (counted) in cleaning
+    min_bars: int = 4
+    transpositions: tuple[int, ...] = ()  # augmentation, train split only
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    instructions_per_tune: int = 1
+    seed: int = 0
+    # --- models and training (notebooks 02, 03) ---
+    base_model: str = str(SHIPPED_MODEL_DIR)  # local path or hub id
+    train_from_scratch: bool = False  # IMelodist-tiny in CI: a fresh model proves the pipeline
+    tokenizer_vocab_size: int = 2048
+    max_seq_len: int = 1024
+    packing: bool = True
+    pt_max_steps: int = -1  # -1: run pt_epochs
+    pt_epochs: float = 1.0
+    sft_max_steps: int = -1
+    sft_epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    eval_steps: int = 50
+    save_steps: int = 100
+    use_lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    load_in_4bit: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    # --- inference and evaluation (notebooks 04-06) ---
+    backend: str = "transformers"  # "auto" | "transformers" | "lmdeploy" | "openai"
+    composer_model: str = str(SHIPPED_MODEL_DIR)
+    max_new_tokens: int = 512
+    eval_requests: int = 8
+    eval_samples_per_request: int = 1
+    workdir: Path = field(default_factory=lambda: REPO_ROOT / "runs")
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this profile's notebooks write datasets, checkpoints and results."""
+        return Path(os.environ.get("IMELODIST_RUNS", self.workdir)) / self.name
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+CPU = Profile(
+    name="cpu",
+    device="cpu",
+    max_tunes=None,
+    transpositions=(),
+    train_from_scratch=True,
+    max_seq_len=512,
+    pt_max_steps=30,
+    sft_max_steps=30,
+    batch_size=8,
+    learning_rate=2e-3,
+    eval_steps=10,
+    save_steps=10,
+    eval_requests=8,
+    max_new_tokens=400,
+)
+
+GPU = Profile(
+    name="gpu",
+    device="cuda",
+    transpositions=(-5, -3, -2, 2, 3, 5),
+    instructions_per_tune=2,
+    base_model=os.environ.get("IMELODIST_BASE_MODEL", "internlm/internlm2-chat-7b"),
+    tokenizer_vocab_size=0,  # the base model's own tokenizer
+    max_seq_len=4096,
+    pt_epochs=3.0,
+    sft_epochs=3.0,
+    batch_size=4,
+    grad_accum=32,  # effective batch 128, as IMelodist trained
+    learning_rate=2e-4,
+    eval_steps=200,
+    save_steps=500,
+    use_lora=True,
+    load_in_4bit=True,
+    bf16=True,
+    gradient_checkpointing=True,
+    backend="auto",
+    composer_model=os.environ.get("IMELODIST_COMPOSER_MODEL", "runs/gpu/sft/merged"),
+    max_new_tokens=1024,
+    eval_requests=200,
+    eval_samples_per_request=4,
+)
+
+PROFILES = {"cpu": CPU, "gpu": GPU}
+
+
+def default_profile_name() -> str:
+    """`IMELODIST_PROFILE` when set, else `gpu` where CUDA is available, else `cpu`."""
+    name = os.environ.get(PROFILE_ENV, "").strip().lower()
+    if name:
+        return name
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def get_profile(name: str | None = None, **overrides) -> Profile:
+    """Resolve the size switch, then apply per-call overrides (unknown keys are an error)."""
+    name = (name or default_profile_name()).lower()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
+                         f"(set {PROFILE_ENV}=cpu or gpu)")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+    if unknown:
+        raise TypeError(f"Profile has no field(s) {sorted(unknown)}")
+    return dataclasses.replace(PROFILES[name], **overrides)
