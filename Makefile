@@ -1,0 +1,48 @@
+# IMelodist workbench. Two commands on a fresh machine: `make run` and `make test`.
+# Each sets itself up: a virtual environment in .venv, CPU torch, the system players.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A CPU build of torch (on this workplace it lies on disk); override on a CUDA machine,
+# e.g. `make setup TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= cpu
+export IMELODIST_PROFILE ?= $(PROFILE)
+
+.PHONY: setup system-deps run test bench lab lmdeploy-env clean
+
+setup: $(VENV)/.installed system-deps
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[notebooks,test,audio]"
+	touch $@
+
+# FluidSynth (audio) and Chromium (the browser test) come from Debian.
+system-deps:
+	@bash .ci/system-deps.sh
+
+run: setup
+	TQDM_DISABLE=$${TQDM_DISABLE:-0} $(PY) -m imelodist_lib.run_notebooks --out runs/notebooks
+
+test: setup
+	TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
+		notebooks tests
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+# LMDeploy pins torch<=2.12.1 and peft<=0.14 and needs CUDA: it gets its own environment,
+# reached from the notebooks through its OpenAI-compatible api_server.
+lmdeploy-env:
+	test -x .venv-lmdeploy/bin/python || $(PYTHON) -m venv .venv-lmdeploy
+	.venv-lmdeploy/bin/pip install -q --upgrade pip
+	.venv-lmdeploy/bin/pip install -q lmdeploy openai
+
+clean:
+	rm -rf runs .pytest_cache
