@@ -42,7 +42,9 @@ lab: setup
 lmdeploy-env:
 	test -x .venv-lmdeploy/bin/python || $(PYTHON) -m venv .venv-lmdeploy
 	.venv-lmdeploy/bin/pip install -q --upgrade pip
-	.venv-lmdeploy/bin/pip install -q lmdeploy openai
+	.venv-lmdeploy/bin/pip install -q lmdeploy openai music21 xgrammar tqdm
+	.venv-lmdeploy/bin/pip install -q --no-deps -e .
+	@echo "serve: .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist --chat-template internlm2 --server-port 23333"
 
 clean:
 	rm -rf runs .pytest_cache

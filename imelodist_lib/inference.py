@@ -1,0 +1,784 @@
+"""One composer, several engines: transformers (any local model, CPU too), LMDeploy in-process
+(TurboMind / PyTorch engine, optional 4-bit AWQ) and any OpenAI-compatible server
+(`lmdeploy serve api_server`, vLLM).
+
+    composer = Composer()                       # the profile's model and backend
+    [c] = composer.compose(ComposeRequest("emotion", emotion="欢快", meter="6/8"), seed=0)
+    c.abc, c.report.ok, c.report.bars.error_rate
+
+`compose(..., constrained=True)` decodes under the request's grammar (`imelodist_lib.grammar`),
+so every bar closes at exactly the meter's length. Every answer comes back as a `Composition`
+with the extracted, normalised ABC, its validation report, token counts, timings and the seed
+that reproduces it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imelodist_lib import abc
+from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor, stop_token_ids
+from imelodist_lib.instructions import ComposeRequest, render_prompt
+from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
+
+BACKENDS = ("auto", "transformers", "lmdeploy", "openai")
+DEFAULT_BASE_URL = "http://127.0.0.1:23333/v1"
+SERVED_MODEL_NAME = "imelodist"
+CONSTRAINED_MIN_NEW_TOKENS = 1024  # default budget in constrained mode: room for a 32-bar tune
+SERVE_HINT = (".venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist "
+              "--chat-template internlm2 --server-port 23333  (make lmdeploy-env first)")
+
+
+@dataclass
+class Composition:
+    """One answer: the extracted ABC, the raw text and how it was made."""
+
+    abc: str | None  # first tune in the answer, normalised (None: no parseable tune)
+    text: str  # the full answer as generated
+    request: ComposeRequest | None
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float  # wall time of the call that produced it (shared by a batch of n)
+    first_token_seconds: float | None  # time until the first generated token
+    report: Any = None  # abc.ValidationReport of `abc` (None for prose or no tune)
+    backend: str = ""
+    constrained: bool = False
+    seed: int | None = None
+    finish_reason: str = "stop"  # "stop" (EOS) or "length" (hit max_new_tokens)
+    messages: list[dict] = field(default_factory=list)  # the conversation incl. this answer
+
+    @property
+    def ok(self) -> bool:
+        """True when the answer holds a tune that parses and has no bar-duration errors."""
+        return self.report is not None and bool(self.report.ok) and not self.report.bars.errors
+
+    @property
+    def bar_errors(self) -> int | None:
+        """Bars whose length differs from the meter's (None when no tune parsed)."""
+        if self.report is None or self.report.bars is None:
+            return None
+        return len(self.report.bars.errors)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Raw:
+    """What an engine returns for one sample, before ABC extraction."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    first_token_seconds: float | None
+    finish_reason: str
+
+
+@dataclass
+class _Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+
+
+# ------------------------------------------------------------------------------ ABC extraction
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+_FIELD_LINE = re.compile(r"^\s*[A-Za-z]:")
+_INLINE_FIELD = re.compile(r"(?<!\S)([A-Za-z]):")
+
+
+def _split_inline_header(line: str) -> str:
+    """'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' -> one field per line, then the body."""
+    marks = list(_INLINE_FIELD.finditer(line))
+    if len(marks) < 2 or marks[0].start() != len(line) - len(line.lstrip()):
+        return line
+    out = []
+    for i, mark in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(line)
+        value = line[mark.end():end].strip()
+        if mark.group(1) == "K":
+            key, _, body = value.partition(" ")
+            # a mode word may follow the key ("K:E minor"); music starts at the first bar line/note run
+            if body and re.match(r"^(maj|min|m|dor|phr|lyd|mix|aeo|loc|major|minor)\w*\b", body, re.I):
+                mode, _, body = body.partition(" ")
+                key = f"{key} {mode}"
+            out.append(f"K:{key}")
+            if body.strip():
+                out.append(body.strip())
+            return "\n".join(out)
+        out.append(f"{mark.group(1)}:{value}")
+    return "\n".join(out)
+
+
+def _looks_like_music(line: str) -> bool:
+    """A body line: bar lines or fields, or no prose word (prose words have letters that are no
+    note, rest or decoration: 'This', 'the'; note runs such as 'DDDG' or 'TBcd' are music)."""
+    stripped = line.strip()
+    if not stripped:
+        return False
+    if "|" in stripped or _FIELD_LINE.match(stripped) or stripped.startswith("%"):
+        return True
+    # chord symbols, annotations, !decorations! and inline fields may hold any letters
+    clean = re.sub(r'"[^"]*"|![^!]*!|\+[^+]*\+|\[[A-Za-z]:[^\]]*\]', " ", stripped)
+    prose = [w for w in re.findall(r"[A-Za-z]{2,}", clean) if len(re.findall(r"[H-WYh-wy]", w)) >= 2]
+    return not prose and bool(re.search(r"[A-Ga-gz]", clean))
+
+
+def _tune_candidates(block: str) -> list[str]:
+    """Cut one text block into tune texts: each starts at an X: (or a header run ending in K:)."""
+    lines = [_split_inline_header(l) for l in block.replace("\r\n", "\n").split("\n")]
+    lines = "\n".join(lines).split("\n")
+    tunes, current, in_body = [], [], False
+    for line in lines:
+        stripped = line.strip()
+        starts_tune = bool(re.match(r"^X:\s*\d*", stripped))
+        if starts_tune and current:
+            tunes.append(current)
+            current, in_body = [], False
+        if not current:
+            if _FIELD_LINE.match(stripped) and not stripped.startswith("%"):
+                current = [stripped]
+            continue
+        if not in_body:
+            if _FIELD_LINE.match(stripped):
+                current.append(stripped)
+                in_body = stripped.startswith("K:")
+            elif stripped:
+                current = [] if not any(c.startswith("K:") for c in current) else current
+            continue
+        if _looks_like_music(line):
+            current.append(line.rstrip())
+        else:
+            tunes.append(current)
+            current, in_body = [], False
+    if current:
+        tunes.append(current)
+    texts = []
+    for tune in tunes:
+        if not any(l.startswith("K:") for l in tune):
+            continue
+        if not tune[0].startswith("X:"):
+            tune = ["X:1", *tune]
+        texts.append("\n".join(tune))
+    return texts
+
+
+def extract_abc(text: str) -> list[str]:
+    """Every parseable ABC tune in a free-form answer, normalised (code fences, several tunes,
+    prose around them, the one-line 'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' form)."""
+    blocks = [m.group(2) for m in _FENCE.finditer(text)] or [text]
+    found = []
+    for block in blocks:
+        for candidate in _tune_candidates(block):
+            try:
+                found.append(abc.normalize(candidate))
+            except (abc.ABCError, ValueError):
+                continue
+    return found
+
+
+# ------------------------------------------------------------------------------ engines
+
+
+def _friendly_oom(err: BaseException) -> MemoryError:
+    return MemoryError("the GPU ran out of memory while generating: lower n (the batch), "
+                       "max_new_tokens or LMDeploy's cache_max_entry_count (e.g. 0.2), or load "
+                       f"4-bit AWQ weights (model_format='awq'). ({str(err).splitlines()[0]})")
+
+
+def _is_oom(err: BaseException) -> bool:
+    return "out of memory" in str(err).lower() or type(err).__name__ == "OutOfMemoryError"
+
+
+class _FirstTokenClock:
+    """A no-op logits processor that notes when the first token's logits are ready."""
+
+    def __init__(self, start: float):
+        self.start, self.first = start, None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = time.perf_counter() - self.start
+        return scores
+
+
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    """Run a block with `threads` intra-op CPU threads, then restore the setting."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, profile: Profile, cpu_threads: int | None = None):
+        import torch
+
+        if isinstance(model, (str, Path)):
+            from imelodist_lib.models import load_model
+
+            model, tokenizer = load_model(model, profile)
+        if tokenizer is None:
+            raise ValueError("a loaded model needs its tokenizer: Composer(model=model, tokenizer=tokenizer)")
+        self.model, self.tokenizer = model, tokenizer
+        if profile.is_gpu and torch.cuda.is_available() and model.device.type == "cpu" \
+                and not getattr(model, "hf_device_map", None):
+            self.model = model.to("cuda")
+        self.stop_ids = stop_token_ids(tokenizer)
+        # A few-million-parameter model decodes fastest on one CPU thread: its matrices are too
+        # small to split, and extra threads only wait on each other (measured: 20x slower on 2
+        # busy cores). Bigger models keep torch's default.
+        small = sum(p.numel() for p in self.model.parameters()) < SMALL_MODEL_PARAMS
+        self.threads = cpu_threads or (1 if self.model.device.type == "cpu" and small else None)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def _inputs(self, messages: list[dict]):
+        if not getattr(self.tokenizer, "chat_template", None):
+            from imelodist_lib.models import CHAT_TEMPLATE
+
+            self.tokenizer.chat_template = CHAT_TEMPLATE
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 return_dict=True, return_tensors="pt")
+        return {k: v.to(self.model.device) for k, v in enc.items()}
+
+    def _gen_kwargs(self, sampling: _Sampling, grammar: str | None, n: int, start: float):
+        import torch
+        from transformers import LogitsProcessorList
+
+        clock = _FirstTokenClock(start)
+        processors = [clock]
+        if grammar is not None:
+            processors.insert(0, grammar_logits_processor(
+                self.tokenizer, grammar, vocab_size=self.model.config.vocab_size))
+        torch.manual_seed(sampling.seed)
+        sample = sampling.temperature > 0
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                      num_return_sequences=n, eos_token_id=self.stop_ids,
+                      pad_token_id=self.tokenizer.pad_token_id,
+                      logits_processor=LogitsProcessorList(processors))
+        if sample:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        return kwargs, clock
+
+    def generate(self, messages: list[dict], n: int, sampling: _Sampling, grammar: str | None) -> list[_Raw]:
+        import torch
+
+        inputs = self._inputs(messages)
+        start = time.perf_counter()
+        kwargs, clock = self._gen_kwargs(sampling, grammar, n, start)
+        try:
+            with torch.no_grad(), _torch_threads(self.threads):
+                out = self.model.generate(**inputs, **kwargs)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if _is_oom(err):
+                raise _friendly_oom(err) from err
+            raise
+        seconds = time.perf_counter() - start
+        prompt_len = inputs["input_ids"].shape[1]
+        raws = []
+        for row in out[:, prompt_len:].tolist():
+            stop_at = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            tokens = row if stop_at is None else row[:stop_at]
+            raws.append(_Raw(self.tokenizer.decode(tokens, skip_special_tokens=True), prompt_len,
+                             len(tokens) + (stop_at is not None), seconds, clock.first,
+                             "length" if stop_at is None else "stop"))
+        return raws
+
+    def stream(self, messages: list[dict], sampling: _Sampling, grammar: str | None) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        inputs = self._inputs(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs, _ = self._gen_kwargs(sampling, grammar, 1, time.perf_counter())
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with _torch_threads(self.threads):
+                    self.model.generate(**inputs, **kwargs, streamer=streamer)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise _friendly_oom(errors[0]) if _is_oom(errors[0]) else errors[0]
+
+
+class _LMDeployEngine:
+    """LMDeploy in-process: `lmdeploy.pipeline` with the InternLM2 chat template (CUDA only)."""
+
+    name = "lmdeploy"
+
+    def __init__(self, model: str, engine: str = "turbomind", model_format: str | None = None,
+                 cache_max_entry_count: float = 0.5, session_len: int = 4096, tp: int = 1):
+        if importlib.util.find_spec("lmdeploy") is None:
+            raise ImportError("lmdeploy is not installed in this environment (it pins torch<=2.12.1, "
+                              "peft<=0.14): run `make lmdeploy-env` and use .venv-lmdeploy, or use "
+                              "backend='openai' against `lmdeploy serve api_server` / backend='transformers'")
+        if not Path(str(model)).expanduser().is_dir() and not re.match(r"^[\w.-]+/[\w.-]+$", str(model)):
+            raise FileNotFoundError(f"model directory {model} does not exist: pass the merged model "
+                                    "folder (runs/gpu/sft/merged) or set IMELODIST_COMPOSER_MODEL")
+        from lmdeploy import ChatTemplateConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+        if engine == "turbomind":
+            config = TurbomindEngineConfig(model_format=model_format, tp=tp, session_len=session_len,
+                                           cache_max_entry_count=cache_max_entry_count)
+        elif engine == "pytorch":
+            config = PytorchEngineConfig(tp=tp, session_len=session_len,
+                                         cache_max_entry_count=cache_max_entry_count)
+        else:
+            raise ValueError(f"unknown LMDeploy engine {engine!r}: choose 'turbomind' or 'pytorch'")
+        template = ChatTemplateConfig(model_name="internlm2", meta_instruction=SYSTEM_PROMPT)
+        try:
+            self.pipe = pipeline(str(model), backend_config=config, chat_template_config=template)
+        except (RuntimeError, MemoryError) as err:
+            if _is_oom(err):
+                raise _friendly_oom(err) from err
+            raise
+
+    @staticmethod
+    def _config(sampling: _Sampling, seed: int):
+        from lmdeploy import GenerationConfig
+
+        # do_sample must be set explicitly: LMDeploy's default is greedy decoding
+        return GenerationConfig(do_sample=sampling.temperature > 0, temperature=max(sampling.temperature, 1e-5),
+                                top_p=sampling.top_p, top_k=sampling.top_k,
+                                max_new_tokens=sampling.max_new_tokens, random_seed=seed)
+
+    def generate(self, messages: list[dict], n: int, sampling: _Sampling, grammar: str | None) -> list[_Raw]:
+        if grammar is not None:
+            raise NotImplementedError("LMDeploy takes JSON-schema/regex guides, not EBNF grammars: use "
+                                      "backend='transformers' (or a vLLM server with backend='openai') "
+                                      "for constrained=True")
+        start = time.perf_counter()
+        try:
+            outs = [self.pipe([messages], gen_config=self._config(sampling, sampling.seed + i))[0]
+                    for i in range(n)]
+        except RuntimeError as err:
+            if _is_oom(err):
+                raise _friendly_oom(err) from err
+            raise
+        seconds = time.perf_counter() - start
+        return [_Raw(o.text, o.input_token_len, o.generate_token_len, seconds, None,
+                     "length" if o.finish_reason == "length" else "stop") for o in outs]
+
+    def stream(self, messages: list[dict], sampling: _Sampling, grammar: str | None) -> Iterator[str]:
+        if grammar is not None:
+            self.generate(messages, 1, sampling, grammar)  # raises the explanation
+        for out in self.pipe.stream_infer([messages], gen_config=self._config(sampling, sampling.seed)):
+            if out.text:
+                yield out.text
+
+
+class _OpenAIEngine:
+    """Any OpenAI-compatible chat server; grammars go in `extra_body[grammar_field]`."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str, model: str | None, timeout: float,
+                 grammar_field: str | None):
+        import openai
+
+        self.openai, self.base_url, self.grammar_field = openai, base_url.rstrip("/"), grammar_field
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.model = model or self._served_model()
+
+    def _explain(self, err: Exception) -> Exception:
+        if isinstance(err, self.openai.APITimeoutError):
+            return TimeoutError(f"the server at {self.base_url} did not answer in time: raise "
+                                "Composer(timeout=...) or lower max_new_tokens")
+        if isinstance(err, self.openai.APIConnectionError):
+            return ConnectionError(f"cannot reach an OpenAI-compatible server at {self.base_url}: start "
+                                   f"one with `{SERVE_HINT}` (or vLLM), or pass base_url=...")
+        if isinstance(err, self.openai.NotFoundError):
+            return LookupError(f"the server at {self.base_url} does not serve model {self.model!r}: "
+                               "pass Composer(served_model=...) with a name from GET /v1/models")
+        if isinstance(err, self.openai.APIStatusError):
+            return RuntimeError(f"the server at {self.base_url} refused the request "
+                                f"({err.status_code}): {str(err)[:300]}")
+        return err
+
+    def _served_model(self) -> str:
+        try:
+            models = [m.id for m in self.client.models.list().data]
+        except self.openai.OpenAIError as err:
+            raise self._explain(err) from err
+        if not models:
+            raise LookupError(f"the server at {self.base_url} serves no model")
+        return SERVED_MODEL_NAME if SERVED_MODEL_NAME in models else models[0]
+
+    def _body(self, messages, sampling: _Sampling, seed: int, grammar: str | None, stream: bool) -> dict:
+        extra: dict = {"top_k": sampling.top_k}
+        if grammar is not None:
+            if not self.grammar_field:
+                raise NotImplementedError("this server takes no grammar: pass Composer(grammar_field="
+                                          "'guided_grammar') for vLLM, or use backend='transformers'")
+            node = extra
+            *parents, leaf = self.grammar_field.split(".")  # e.g. "structured_outputs.grammar"
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = grammar
+        return dict(model=self.model, messages=messages, temperature=sampling.temperature,
+                    top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed,
+                    stream=stream, extra_body=extra)
+
+    def generate(self, messages: list[dict], n: int, sampling: _Sampling, grammar: str | None) -> list[_Raw]:
+        raws = []
+        for i in range(n):  # one request per sample: not every server honours n>1
+            start = time.perf_counter()
+            pieces, first, usage, finish = [], None, None, "stop"
+            try:
+                stream = self.client.chat.completions.create(
+                    **self._body(messages, sampling, sampling.seed + i, grammar, True),
+                    stream_options={"include_usage": True})
+                for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            first = first if first is not None else time.perf_counter() - start
+                            pieces.append(choice.delta.content)
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+            except self.openai.OpenAIError as err:
+                raise self._explain(err) from err
+            text = "".join(pieces)
+            raws.append(_Raw(text, usage.prompt_tokens if usage else 0,
+                             usage.completion_tokens if usage else len(pieces),
+                             time.perf_counter() - start, first, finish))
+        return raws
+
+    def stream(self, messages: list[dict], sampling: _Sampling, grammar: str | None) -> Iterator[str]:
+        try:
+            for chunk in self.client.chat.completions.create(
+                    **self._body(messages, sampling, sampling.seed, grammar, True)):
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        yield choice.delta.content
+        except self.openai.OpenAIError as err:
+            raise self._explain(err) from err
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'lmdeploy' where CUDA and lmdeploy are importable, else 'transformers'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {list(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("lmdeploy") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "lmdeploy"
+    return "transformers"
+
+
+class Composer:
+    """Compose, chat and stream with one model over one backend (see the module docstring).
+
+    model: a local directory or hub id (default: the profile's `composer_model`), or a loaded
+    transformers model with `tokenizer=`. backend: "transformers" | "lmdeploy" | "openai" |
+    "auto" (default: the profile's; "openai" when `base_url` is given). OpenAI: `base_url`,
+    `api_key`, `served_model` (default: "imelodist" or the server's first model), `timeout`,
+    `grammar_field` (request field for EBNF grammars: "guided_grammar" for vLLM <= 0.10,
+    "structured_outputs.grammar" for newer vLLM, None where the server takes none).
+    LMDeploy: `engine` ("turbomind" | "pytorch"), `model_format` ("awq" for 4-bit AWQ weights),
+    `cache_max_entry_count` (share of free GPU memory for the KV cache).
+    """
+
+    def __init__(self, model: Any = None, backend: str | None = None, profile: Profile | None = None,
+                 tokenizer: Any = None, base_url: str | None = None, api_key: str = "EMPTY",
+                 served_model: str | None = None, timeout: float = 120.0,
+                 grammar_field: str | None = "guided_grammar", engine: str = "turbomind",
+                 model_format: str | None = None, cache_max_entry_count: float = 0.5,
+                 cpu_threads: int | None = None):
+        self.profile = profile or get_profile()
+        backend = backend or ("openai" if base_url else self.profile.backend)
+        self.backend = resolve_backend(backend)
+        model = self.profile.composer_model if model is None else model
+        if self.backend == "transformers":
+            self.engine: Any = _TransformersEngine(model, tokenizer, self.profile, cpu_threads)
+        elif self.backend == "lmdeploy":
+            self.engine = _LMDeployEngine(str(model), engine=engine, model_format=model_format,
+                                          cache_max_entry_count=cache_max_entry_count,
+                                          session_len=max(4096, self.profile.max_seq_len))
+        else:
+            self.engine = _OpenAIEngine(base_url or DEFAULT_BASE_URL, api_key, served_model,
+                                        timeout, grammar_field)
+
+    # -- helpers
+    def messages_for(self, request: ComposeRequest | str, template_index: int | None = None) -> list[dict]:
+        """The chat (system + user) a request is sent as."""
+        user = request if isinstance(request, str) else render_prompt(request, template_index)
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+    def _sampling(self, temperature, top_p, top_k, max_new_tokens, seed) -> _Sampling:
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{temperature}, {top_p}, {top_k}")
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        return _Sampling(float(temperature), float(top_p), int(top_k),
+                         int(max_new_tokens or self.profile.max_new_tokens), seed)
+
+    def _finish(self, raws: list[_Raw], messages: list[dict], request: ComposeRequest | None,
+                constrained: bool, seed: int) -> list[Composition]:
+        out = []
+        prose = request is not None and request.task == "describe"
+        for raw in raws:
+            tunes = [] if prose else extract_abc(raw.text)
+            tune = tunes[0] if tunes else None
+            out.append(Composition(
+                abc=tune, text=raw.text, request=request, prompt_tokens=raw.prompt_tokens,
+                completion_tokens=raw.completion_tokens, seconds=raw.seconds,
+                first_token_seconds=raw.first_token_seconds,
+                report=abc.validate(tune) if tune else None, backend=self.backend,
+                constrained=constrained, seed=seed, finish_reason=raw.finish_reason,
+                messages=[*messages, {"role": "assistant", "content": raw.text}]))
+        return out
+
+    # -- public API
+    def compose(self, request: ComposeRequest | str, n: int = 1, temperature: float = 1.0,
+                top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
+                seed: int | None = None, constrained: bool = False,
+                template_index: int | None = None) -> list[Composition]:
+        """n answers to one request (a ComposeRequest, or a plain user message).
+
+        constrained=True decodes under the request's grammar: the tune parses and every bar is
+        exactly full (needs a ComposeRequest for a composing task)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        grammar = None
+        if constrained:
+            if not isinstance(request, ComposeRequest):
+                raise ValueError("constrained=True needs a ComposeRequest (the grammar is built from "
+                                 "its meter, key, chords and length), not a plain string")
+            grammar = grammar_for_request(request)
+        messages = self.messages_for(request, template_index)
+        if constrained and max_new_tokens is None:
+            # a tune cut off by the token limit is not valid: give the grammar's longest tunes room
+            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS)
+        sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
+        raws = self.engine.generate(messages, n, sampling, grammar)
+        req = request if isinstance(request, ComposeRequest) else None
+        return self._finish(raws, messages, req, constrained, sampling.seed)
+
+    def chat(self, messages: list[dict] | str, temperature: float = 1.0, top_p: float = 0.95,
+             top_k: int = 50, max_new_tokens: int | None = None, seed: int | None = None,
+             grammar: str | None = None) -> Composition:
+        """One more assistant turn for a conversation; `.messages` of the result holds the history.
+
+        Continue with `composer.chat(c.messages + [{"role": "user", "content": "..."}])`."""
+        messages = self._conversation(messages)
+        sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
+        [raw] = self.engine.generate(messages, 1, sampling, grammar)
+        return self._finish([raw], messages, None, grammar is not None, sampling.seed)[0]
+
+    def stream(self, request_or_messages: ComposeRequest | list[dict] | str, temperature: float = 1.0,
+               top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
+               seed: int | None = None, constrained: bool = False) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated."""
+        grammar = None
+        if isinstance(request_or_messages, ComposeRequest):
+            if constrained:
+                grammar = grammar_for_request(request_or_messages)
+            messages = self.messages_for(request_or_messages)
+        else:
+            if constrained:
+                raise ValueError("constrained=True needs a ComposeRequest to build the grammar from")
+            messages = self._conversation(request_or_messages)
+        if grammar is not None and max_new_tokens is None:
+            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS)
+        sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
+        yield from self.engine.stream(messages, sampling, grammar)
+
+    @staticmethod
+    def _conversation(messages: list[dict] | str) -> list[dict]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not messages or any(not isinstance(m, dict) or "role" not in m or "content" not in m
+                               for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
+        return list(messages)
+
+
+def first_bar_seconds(pieces: Iterator[str]) -> tuple[float | None, str]:
+    """Consume a stream; return the seconds until the first complete bar of music was on screen
+    (the first bar line after the K: line) and the whole text."""
+    start, text, seen = time.perf_counter(), "", None
+    for piece in pieces:
+        text += piece
+        if seen is None:
+            _, _, body = text.partition("\nK:")
+            body = body.partition("\n")[2] if "\n" in body else ""
+            if re.search(r"[A-Ga-gz][^|]*\|", body):
+                seen = time.perf_counter() - start
+    return seen, text
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def seed_openings(count: int, bars: int = 2) -> list[str]:
+    """Opening bars (header + first `bars` bars) of real tunes from music21's bundled corpus."""
+    from music21 import corpus
+
+    from imelodist_lib.instructions import bar_segments
+
+    seeds = []
+    for path in sorted(corpus.getPaths(fileExtensions=("abc",)), key=str)[::7]:
+        for text in abc.split_tunes(Path(path).read_text(encoding="latin-1"))[:3]:
+            try:
+                tune = abc.normalize(text)
+                report = abc.validate(tune)
+                _, spans = bar_segments(tune)
+            except (abc.ABCError, ValueError):
+                continue
+            if not report.ok or report.bars.errors or len(spans) < 8 or "V:" in tune:
+                continue
+            seeds.append(tune[:spans[bars - 1][1]].rstrip() + "\n")
+            break
+        if len(seeds) == count:
+            break
+    return seeds
+
+
+def benchmark_requests(continuations: int = 3) -> list[ComposeRequest]:
+    """The fixed benchmark request set: every composing task, meters 2/4 3/4 4/4 6/8 9/8,
+    zh and en, and continuations of real tunes from music21's corpus."""
+    requests = [
+        ComposeRequest("emotion", emotion="欢快", style="jig", meter="6/8", key="G", bars=8),
+        ComposeRequest("emotion", lang="en", emotion="calm", meter="3/4", key="D", bars=8),
+        ComposeRequest("emotion", emotion="悲伤", meter="4/4", key="Am"),
+        ComposeRequest("emotion", lang="en", style="reel", meter="4/4", key="Edor", bars=8),
+        ComposeRequest("emotion", emotion="激昂", meter="2/4", key="C", bars=8),
+        ComposeRequest("chords", chords=["G", "C", "D", "G", "Em", "C", "D", "G"], meter="4/4", key="G"),
+        ComposeRequest("chords", lang="en", chords=["D", "G", "A", "D"], meter="6/8", key="D"),
+        ComposeRequest("theme_chords", theme="春天", chords=["C", "F", "G", "C"], meter="3/4", key="C"),
+        ComposeRequest("theme_chords", lang="en", theme="The Harbour", chords=["Am", "Dm", "E", "Am"],
+                       meter="9/8", key="Am"),
+    ]
+    langs = ("zh", "en") * continuations
+    requests += [ComposeRequest("continue", lang=lang, seed_abc=seed, bars=8)
+                 for lang, seed in zip(langs, seed_openings(continuations))]
+    return requests
+
+
+def measure(composer: Composer, requests: list[ComposeRequest], samples: int = 2,
+            constrained: bool = False, temperature: float = 1.0, max_new_tokens: int | None = None,
+            seed: int = 1000, first_bar: bool = True) -> dict:
+    """Validity and speed over a request set: parse rate, valid rate (no bar errors), bar error
+    rate, tokens/s, tunes/s and the median time to the first complete bar in the stream."""
+    parsed = valid = tunes = tokens = checked = wrong = truncated = 0
+    seconds = 0.0
+    first_bars: list[float] = []
+    for i, request in enumerate(requests):
+        comps = composer.compose(request, n=samples, seed=seed + i, constrained=constrained,
+                                 temperature=temperature, max_new_tokens=max_new_tokens)
+        seconds += comps[0].seconds  # one batched call for the n samples
+        for c in comps:
+            tunes += 1
+            tokens += c.completion_tokens
+            truncated += c.finish_reason == "length"
+            if c.report is not None and c.report.ok:
+                parsed += 1
+                valid += c.ok
+                checked += c.report.bars.checked
+                wrong += len(c.report.bars.errors)
+        if first_bar:
+            first, _ = first_bar_seconds(composer.stream(
+                request, seed=seed + 1000 + i, constrained=constrained, temperature=temperature,
+                max_new_tokens=max_new_tokens))
+            if first is not None:
+                first_bars.append(first)
+    return {
+        "constrained": constrained,
+        "temperature": temperature,
+        "tunes": tunes,
+        "parse_rate": round(parsed / tunes, 4),
+        "valid_rate": round(valid / tunes, 4),
+        "bar_error_rate": round(wrong / checked, 4) if checked else None,
+        "bars_checked": checked,
+        "truncated": truncated,
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "tunes_per_second": round(tunes / seconds, 3) if seconds else None,
+        "first_bar_seconds_median": round(statistics.median(first_bars), 3) if first_bars else None,
+        "first_bar_seen": f"{len(first_bars)}/{len(requests)}" if first_bar else None,
+    }
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+def serve_lmdeploy(model_dir: str | Path, port: int = 23333, model_name: str = SERVED_MODEL_NAME,
+                   lmdeploy_bin: str | None = None, wait_seconds: float = 600.0,
+                   extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start `lmdeploy serve api_server` as a subprocess and wait until /v1/models answers.
+
+    Stop it with `.terminate()`. The binary is .venv-lmdeploy's (make lmdeploy-env) or `lmdeploy`
+    on PATH; its log goes to `<model_dir>/../lmdeploy_server.log`."""
+    import urllib.request
+
+    binary = lmdeploy_bin or next((str(p) for p in (Path(".venv-lmdeploy/bin/lmdeploy"),
+                                                    Path(__file__).resolve().parent.parent
+                                                    / ".venv-lmdeploy/bin/lmdeploy") if p.is_file()),
+                                  shutil.which("lmdeploy"))
+    if not binary:
+        raise FileNotFoundError("no lmdeploy command: run `make lmdeploy-env` (creates .venv-lmdeploy) "
+                                "or conda env create -f environment-lmdeploy.yml")
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist: merge the adapter first "
+                                "(notebook 03) or set IMELODIST_COMPOSER_MODEL")
+    log = open(Path(model_dir).resolve().parent / "lmdeploy_server.log", "w")
+    process = subprocess.Popen([binary, "serve", "api_server", str(model_dir), "--model-name", model_name,
+                                "--chat-template", "internlm2", "--server-port", str(port), *extra_args],
+                               stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1/models"
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"lmdeploy api_server exited with code {process.returncode}: see {log.name}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return process
+        except OSError:
+            time.sleep(2)
+    process.terminate()
+    raise TimeoutError(f"lmdeploy api_server did not answer at {url} within {wait_seconds:.0f} s: see {log.name}")

@@ -1,0 +1,1186 @@
+"""Second half of the data stage: knowledge text, prompt templates (zh/en), `ComposeRequest`,
+and the builders that turn the tune corpus into the two training sets.
+
+* continued pretraining (`pt_*.jsonl`): `{"text": ...}` — every tune as ABC text, plus music
+  knowledge (ABC guide, music history, composer/work names zh<->en, identity dialogues) in the
+  train split only, so validation loss measures music and nothing else;
+* instruction tuning (`sft_*.jsonl`): chat records `{"messages": [system, user, assistant],
+  "task", "request", "tune_id"}` over five task kinds, balanced across kinds and languages,
+  plus XTuner's `{"conversation": [{"system", "input", "output"}]}` export of the train split.
+
+The request record `ComposeRequest` is shared with inference, the grammar and evaluation: a
+prompt is rendered from it (`render_prompt`), and a tune's ground-truth answer comes from
+`target_for(record, request)`.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from imelodist_lib import abc
+from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
+
+TASKS = ("emotion", "chords", "theme_chords", "continue", "describe")
+COMPOSE_TASKS = ("emotion", "chords", "theme_chords", "continue")
+LANGS = ("zh", "en")
+SPLITS = ("train", "validation", "test")
+IDENTITY_TASK = "identity"
+
+
+# --------------------------------------------------------------------------------------------
+# The request record
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ComposeRequest:
+    """What a user asks the composer for; the one record prompts, targets and evaluation share."""
+
+    task: str  # "emotion" | "chords" | "theme_chords" | "continue" | "describe"
+    lang: str = "zh"  # "zh" | "en"
+    emotion: str | None = None  # e.g. "欢快" / "joyful"
+    style: str | None = None  # e.g. "jig", "中国民歌"
+    chords: list[str] | None = None  # one chord symbol per bar, e.g. ["G", "C", "D", "G"]
+    theme: str | None = None  # a title/theme text
+    key: str | None = None  # ABC K: value, e.g. "G", "Edor", "Am"
+    meter: str | None = None  # ABC M: value, e.g. "6/8"
+    tempo: int | None = None  # quarter notes per minute (Q:)
+    bars: int | None = None  # requested length in bars
+    seed_abc: str | None = None  # tune to continue (task "continue") or to describe
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}: choose one of {list(TASKS)}")
+        if self.lang not in LANGS:
+            raise ValueError(f"unknown lang {self.lang!r}: choose 'zh' or 'en'")
+        if self.chords is not None:
+            self.chords = [str(c) for c in self.chords]
+            if not self.chords or any(not c.strip() for c in self.chords):
+                raise ValueError("chords must be a non-empty list of chord symbols, e.g. ['G','C']")
+        if self.task in ("chords", "theme_chords") and not self.chords:
+            raise ValueError(f"task {self.task!r} needs chords=[...] (one chord symbol per bar)")
+        if self.task == "theme_chords" and not self.theme:
+            raise ValueError("task 'theme_chords' needs theme='...' (a title or theme text)")
+        if self.task in ("continue", "describe") and not self.seed_abc:
+            raise ValueError(f"task {self.task!r} needs seed_abc='...' (the ABC tune to use)")
+        for name in ("tempo", "bars"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                setattr(self, name, int(value))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (every field, None included, so dataset columns line up)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComposeRequest":
+        """Inverse of `to_dict`; unknown keys are an error (they would be silently lost)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"ComposeRequest has no field(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# Words: keys, modes, styles in both languages
+# --------------------------------------------------------------------------------------------
+_MODE_EN = {"major": "major", "minor": "minor", "dorian": "Dorian", "phrygian": "Phrygian",
+            "lydian": "Lydian", "mixolydian": "Mixolydian", "locrian": "Locrian"}
+_MODE_ZH = {"major": "大调", "minor": "小调", "dorian": "多利亚调式", "phrygian": "弗里几亚调式",
+            "lydian": "利底亚调式", "mixolydian": "混合利底亚调式", "locrian": "洛克里亚调式"}
+# Style names as the corpus labels them (English) -> Chinese; unknown styles pass through.
+_STYLE_ZH = {"jig": "吉格舞曲", "reel": "里尔舞曲", "hornpipe": "角笛舞曲", "polka": "波尔卡",
+             "waltz": "圆舞曲", "march": "进行曲", "strathspey": "斯特拉斯佩舞曲",
+             "slip jig": "滑步吉格", "slide": "滑步舞曲", "air": "抒情曲", "slow air": "慢板抒情曲",
+             "song": "歌曲", "country dance": "乡村舞曲", "mazurka": "玛祖卡",
+             "schottische": "苏格兰慢步舞曲", "barndance": "谷仓舞曲", "set dance": "定式舞曲",
+             "chinese folk song": "中国民歌", "german folk song": "德国民歌",
+             "folk song": "民歌", "irish folk tune": "爱尔兰民间曲调",
+             "scottish folk tune": "苏格兰民间曲调", "english folk tune": "英格兰民间曲调",
+             "renaissance": "文艺复兴风格", "dance": "舞曲", "tune": "曲子"}
+_STYLE_EN = {v: k for k, v in _STYLE_ZH.items()}
+
+
+def key_name(key: str, lang: str) -> str:
+    """Human name of an ABC K: value, e.g. ("Edor", "en") -> "E Dorian", ("Am", "zh") -> "A小调"."""
+    try:
+        k = abc.parse_key(key)
+    except abc.ABCError:
+        return key  # "none"/"HP" and the like: show the value as written
+    mode = getattr(k, "mode", "major") or "major"
+    tonic = str(getattr(k, "tonic", key))
+    if lang == "zh":
+        return f"{tonic}{_MODE_ZH.get(mode, mode)}"
+    return f"{tonic} {_MODE_EN.get(mode, mode)}"
+
+
+def _label_text(value: Any, lang: str) -> str | None:
+    """A corpus label in the wanted language: labels may be {"zh":..,"en":..} dicts or strings."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        for k in (lang, "name", "label", "zh" if lang == "en" else "en"):
+            if isinstance(value.get(k), str) and value[k].strip():
+                return value[k].strip()
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+_PROPER = {"german", "chinese", "irish", "scottish", "english", "american", "welsh", "french",
+           "northumbrian", "shetland", "breton", "swedish", "norwegian", "renaissance"}
+
+
+def _style_in(style: str, lang: str) -> str:
+    """Translate a known style name into the request language (unknown ones pass through);
+    English nationality words get their capital ("German folk song")."""
+    if lang == "zh":
+        return _STYLE_ZH.get(style.lower(), style)
+    style = _STYLE_EN.get(style, style)
+    return " ".join(w.capitalize() if w.lower() in _PROPER else w for w in style.split(" "))
+
+
+# --------------------------------------------------------------------------------------------
+# Templates. Placeholders: {desc} {constraints} {chords} {theme} {seed}. Constraint clauses are
+# optional; each template reads naturally with or without them.
+# --------------------------------------------------------------------------------------------
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "emotion": {
+        "zh": [
+            "请创作一首{desc}{constraints}，用ABC记谱法写出。",
+            "写一首{desc}{constraints}，请以ABC格式输出。",
+            "我想要一首{desc}{constraints}，请用ABC记谱法为我谱写。",
+            "作为作曲家，请为我写一首{desc}{constraints}，给出完整的ABC乐谱。",
+            "用ABC记谱法作一首{desc}{constraints}。",
+        ],
+        "en": [
+            "Compose {desc}{constraints}, written in ABC notation.",
+            "Write {desc} in ABC notation{constraints}.",
+            "Please create {desc}{constraints}. Answer with the ABC score.",
+            "I'd like {desc}{constraints}. Give it to me in ABC notation.",
+            "As a composer, write me {desc}{constraints}; reply with the full ABC tune.",
+        ],
+    },
+    "chords": {
+        "zh": [
+            "请根据和弦进行 {chords} 创作一段旋律{constraints}，每小节一个和弦，用ABC记谱法写出。",
+            "按照下面的和弦走向写一首曲子{constraints}：{chords}。请输出带和弦标记的ABC乐谱。",
+            "和弦进行：{chords}。请在这些和弦上谱写旋律{constraints}，以ABC格式给出。",
+            "给定和弦 {chords}（每小节一个），请作一段相配的旋律{constraints}。",
+        ],
+        "en": [
+            "Write a melody over the chord progression {chords}{constraints}, one chord per bar, in ABC notation.",
+            "Compose a tune on these chords{constraints}: {chords}. Give the ABC score with the chord symbols.",
+            "Chord progression: {chords}. Set a melody to it{constraints} and answer in ABC notation.",
+            "Here is a progression, one chord per bar: {chords}. Write a fitting tune{constraints}.",
+        ],
+    },
+    "theme_chords": {
+        "zh": [
+            "以《{theme}》为题，按和弦进行 {chords} 创作一首曲子{constraints}，用ABC记谱法写出。",
+            "请写一首题为《{theme}》的乐曲{constraints}，和弦进行为 {chords}（每小节一个）。",
+            "主题：{theme}；和弦：{chords}。请据此谱写旋律{constraints}，输出ABC乐谱。",
+            "为《{theme}》这个主题作曲{constraints}，使用和弦 {chords}，给出带和弦标记的ABC谱。",
+        ],
+        "en": [
+            "Compose a tune titled \"{theme}\" over the chord progression {chords}{constraints}, in ABC notation.",
+            "Write a piece called \"{theme}\"{constraints}; its chords, one per bar, are {chords}.",
+            "Theme: {theme}. Chords: {chords}. Write the melody{constraints} and answer in ABC notation.",
+            "Set the theme \"{theme}\" to music over {chords}{constraints}; give the ABC score with chord symbols.",
+        ],
+    },
+    "continue": {
+        "zh": [
+            "请续写下面这段旋律{constraints}，保持原有风格，输出完整的ABC乐谱：\n{seed}",
+            "这是一首曲子的开头，请把它写完{constraints}：\n{seed}",
+            "下面是用ABC记谱法写的前几小节，请接着往下写{constraints}：\n{seed}",
+            "根据以下开头续写旋律{constraints}（保留原有小节）：\n{seed}",
+        ],
+        "en": [
+            "Continue this tune{constraints}, keeping its style; answer with the complete ABC score:\n{seed}",
+            "Here is the opening of a tune. Finish it{constraints}:\n{seed}",
+            "These are the first bars in ABC notation. Carry on from where they stop{constraints}:\n{seed}",
+            "Complete the melody that begins like this{constraints} (keep the given bars):\n{seed}",
+        ],
+    },
+    "describe": {
+        "zh": [
+            "请分析下面这首ABC乐谱，说说它的调式、拍号、速度、长度和风格：\n{seed}",
+            "这首曲子是什么样的？请描述一下：\n{seed}",
+            "请用几句话介绍这段ABC旋律的音乐特点：\n{seed}",
+            "读一读这份乐谱，告诉我它的调性、节拍、音域和情绪：\n{seed}",
+        ],
+        "en": [
+            "Describe this ABC tune: its key, meter, tempo, length and style.\n{seed}",
+            "What kind of tune is this? Please describe it.\n{seed}",
+            "Tell me about the musical character of this melody in a few sentences:\n{seed}",
+            "Read this score and tell me its key, time signature, range and mood:\n{seed}",
+        ],
+    },
+}
+
+# Optional constraint clauses, several phrasings each (index chosen with the template's rng).
+_CLAUSES: dict[str, dict[str, list[str]]] = {
+    "key": {"zh": ["{name}（K:{key}）", "调号为K:{key}（{name}）"],
+            "en": ["in {name} (K:{key})", "in the key of {name} (K:{key})"]},
+    "meter": {"zh": ["{meter}拍（M:{meter}）", "拍号M:{meter}"],
+              "en": ["in {meter} time (M:{meter})", "with time signature M:{meter}"]},
+    "tempo": {"zh": ["速度为每分钟{tempo}拍（Q:1/4={tempo}）", "速度Q:1/4={tempo}"],
+              "en": ["at {tempo} quarter notes per minute (Q:1/4={tempo})", "with tempo Q:1/4={tempo}"]},
+    "bars": {"zh": ["共{bars}小节", "长度为{bars}小节"],
+             "en": ["{bars} bars long", "with {bars} bars"]},
+}
+
+
+def template_count(task: str, lang: str) -> int:
+    """How many phrasings `render_prompt` can choose from for this task and language."""
+    return len(TEMPLATES[task][lang])
+
+
+def _desc(request: ComposeRequest) -> str:
+    """The noun phrase of the emotion/style task: "a joyful jig" / "欢快的吉格舞曲"."""
+    emotion = (request.emotion or "").strip()
+    style = _style_in(request.style.strip(), request.lang) if request.style else ""
+    if request.lang == "zh":
+        noun = style or "曲子"
+        if emotion:
+            return f"{emotion}的{noun}"
+        return noun if style else "曲子"
+    noun = style or "tune"
+    if style and style.lower() not in ("tune", "melody") and not emotion:
+        phrase = f"{noun}"
+    else:
+        phrase = f"{emotion} {noun}".strip()
+    article = "an" if phrase[:1].lower() in "aeiou" else "a"
+    return f"{article} {phrase}"
+
+
+def _constraints(request: ComposeRequest, rng: random.Random, include: Sequence[str]) -> str:
+    """The optional clause: key, meter, tempo, length, joined in the request's language."""
+    parts = []
+    for name in include:
+        value = getattr(request, name)
+        if value is None:
+            continue
+        phrasing = rng.choice(_CLAUSES[name][request.lang])
+        parts.append(phrasing.format(key=request.key, name=key_name(str(request.key), request.lang)
+                                     if name == "key" else "", meter=request.meter,
+                                     tempo=request.tempo, bars=request.bars))
+    if not parts:
+        return ""
+    if request.lang == "zh":
+        return "，要求" + "、".join(parts)
+    return " " + ", ".join(parts) if len(parts) < 3 else " " + ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _chord_text(chords: Sequence[str]) -> str:
+    return " | ".join(chords)
+
+
+def render_prompt(request: ComposeRequest, template_index: int | None = None,
+                  rng: random.Random | None = None) -> str:
+    """The user message for a request, in its language. Phrasing: `template_index` if given,
+    else drawn from `rng`, else the first template (so a bare call is reproducible)."""
+    options = TEMPLATES[request.task][request.lang]
+    if template_index is None:
+        template_index = rng.randrange(len(options)) if rng is not None else 0
+    if not 0 <= template_index < len(options):
+        raise IndexError(f"template_index {template_index} out of range: task {request.task!r} "
+                         f"in {request.lang!r} has {len(options)} templates (0..{len(options) - 1})")
+    # Clause phrasing follows the template choice unless an rng was given: same input, same text.
+    clause_rng = rng if rng is not None else random.Random(template_index)
+    if request.task in ("continue", "describe"):
+        include: tuple[str, ...] = ("bars", "tempo") if request.task == "continue" else ()
+    elif request.task in ("chords", "theme_chords"):
+        include = ("key", "meter", "tempo")  # the chords already fix the length
+    else:
+        include = ("key", "meter", "tempo", "bars")
+    return options[template_index].format(
+        desc=_desc(request) if request.task == "emotion" else "",
+        constraints=_constraints(request, clause_rng, include),
+        chords=_chord_text(request.chords or []),
+        theme=request.theme or "",
+        seed=(request.seed_abc or "").strip(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# From a tune to a request and its ground-truth answer
+# --------------------------------------------------------------------------------------------
+_CHORD_RE = re.compile(r'"([A-G][^"]*)"')  # "^text", "_text", "<text", ">text", "@text" are not chords
+
+
+def _text_of(record_or_text: Any) -> str:
+    return record_or_text if isinstance(record_or_text, str) else getattr(record_or_text, "abc")
+
+
+@functools.lru_cache(maxsize=2048)
+def _parse(text: str) -> abc.Tune:
+    """abc.parse_tune, memoised: building one record looks at the same few texts many times
+    (request, target, seed, bar count). Callers must not mutate the returned Tune."""
+    return abc.parse_tune(text)
+
+
+def _tune_of(record_or_text: Any) -> abc.Tune:
+    return _parse(_text_of(record_or_text))
+
+
+def _with_header(tune: abc.Tune, *, title: str | None = None, tempo: int | None = None) -> str:
+    """The tune as normalised ABC with T: replaced by `title` (when given) and Q: exactly
+    `tempo` (Q:1/4=tempo) or absent — so the answer carries exactly the requested header."""
+    fields = [(k, v) for k, v in tune.fields
+              if k not in ("X", "Q") and not (k == "T" and title is not None)]
+    if title is not None:
+        fields.insert(0, ("T", title))
+    if tempo is not None:
+        fields.insert(len(fields) - 1 if fields and fields[-1][0] == "K" else len(fields),
+                      ("Q", f"1/4={tempo}"))
+    # normalize() only formats a Tune it is given (no re-parse): the body is unchanged.
+    return abc.normalize(abc.Tune(fields=fields, body=tune.body, first_body_line=tune.first_body_line))
+
+
+def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    """Where each bar of a tune lies in its text: (offset where the body starts, [(start, end)]
+    per bar of the first voice), a bar running from just after the previous bar's closing
+    barline to just after its own, so a chord symbol written at a bar's start falls inside it.
+    Positions come from `abc.events` (1-based line/col); only barlines are scanned here."""
+    body_start, spans = _bar_segments(abc_text)
+    return body_start, list(spans)  # a copy: the memoised list stays untouched
+
+
+@functools.lru_cache(maxsize=2048)
+def _bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    tune = _parse(abc_text)
+    bars = abc.check_bars(tune).bars
+    if not bars:
+        raise ValueError("tune has no bars")
+    voice = bars[0].voice
+    wanted = {b.index for b in bars if b.voice == voice}
+    line_starts = [0]
+    for line in abc_text.split("\n"):
+        line_starts.append(line_starts[-1] + len(line) + 1)
+    last_event: dict[int, int] = {}
+    for ev in abc.events(tune):
+        if int(ev.bar) in wanted and 1 <= ev.line < len(line_starts):
+            last_event[int(ev.bar)] = line_starts[ev.line - 1] + max(ev.col - 1, 0)
+    body_start = line_starts[max(tune.first_body_line - 1, 0)]
+    right = {b.index: b.right for b in bars}
+    spans, cursor = [], body_start
+    for index in sorted(last_event):
+        if right.get(index):
+            end = _after_barline(abc_text, last_event[index])
+        else:  # no barline: the bar ends with its line (Essen style) or with the tune
+            newline = abc_text.find("\n", last_event[index])
+            end = len(abc_text.rstrip("\n")) if newline < 0 else newline
+        spans.append((cursor, end))
+        cursor = end
+    return body_start, spans
+
+
+def _after_barline(text: str, pos: int) -> int:
+    """Offset just after the first barline at or after `pos` (quoted text skipped), or the end."""
+    i, n = pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            close = text.find('"', i + 1)
+            i = n if close < 0 else close + 1
+            continue
+        if ch == "|":
+            i += 1
+            while i < n and text[i] in "|]:":  # the whole token: ||, |], |:
+                i += 1
+            return i
+        if text.startswith("::", i):
+            return i + 2
+        i += 1
+    return len(text.rstrip("\n"))
+
+
+def chords_per_bar(abc_text: str) -> list[str | None]:
+    """The first chord symbol ("G", "Am7"...) in each bar of a tune, None where a bar has none."""
+    _, spans = bar_segments(abc_text)
+    return [(m.group(1) if (m := _CHORD_RE.search(abc_text[a:b])) else None) for a, b in spans]
+
+
+def count_bars(abc_text: str) -> int:
+    """Bars holding notes or rests (first voice): the unit of `ComposeRequest.bars`."""
+    return len(bar_segments(abc_text)[1])
+
+
+def _chorded_text(record: Any) -> str:
+    """The tune's ABC with one chord symbol per bar: kept if the source has them, else the
+    corpus labeller's `labels["abc_with_chords"]` (when it is this very tune plus chord
+    symbols, i.e. not stale after a transposition), else fitted now by `corpus.add_chord_symbols`.
+    Source chords that skip bars (a chord holds until the next one) are written into those bars."""
+    text = _text_of(record)
+    chords = chords_per_bar(text)
+    if chords and all(chords):
+        return text
+    if not any(chords):
+        labelled = _labels(record).get("abc_with_chords")
+        if isinstance(labelled, str) and _CHORD_RE.sub("", labelled) == _CHORD_RE.sub("", text):
+            text = labelled
+        else:
+            from imelodist_lib import corpus  # lazy: corpus is a sibling of the same data stage
+
+            text = corpus.add_chord_symbols(text)
+    # Bars left without a symbol (only rests, or a source that writes a chord only when it
+    # changes) get the chord still sounding.
+    return _hold_chords(text)
+
+
+# What may precede a bar's first note: spaces, line continuations, the ":" of "|:", ending
+# numbers, body field lines (P:A) and inline fields ([K:G]); a held chord goes after them.
+_BAR_START_RE = re.compile(r"(?:[\s:\\]+|\[?[0-9]+(?:[,-][0-9]+)*|^[HIKLMNPQRTUVWw]:[^\n]*\n"
+                           r"|\[[A-Za-z]:[^\]\n]*\])*", re.M)
+
+
+def _hold_chords(text: str) -> str:
+    """Write the chord that is still sounding into each bar that has no chord symbol of its own
+    (lead-sheet reading: a chord holds until the next); a leading pickup takes the first chord."""
+    _, spans = bar_segments(text)
+    per_bar = [_CHORD_RE.findall(text[a:b]) for a, b in spans]
+    first = next((c[0] for c in per_bar if c), None)
+    if first is None:
+        raise ValueError("tune has no chord symbols to hold")
+    if all(per_bar):
+        return text
+    held, inserts = first, []
+    for (a, b), found in zip(spans, per_bar):
+        if not found:
+            at = _BAR_START_RE.match(text, a, b).end()
+            inserts.append((at, held))
+        else:
+            held = found[-1]
+    for at, name in reversed(inserts):
+        text = text[:at] + f'"{name}"' + text[at:]
+    if not all(chords_per_bar(text)):
+        raise ValueError("could not write a chord symbol into every bar")
+    return text
+
+
+def _labels(record: Any) -> dict:
+    return dict(getattr(record, "labels", None) or {})
+
+
+def _title(record: Any, tune: abc.Tune) -> str | None:
+    title = getattr(record, "title", None) or tune.title
+    title = title.strip().rstrip(".").strip() if isinstance(title, str) else ""
+    return title or None
+
+
+def _seed_bars(target: str, n_bars: int) -> str:
+    """The target's header plus its first `n_bars` bars (cut after that bar's closing barline),
+    so the target text starts with the seed text."""
+    _, spans = bar_segments(target)
+    if len(spans) <= n_bars:
+        raise ValueError(f"tune has {len(spans)} bars; cannot take {n_bars} as the opening")
+    return target[:spans[n_bars - 1][1]].rstrip() + "\n"
+
+
+def request_from_tune(record: Any, task: str, lang: str, rng: random.Random) -> ComposeRequest:
+    """A request this tune answers: fields from its labels and header, optional constraint
+    clauses (key, meter, tempo, length) drawn from `rng`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {list(TASKS)}")
+    tune = _tune_of(record)
+    labels = _labels(record)
+    key, meter = tune.key, tune.meter
+    tempo = tune.tempo if isinstance(tune.tempo, int) and tune.tempo > 0 else None
+    n_bars = count_bars(_text_of(record))
+    want = lambda p: rng.random() < p  # noqa: E731 - a tiny local helper reads best here
+    if task == "emotion":
+        emotion = _label_text(labels.get("emotion"), lang)
+        style = _label_text(labels.get("style"), lang)
+        pick = rng.random()
+        if emotion and style:
+            emotion, style = (emotion, style) if pick < 0.5 else (
+                (emotion, None) if pick < 0.75 else (None, style))
+        return ComposeRequest(task, lang, emotion=emotion, style=style,
+                              key=key if want(0.5) else None, meter=meter if want(0.4) else None,
+                              tempo=tempo if tempo and want(0.6) else None,
+                              bars=n_bars if want(0.3) else None)
+    if task in ("chords", "theme_chords"):
+        per_bar = chords_per_bar(_chorded_text(record))
+        if not all(per_bar):
+            raise ValueError(f"tune {getattr(record, 'id', '?')} has bars without a chord symbol")
+        chords = [str(c) for c in per_bar]
+        theme = None
+        if task == "theme_chords":
+            theme = _label_text(labels.get("theme"), lang) or _title(record, tune)
+            if not theme:
+                raise ValueError(f"tune {getattr(record, 'id', '?')} has no title or theme "
+                                 "label: use task 'chords' for it")
+        return ComposeRequest(task, lang, chords=chords, theme=theme,
+                              style=_label_text(labels.get("style"), lang) if task == "chords"
+                              and want(0.3) else None,
+                              key=key if want(0.5) else None, meter=meter if want(0.4) else None,
+                              tempo=tempo if tempo and want(0.4) else None)
+    if task == "continue":
+        take = 2 if n_bars < 12 else rng.choice((2, 4))
+        first = abc.check_bars(tune).bars[0]
+        take += first.kind == "pickup"  # a pickup bar doesn't count as one of the given bars
+        if n_bars < take + 2:
+            raise ValueError(f"tune {getattr(record, 'id', '?')} has {n_bars} bars: too short to continue")
+        ask_tempo = tempo if tempo and want(0.5) else None
+        seed = _seed_bars(_with_header(tune, tempo=ask_tempo), take)
+        return ComposeRequest(task, lang, key=key, meter=meter, tempo=ask_tempo,
+                              bars=n_bars if want(0.5) else None, seed_abc=seed)
+    # describe: the tune as written (normalised, tempo kept when it has one)
+    return ComposeRequest(task, lang, seed_abc=_with_header(tune, tempo=tempo))
+
+
+def target_for(record: Any, request: ComposeRequest) -> str:
+    """The assistant's answer: the tune in normalised ABC with exactly the requested header
+    (T: theme, Q: only when asked), chord symbols per bar for chord tasks, the given bars first
+    for "continue"; for "describe", prose about the tune in the request's language."""
+    tune = _tune_of(record)
+    if request.task == "describe":
+        return describe_tune(record, request.lang)
+    for name, have in (("key", tune.key), ("meter", tune.meter)):
+        asked = getattr(request, name)
+        if asked is not None and asked.replace(" ", "") != str(have).replace(" ", ""):
+            raise ValueError(f"request asks {name} {asked!r} but the tune is in {have!r}: "
+                             "build the request with request_from_tune(record, ...)")
+    if request.task in ("chords", "theme_chords"):
+        chorded = _parse(_chorded_text(record))
+        title = request.theme if request.task == "theme_chords" else None
+        text = _with_header(chorded, title=title, tempo=request.tempo)
+        got = chords_per_bar(text)
+        if request.chords is not None and got != list(request.chords):
+            raise ValueError("request chords differ from the tune's chords per bar: "
+                             "build the request with request_from_tune(record, ...)")
+        return text
+    text = _with_header(tune, tempo=request.tempo)
+    if request.task == "continue" and request.seed_abc and not text.startswith(
+            request.seed_abc.rstrip("\n")):
+        raise ValueError("seed_abc is not the opening of this tune: build the request with "
+                         "request_from_tune(record, 'continue', ...)")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# "describe": prose from the tune's facts
+# --------------------------------------------------------------------------------------------
+_SHARP_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+_FLAT_NAMES = ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
+_INTERVAL_EN = ["a unison", "a minor second", "a major second", "a minor third", "a major third",
+                "a perfect fourth", "a tritone", "a perfect fifth", "a minor sixth",
+                "a major sixth", "a minor seventh", "a major seventh", "an octave"]
+_INTERVAL_ZH = ["同度", "小二度", "大二度", "小三度", "大三度", "纯四度", "三全音", "纯五度",
+                "小六度", "大六度", "小七度", "大七度", "八度"]
+
+
+def pitch_name(midi: int, flats: bool = False) -> str:
+    """Scientific pitch name of a MIDI number (60 -> "C4"), flats for flat keys."""
+    names = _FLAT_NAMES if flats else _SHARP_NAMES
+    return f"{names[midi % 12]}{midi // 12 - 1}"
+
+
+def interval_name(semitones: int, lang: str) -> str:
+    """A span in words: 14 -> "an octave and a major second" / "八度加大二度"."""
+    octaves, rest = divmod(max(0, semitones), 12)
+    table = _INTERVAL_ZH if lang == "zh" else _INTERVAL_EN
+    if octaves == 0:
+        return table[rest]
+    if lang == "zh":
+        head = "八度" if octaves == 1 else f"{'两' if octaves == 2 else octaves}个八度"
+        return head if rest == 0 else f"{head}加{table[rest]}"
+    head = "an octave" if octaves == 1 else f"{'two' if octaves == 2 else octaves} octaves"
+    return head if rest == 0 else f"{head} and {table[rest]}"
+
+
+@dataclass
+class TuneFacts:
+    """What `describe_tune` says about a tune, computed from its ABC."""
+
+    title: str | None
+    key: str
+    mode: str
+    meter: str
+    tempo: int | None
+    bars: int
+    notes: int
+    lowest: str | None
+    highest: str | None
+    span: int
+    pickup: bool
+    style: str | None
+    emotion: str | None
+
+
+def tune_facts(record: Any, lang: str = "en") -> TuneFacts:
+    """Key/mode, meter, tempo, length, range, pickup and labels of a tune (labels in `lang`)."""
+    tune = _tune_of(record)
+    try:
+        key = abc.parse_key(tune.key)
+        mode, flats = key.mode, key.fifths < 0
+    except abc.ABCError:
+        mode, flats = "", False
+    pitches: list[int] = []
+    evs = abc.events(tune)
+    for ev in evs:
+        chord = getattr(ev, "pitches", None) or ((ev.pitch,) if ev.pitch is not None else ())
+        pitches.extend(p for p in chord if p is not None)
+    all_bars = abc.check_bars(tune).bars
+    bars = [b for b in all_bars if b.voice == all_bars[0].voice] if all_bars else []
+    labels = _labels(record)
+    return TuneFacts(
+        title=_title(record, tune) if not isinstance(record, str) else tune.title,
+        key=tune.key, mode=mode, meter=tune.meter,
+        tempo=tune.tempo if isinstance(tune.tempo, int) else None,
+        bars=len(bars),
+        notes=sum(1 for ev in evs if ev.pitch is not None),
+        lowest=pitch_name(min(pitches), flats) if pitches else None,
+        highest=pitch_name(max(pitches), flats) if pitches else None,
+        span=(max(pitches) - min(pitches)) if pitches else 0,
+        pickup=bool(bars) and getattr(bars[0], "kind", "") == "pickup",
+        style=_label_text(labels.get("style"), lang),
+        emotion=_label_text(labels.get("emotion"), lang),
+    )
+
+
+def describe_tune(record: Any, lang: str = "en") -> str:
+    """A few sentences about a tune (the "describe" task's answer), from `tune_facts`; the
+    phrasing varies per tune but is fixed for a given tune id."""
+    f = tune_facts(record, lang)
+    tune_id = getattr(record, "id", None) or hashlib.sha256(str(record).encode()).hexdigest()
+    rng = random.Random(f"describe/{tune_id}/{lang}")
+    key = key_name(f.key, lang)
+    style = _style_in(f.style, lang) if f.style else None
+    if lang == "zh":
+        kind = style or "曲子"
+        opening = rng.choice([f"这是一首{kind}，", f"这首作品是{kind}，", f"这段旋律属于{kind}，"])
+        if f.title:
+            opening = rng.choice([f"这首《{f.title}》是{kind}，", f"《{f.title}》是一首{kind}，"])
+        parts = [opening + f"采用{key}（K:{f.key}），{f.meter}拍，共{f.bars}小节、{f.notes}个音符。"]
+        if f.tempo:
+            parts.append(f"速度为每分钟{f.tempo}个四分音符。")
+        if f.lowest:
+            parts.append(f"旋律音域从{f.lowest}到{f.highest}，跨度为{interval_name(f.span, 'zh')}。")
+        if f.pickup:
+            parts.append("乐曲以弱起小节开始。")
+        if f.emotion:
+            parts.append(rng.choice([f"整体情绪{f.emotion}。", f"听起来{f.emotion}。"]))
+        return "".join(parts)
+    kind = style or "tune"
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    opening = rng.choice([f"This is {article} {kind}", f"This piece is {article} {kind}",
+                          f"The melody is {article} {kind}"])
+    if f.title:
+        opening = rng.choice([f"\"{f.title}\" is {article} {kind}", f"This {kind} is called \"{f.title}\""])
+    parts = [f"{opening} in {key} (K:{f.key}) and {f.meter} time, {f.bars} bars long with "
+             f"{f.notes} notes."]
+    if f.tempo:
+        parts.append(f"Its tempo is {f.tempo} quarter notes per minute.")
+    if f.lowest:
+        parts.append(f"The melody ranges from {f.lowest} to {f.highest}, a span of "
+                     f"{interval_name(f.span, 'en')}.")
+    if f.pickup:
+        parts.append("It begins with a pickup (anacrusis).")
+    if f.emotion:
+        parts.append(rng.choice([f"Its mood is {f.emotion}.", f"It sounds {f.emotion}."]))
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Knowledge text for continued pretraining
+# --------------------------------------------------------------------------------------------
+_NATIONALITY_ZH = {
+    "german": "德国", "austrian": "奥地利", "french": "法国", "italian": "意大利", "russian": "俄罗斯",
+    "english": "英国", "british": "英国", "polish": "波兰", "hungarian": "匈牙利", "czech": "捷克",
+    "bohemian": "波希米亚", "norwegian": "挪威", "finnish": "芬兰", "spanish": "西班牙",
+    "american": "美国", "chinese": "中国", "japanese": "日本", "dutch": "荷兰", "flemish": "佛兰德",
+    "franco-flemish": "法兰德斯", "belgian": "比利时", "danish": "丹麦", "swedish": "瑞典",
+    "irish": "爱尔兰", "scottish": "苏格兰", "brazilian": "巴西", "argentine": "阿根廷",
+    "argentinian": "阿根廷", "armenian": "亚美尼亚", "estonian": "爱沙尼亚", "romanian": "罗马尼亚",
+    "swiss": "瑞士", "mexican": "墨西哥", "canadian": "加拿大", "australian": "澳大利亚",
+    "greek": "希腊", "georgian": "格鲁吉亚", "ukrainian": "乌克兰", "latvian": "拉脱维亚",
+    "lithuanian": "立陶宛", "portuguese": "葡萄牙", "welsh": "威尔士", "cuban": "古巴",
+    "soviet": "苏联", "korean": "韩国", "icelandic": "冰岛", "slovak": "斯洛伐克", "croatian": "克罗地亚",
+    "german-british": "德裔英国", "russian-american": "俄裔美国", "austrian-american": "奥地利裔美国",
+    "chinese-american": "美籍华裔", "french-american": "法裔美国", "chinese-french": "法籍华裔",
+    "austro-hungarian": "奥匈帝国", "swiss-french": "瑞士裔法国",
+}
+_PERIOD_ZH = {
+    "medieval": "中世纪", "renaissance": "文艺复兴", "baroque": "巴洛克", "classical": "古典主义",
+    "romantic": "浪漫主义", "late romantic": "晚期浪漫主义", "early romantic": "早期浪漫主义",
+    "modern": "现代", "20th century": "20世纪", "20th-century": "20世纪", "contemporary": "当代",
+    "impressionist": "印象主义", "modernist": "现代主义", "minimalist": "简约主义",
+    "nationalist": "民族乐派", "early modern": "近代", "classical/romantic": "古典至浪漫主义",
+}
+_FORM_ZH = {
+    "symphony": "交响曲", "concerto": "协奏曲", "violin concerto": "小提琴协奏曲",
+    "piano concerto": "钢琴协奏曲", "opera": "歌剧", "sonata": "奏鸣曲", "piano sonata": "钢琴奏鸣曲",
+    "string quartet": "弦乐四重奏", "suite": "组曲", "ballet": "芭蕾舞剧", "oratorio": "清唱剧",
+    "cantata": "康塔塔", "mass": "弥撒曲", "requiem": "安魂曲", "overture": "序曲", "song": "歌曲",
+    "song cycle": "声乐套曲", "symphonic poem": "交响诗", "tone poem": "交响诗", "etude": "练习曲",
+    "nocturne": "夜曲", "prelude": "前奏曲", "waltz": "圆舞曲", "march": "进行曲", "fugue": "赋格",
+    "folk song": "民歌", "erhu solo": "二胡独奏曲", "pipa solo": "琵琶独奏曲",
+    "guqin piece": "古琴曲", "piano piece": "钢琴曲", "chamber music": "室内乐", "rhapsody": "狂想曲",
+    "variations": "变奏曲", "serenade": "小夜曲", "orchestral work": "管弦乐作品", "choral": "合唱作品",
+    "orchestral piece": "管弦乐曲", "film score": "电影配乐", "concertante": "协奏性作品",
+    "chinese ensemble": "民族器乐合奏曲", "lied": "艺术歌曲", "art song": "艺术歌曲",
+    "folk song arrangement": "民歌改编曲", "folk song arrangements": "民歌改编曲",
+    "film song": "电影歌曲", "concert overture": "音乐会序曲", "solo instrumental": "器乐独奏曲",
+    "operetta": "轻歌剧", "opera excerpt": "歌剧选段", "violin piece": "小提琴曲",
+    "violin sonata": "小提琴奏鸣曲", "tango": "探戈", "sacred vocal": "宗教声乐作品",
+    "ragtime": "拉格泰姆", "piano suite": "钢琴组曲", "passion": "受难曲",
+    "keyboard collection": "键盘曲集", "harp tune": "竖琴曲", "fiddle tune": "提琴曲", "dance": "舞曲",
+    "concerto grosso": "大协奏曲", "theatre piece": "剧场作品", "symphonic suite": "交响组曲",
+    "symphonic fairy tale": "交响童话", "suona solo": "唢呐独奏曲", "song symphony": "交响声乐套曲",
+    "salon piece": "沙龙小品", "popular song": "流行歌曲", "pipe tune": "风笛曲",
+    "piano collection": "钢琴曲集", "orchestral rhapsody": "管弦乐狂想曲", "opera-ballet": "歌剧芭蕾",
+    "opera cycle": "系列歌剧", "musical": "音乐剧", "motet": "经文歌", "minimalist": "简约主义作品",
+    "melodrama": "情节剧", "liturgical drama": "礼拜剧", "keyboard piece": "键盘曲", "jig": "吉格舞曲",
+    "jazz standard": "爵士标准曲", "incidental music": "戏剧配乐", "guzheng solo": "古筝独奏曲",
+    "guqin song": "琴歌", "guitar piece": "吉他曲", "fanfare": "号角曲", "experimental": "实验音乐作品",
+    "erhu concerto": "二胡协奏曲", "consort music": "合奏曲", "carol": "颂歌", "anthem": "赞美歌",
+    "chinese instrumental": "民族器乐曲", "cantonese music": "广东音乐",
+}
+
+
+def _zh_word(value: str, table: dict[str, str]) -> str:
+    """English label -> Chinese where the table knows it (already-Chinese text passes through);
+    a hyphenated nationality the table lacks reads "<first>裔<second>" (German-Polish -> 德国裔波兰)."""
+    v = (value or "").strip()
+    if v.lower() in table:
+        return table[v.lower()]
+    parts = v.lower().split("-")
+    if table is _NATIONALITY_ZH and len(parts) == 2 and all(p in table for p in parts):
+        return f"{table[parts[0]]}裔{table[parts[1]]}"
+    return v
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
+
+
+def _chunks(items: list[str], size: int) -> list[str]:
+    return ["\n".join(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def _a(phrase: str) -> str:
+    """English indefinite article + phrase ("an Italian composer", "a German composer")."""
+    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
+
+
+def _composer_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
+    en, zh = row.get("english", ""), row.get("chinese", "")
+    born, died = row.get("born", ""), row.get("died", "")
+    nat, period = row.get("nationality", ""), row.get("period", "")
+    life_en = f"{born}–{died}" if died else f"born {born}"
+    life_zh = f"{born}—{died}" if died else f"{born}年生"
+    nat_zh, period_zh = _zh_word(nat, _NATIONALITY_ZH), _zh_word(period, _PERIOD_ZH)
+    if period and not period_zh.endswith(("世纪", "当代", "现代")):
+        period_zh += "时期"
+    if not period:
+        period_en = ""
+    elif "century" in period.lower():
+        period_en = f" of the {period}"
+    else:
+        period_en = f" of the {period} period"
+    was = "was" if died else "is"
+    composer = _a(f"{nat} composer" if nat else "composer")
+    to_zh = rng.choice([
+        f"{en} ({life_en}) {was} {composer}{period_en}. In Chinese the name is written {zh}.",
+        f"The Chinese name of the {nat} composer {en} ({life_en}) is {zh}.",
+        f"Q: How do you write {en} in Chinese? A: {zh} — {composer}{period_en} ({life_en}).",
+        f"{en} → {zh} ({nat}, {life_en}{', ' + period if period else ''})",
+    ])
+    to_en = rng.choice([
+        f"{zh}（{en}，{life_zh}）是{nat_zh}{period_zh}的作曲家。",
+        f"{nat_zh}作曲家{zh}的英文名是 {en}（{life_zh}）。",
+        f"问：{zh}的英文名怎么写？答：{en}。这位{nat_zh}作曲家属于{period_zh or '近代'}（{life_zh}）。",
+        f"{zh} → {en}（{nat_zh}，{life_zh}{'，' + period_zh if period_zh else ''}）",
+    ])
+    return to_zh, to_en
+
+
+def _work_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
+    en, zh = row.get("english", ""), row.get("chinese", "")
+    c_en, c_zh = row.get("composer_english", ""), row.get("composer_chinese", "")
+    year, form = row.get("year", ""), row.get("form", "")
+    form_zh = _zh_word(form, _FORM_ZH)
+    written = f"written in {year}" if year else "of unknown date"
+    year_zh = f"于{year}年" if year else ""
+    to_zh = rng.choice([
+        f"{en} is {_a(form or 'work')} by {c_en}, {written}; its Chinese title is {zh}.",
+        f"In Chinese, {c_en}'s {form or 'work'} {en} is called {zh}.",
+        f"Q: What is the Chinese title of {en} by {c_en}? A: {zh} ({c_zh}).",
+        f"{en} ({c_en}{', ' + year if year else ''}) → {zh}",
+    ])
+    to_en = rng.choice([
+        f"《{zh}》是{c_zh}{year_zh}创作的{form_zh}，英文名为 {en}。",
+        f"{c_zh}（{c_en}）的{form_zh}《{zh}》英文名是 {en}。",
+        f"问：《{zh}》的英文名是什么？答：{en}，作曲者 {c_en}。",
+        f"《{zh}》（{c_zh}{'，' + year if year else ''}） → {en}",
+    ])
+    return to_zh, to_en
+
+
+def _markdown_sections(text: str) -> list[str]:
+    """Split a guide at its level-1/level-2 headings; each section keeps its heading."""
+    sections, current = [], []
+    for line in text.splitlines():
+        if re.match(r"#{1,2} ", line) and any(s.strip() for s in current):
+            sections.append("\n".join(current).strip())
+            current = []
+        current.append(line)
+    if any(s.strip() for s in current):
+        sections.append("\n".join(current).strip())
+    return [s for s in sections if len(s) > 40]  # a heading alone teaches nothing
+
+
+def read_identity(knowledge_dir: Path = KNOWLEDGE_DIR) -> list[dict[str, str]]:
+    """The identity Q&A pairs ({"lang","question","answer"}) from identity.jsonl."""
+    path = Path(knowledge_dir) / "identity.jsonl"
+    if not path.exists():
+        return []
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not {"lang", "question", "answer"} <= set(row):
+            raise ValueError(f"{path}:{n}: identity rows need lang, question and answer")
+        pairs.append({"lang": row["lang"], "question": row["question"], "answer": row["answer"]})
+    return pairs
+
+
+def load_knowledge(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> list[str]:
+    """The knowledge folder as continued-pretraining documents: guide and history sections,
+    composer and work names as zh<->en sentences both ways, identity Q&A as dialogue text."""
+    folder = Path(knowledge_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"knowledge folder {folder} not found: it ships with the repo under "
+                                "data/knowledge/ (restore it with git, or pass knowledge_dir=...)")
+    docs: list[str] = []
+    for md in sorted(folder.glob("*.md")):
+        if md.name.lower() == "readme.md":
+            continue
+        docs.extend(_markdown_sections(md.read_text(encoding="utf-8")))
+    for name, render in (("composers.tsv", _composer_sentences), ("works.tsv", _work_sentences)):
+        path = folder / name
+        if not path.exists():
+            continue
+        pairs = [render(row, random.Random(f"{name}/{i}")) for i, row in enumerate(_read_tsv(path))]
+        docs.extend(_chunks([p[0] for p in pairs], 10))
+        docs.extend(_chunks([p[1] for p in pairs], 10))
+    dialogue = []
+    for pair in read_identity(folder):
+        user, bot = ("用户", "IMelodist") if pair["lang"] == "zh" else ("User", "IMelodist")
+        dialogue.append(f"{user}：{pair['question']}\n{bot}：{pair['answer']}" if pair["lang"] == "zh"
+                        else f"{user}: {pair['question']}\n{bot}: {pair['answer']}")
+    docs.extend("\n\n".join(dialogue[i:i + 6]) for i in range(0, len(dialogue), 6))
+    if not docs:
+        raise FileNotFoundError(f"knowledge folder {folder} holds no .md, .tsv or identity.jsonl files")
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset builders
+# --------------------------------------------------------------------------------------------
+def build_pretraining_records(records: Iterable[Any], knowledge_docs: Sequence[str] = ()) -> list[dict]:
+    """`{"text": ...}` rows: each tune's normalised ABC, then the knowledge documents."""
+    rows = [{"text": r.abc.strip() + "\n"} for r in records]
+    rows.extend({"text": doc.strip() + "\n"} for doc in knowledge_docs if doc.strip())
+    return rows
+
+
+def chat_record(request: ComposeRequest | None, user: str, answer: str, tune_id: str | None,
+                task: str | None = None) -> dict:
+    """One chat record: system prompt, user message, assistant answer, plus task/request/tune_id."""
+    return {
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                     {"role": "user", "content": user},
+                     {"role": "assistant", "content": answer}],
+        "task": task or (request.task if request else IDENTITY_TASK),
+        "request": request.to_dict() if request else None,
+        "tune_id": tune_id,
+    }
+
+
+def _feasible(record: Any, task: str) -> bool:
+    """Cheap checks for what a task needs (the expensive ones fail inside request_from_tune)."""
+    n_bars = getattr(record, "n_bars", 0) or 0
+    if task == "continue":
+        return n_bars >= 4
+    if task == "theme_chords":
+        labels = _labels(record)
+        return bool(getattr(record, "title", None) or labels.get("theme"))
+    return True
+
+
+def _as_rng(rng: random.Random | int | None, profile: Profile) -> random.Random:
+    if isinstance(rng, random.Random):
+        return rng
+    return random.Random(profile.seed if rng is None else rng)
+
+
+def build_instruction_records(records: Sequence[Any], profile: Profile,
+                              rng: random.Random | int | None = None, *,
+                              identity: Sequence[dict] | None = None,
+                              progress: bool = False) -> list[dict]:
+    """Chat records, `profile.instructions_per_tune` per tune, task kinds and languages dealt
+    round-robin (a seeded order) so they stay balanced; identity Q&A appended when given
+    (build_datasets passes it for the train split only). A tune that cannot serve its dealt
+    task (too short to continue, no title for a theme...) takes the next kind in the deal."""
+    rng = _as_rng(rng, profile)
+    base = rng.randrange(2**32)  # per-tune rngs hang off this, so one tune's draws don't shift others
+    deal = [(t, lang) for t in TASKS for lang in LANGS]
+    rng.shuffle(deal)
+    out: list[dict] = []
+    turn = 0
+    iterator: Iterable[Any] = records
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(records, desc="instructions", unit="tune")
+    for record in iterator:
+        for j in range(max(1, profile.instructions_per_tune)):
+            tune_rng = random.Random(f"{base}/{record.id}/{j}")
+            for attempt in range(len(deal)):
+                task, lang = deal[(turn + attempt) % len(deal)]
+                if not _feasible(record, task):
+                    continue
+                try:
+                    request = request_from_tune(record, task, lang, tune_rng)
+                    answer = target_for(record, request)
+                except (ValueError, abc.ABCError):
+                    continue  # this tune cannot serve this task: deal it the next kind
+                user = render_prompt(request, rng=tune_rng)
+                out.append(chat_record(request, user, answer, record.id))
+                break
+            turn += 1
+    for pair in identity or ():
+        out.append(chat_record(None, pair["question"], pair["answer"], None, IDENTITY_TASK))
+    return out
+
+
+def to_xtuner(chat_records: Iterable[dict]) -> list[dict]:
+    """XTuner's single-turn custom-dataset form `{"conversation": [{"system","input","output"}]}`
+    (what its docs recommend for custom data and what `openai_map_fn` produces from
+    `{"messages": ...}`; use it with `dataset_map_fn=None`). The flat Alpaca variant
+    (`instruction`/`input`/`output`, mapped by `alpaca_map_fn`) has no system field, so we
+    don't write it."""
+    rows = []
+    for rec in chat_records:
+        system, turns, pending = "", [], None
+        for msg in rec["messages"]:
+            if msg["role"] == "system":
+                system = msg["content"]
+            elif msg["role"] == "user":
+                pending = msg["content"]
+            elif msg["role"] == "assistant" and pending is not None:
+                turn = {"input": pending, "output": msg["content"]}
+                if not turns:
+                    turn = {"system": system, **turn}
+                turns.append(turn)
+                pending = None
+        rows.append({"conversation": turns})
+    return rows
+
+
+def _write_jsonl(rows: Iterable[dict], path: Path) -> int:
+    """Write rows as UTF-8 JSON lines (key order kept, no ASCII escaping); returns the count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class DatasetFiles:
+    """Where `build_datasets` wrote the two training sets and their manifest."""
+
+    data_dir: Path
+    pt_train: Path
+    pt_validation: Path
+    pt_test: Path
+    sft_train: Path
+    sft_validation: Path
+    sft_test: Path
+    xtuner_sft_train: Path
+    manifest: Path
+
+    def as_dict(self) -> dict[str, str]:
+        """Name -> path string (for printing in a notebook)."""
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def under(cls, data_dir: Path) -> "DatasetFiles":
+        """The standard file names under a data folder."""
+        d = Path(data_dir)
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("data_dir", "manifest")]
+        return cls(data_dir=d, manifest=d / "datasets_manifest.json",
+                   **{n: d / f"{n}.jsonl" for n in names})
+
+
+def _settings(profile: Profile, knowledge_dir: Path) -> dict:
+    """The knobs that shape the datasets: a change here means the files must be rebuilt."""
+    keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "transpositions",
+            "val_fraction", "test_fraction", "instructions_per_tune", "seed")
+    out: dict[str, Any] = {k: getattr(profile, k) for k in keys}
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    out["knowledge_dir"] = Path(knowledge_dir).name  # name only: paths differ between machines
+    out["knowledge_in"] = "pt_train only (validation/test are tunes only, so their loss measures music)"
+    out["identity_in"] = "sft_train only"
+    return out
+
+
+def corpus_digest(records: Iterable[Any]) -> str:
+    """sha256 over the tune records (every field, in order): the datasets' provenance, so
+    `load_datasets` can tell when tunes.jsonl changed under them."""
+    h = hashlib.sha256()
+    for r in records:
+        row = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+        h.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def knowledge_digest(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> str:
+    """sha256 over the knowledge documents and identity pairs the datasets were built from."""
+    payload = {"docs": load_knowledge(knowledge_dir), "identity": read_identity(Path(knowledge_dir))}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def summarize(rows: Iterable[dict]) -> dict:
+    """Counts per task kind, per language and per (task, language) of chat records; for
+    `{"text"}` rows, the count and characters."""
+    rows = list(rows)
+    if rows and "messages" not in rows[0]:
+        return {"records": len(rows), "chars": sum(len(r.get("text", "")) for r in rows)}
+    lang = [((r.get("request") or {}).get("lang") or _lang_of(r)) for r in rows]
+    return {
+        "records": len(rows),
+        "by_task": dict(sorted(Counter(r["task"] for r in rows).items())),
+        "by_lang": dict(sorted(Counter(lang).items())),
+        "by_task_lang": {f"{t}/{lg}": n for (t, lg), n in
+                         sorted(Counter(zip((r["task"] for r in rows), lang)).items())},
+    }
+
+
+def _lang_of(row: dict) -> str:
+    user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
+    return "zh" if re.search(r"[\u4e00-\u9fff]", user) else "en"
+
+
+def sample_records(rows: Sequence[dict], n: int = 3, task: str | None = None,
+                   lang: str | None = None, seed: int = 0) -> list[dict]:
+    """A few records for display, optionally of one task kind / language (seeded pick)."""
+    pool = [r for r in rows if (task is None or r.get("task") == task)
+            and (lang is None or ((r.get("request") or {}).get("lang") or _lang_of(r)) == lang)]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
+def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
+                   knowledge_dir: Path | str = KNOWLEDGE_DIR) -> DatasetFiles:
+    """Write both training sets under `profile.run_dir/"data"`: pt_{split}.jsonl (knowledge in
+    train only), sft_{split}.jsonl (identity Q&A in train only), xtuner_sft_train.jsonl and
+    datasets_manifest.json (counts, sha256 per file, settings). Same inputs, same bytes."""
+    records = list(getattr(corpus_result, "records", corpus_result))
+    unknown = sorted({r.split for r in records} - set(SPLITS))
+    if unknown:
+        raise ValueError(f"records with split {unknown}: run corpus.split_by_family first "
+                         "(or corpus.assemble_corpus, which does)")
+    files = DatasetFiles.under(profile.run_dir / "data")
+    by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
+    knowledge = load_knowledge(knowledge_dir)
+    identity = read_identity(Path(knowledge_dir))
+    counts: dict[str, Any] = {"pt": {}, "sft": {}}
+    for split in SPLITS:
+        pt_rows = build_pretraining_records(by_split[split], knowledge if split == "train" else ())
+        counts["pt"][split] = {"records": _write_jsonl(pt_rows, getattr(files, f"pt_{split}")),
+                               "tunes": len(by_split[split]),
+                               "knowledge_docs": len(knowledge) if split == "train" else 0}
+        sft_rows = build_instruction_records(
+            by_split[split], profile, random.Random(f"{profile.seed}/{split}"),
+            identity=identity if split == "train" else None, progress=progress)
+        _write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
+        counts["sft"][split] = summarize(sft_rows)
+        # Nothing vanishes uncounted: tunes that could serve no task kind at all.
+        made = sum(r["task"] != IDENTITY_TASK for r in sft_rows)
+        counts["sft"][split]["tunes_without_instruction"] = (
+            len(by_split[split]) * max(1, profile.instructions_per_tune) - made)
+        if split == "train":
+            counts["xtuner_sft_train"] = _write_jsonl(to_xtuner(sft_rows), files.xtuner_sft_train)
+    manifest = {
+        "settings": _settings(profile, Path(knowledge_dir)),
+        "corpus_sha256": corpus_digest(records),
+        "knowledge_sha256": knowledge_digest(knowledge_dir),
+        "system_prompt": SYSTEM_PROMPT,
+        "counts": counts,
+        "files": {name: {"path": Path(p).name, "sha256": _sha256(p)}
+                  for name, p in files.as_dict().items() if name not in ("data_dir", "manifest")},
+        "xtuner_format": "conversation: [{system, input, output}] (XTuner custom dataset, dataset_map_fn=None)",
+    }
+    files.manifest.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def load_datasets(profile: Profile, build_if_missing: bool = True, progress: bool = True) -> dict:
+    """{"pt": DatasetDict(train/validation/test of {"text"}), "sft": DatasetDict(chat records)}
+    read from `profile.run_dir/"data"`. When the files are missing, were made with other
+    settings, or tunes.jsonl changed since, they are rebuilt first (corpus.assemble_corpus +
+    build_datasets), so notebooks 02/03 run even when 01 was not."""
+    from datasets import Dataset, DatasetDict
+
+    files = DatasetFiles.under(profile.run_dir / "data")
+    stale = _stale_reason(profile, files)
+    if stale:
+        if not build_if_missing:
+            raise FileNotFoundError(f"datasets under {files.data_dir}: {stale}; run notebook 01 "
+                                    "(or load_datasets(profile, build_if_missing=True))")
+        from imelodist_lib import corpus
+
+        build_datasets(profile, corpus.assemble_corpus(profile, progress=progress), progress=progress,
+                       knowledge_dir=KNOWLEDGE_DIR)
+    out = {}
+    for kind in ("pt", "sft"):
+        out[kind] = DatasetDict({split: Dataset.from_list(_read_jsonl(getattr(files, f"{kind}_{split}")))
+                                 for split in SPLITS})
+    return out
+
+
+def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
+    """Why the dataset files can't be used as they are (None: they can)."""
+    missing = [Path(p).name for n, p in files.as_dict().items() if n != "data_dir" and not Path(p).exists()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    if manifest.get("settings") != _settings(profile, KNOWLEDGE_DIR):
+        return "built with other profile settings"
+    if KNOWLEDGE_DIR.is_dir() and knowledge_digest(KNOWLEDGE_DIR) != manifest.get("knowledge_sha256"):
+        return "data/knowledge changed since they were built"
+    tunes = files.data_dir / "tunes.jsonl"
+    if tunes.exists():
+        from imelodist_lib import corpus
+
+        if corpus_digest(corpus.read_jsonl(tunes)) != manifest.get("corpus_sha256"):
+            return "tunes.jsonl changed since they were built"
+    return None

@@ -1,0 +1,332 @@
+"""Instruction templates, ComposeRequest, targets and the dataset builders, on real tunes from
+music21's bundled corpus (Aird's Airs with Q: fields and pickups, Nottingham tunes with their
+own chord symbols, Essen Chinese folk songs)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from imelodist_lib import abc, corpus
+from imelodist_lib import instructions as ins
+from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, get_profile
+
+ZH = re.compile(r"[\u4e00-\u9fff]")
+
+
+@pytest.fixture(scope="module")
+def tunes() -> list[corpus.TuneRecord]:
+    """A dozen real tunes, cleaned (normalised) and labelled by the corpus module."""
+    raw = (corpus.load_music21_corpus(collections=["airdsAirs"], limit=6)
+           + corpus.load_music21_corpus(collections=["nottingham-dataset"], limit=4)
+           + corpus.load_music21_corpus(collections=["essenFolksong"], limit=4))
+    kept, _ = corpus.clean(raw, get_profile("cpu"))
+    labelled = corpus.label_tunes(kept)
+    assert len(labelled) >= 8, "expected at least 8 clean real tunes"
+    return labelled
+
+
+@pytest.fixture()
+def knowledge_dir(tmp_path: Path) -> Path:
+    """A small knowledge folder in the shipped formats."""
+    d = tmp_path / "knowledge"
+    d.mkdir()
+    (d / "README.md").write_text("# Knowledge\nFormats of the files here (not training text).\n",
+                                 encoding="utf-8")
+    (d / "abc_notation_guide.md").write_text(
+        "# ABC guide\nABC is a text notation for music.\n\n## Header\nX: is the reference number, "
+        "T: the title, K: the key, which closes the header.\n\n## Notes\nC D E F G A B are the "
+        "notes of the octave from middle C; lower-case letters are an octave higher.\n",
+        encoding="utf-8")
+    (d / "composers.tsv").write_text(
+        "english\tchinese\tborn\tdied\tnationality\tperiod\n"
+        "Johann Sebastian Bach\t约翰·塞巴斯蒂安·巴赫\t1685\t1750\tGerman\tBaroque\n"
+        "Tan Dun\t谭盾\t1957\t\tChinese\tContemporary\n", encoding="utf-8")
+    (d / "works.tsv").write_text(
+        "english\tchinese\tcomposer_english\tcomposer_chinese\tyear\tform\n"
+        "The Butterfly Lovers Violin Concerto\t梁祝小提琴协奏曲\tHe Zhanhao and Chen Gang\t何占豪、陈钢\t"
+        "1959\tviolin concerto\n", encoding="utf-8")
+    rows = [{"lang": "zh", "question": "你是谁？", "answer": "我是IMelodist，一个作曲助手。"},
+            {"lang": "en", "question": "Who are you?", "answer": "I am IMelodist, a composing assistant."}]
+    (d / "identity.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                      encoding="utf-8")
+    return d
+
+
+# ------------------------------------------------------------------ the request record
+def test_request_round_trip_and_errors():
+    req = ins.ComposeRequest("chords", "en", chords=["G", "C", "D", "G"], key="G", meter="6/8",
+                             tempo=120, bars=4)
+    assert ins.ComposeRequest.from_dict(json.loads(json.dumps(req.to_dict()))) == req
+    with pytest.raises(ValueError, match="unknown task"):
+        ins.ComposeRequest("sing")
+    with pytest.raises(ValueError, match="lang"):
+        ins.ComposeRequest("emotion", "fr")
+    with pytest.raises(ValueError, match="needs chords"):
+        ins.ComposeRequest("chords")
+    with pytest.raises(ValueError, match="needs theme"):
+        ins.ComposeRequest("theme_chords", chords=["C"])
+    with pytest.raises(ValueError, match="needs seed_abc"):
+        ins.ComposeRequest("continue")
+    with pytest.raises(ValueError, match="positive integer"):
+        ins.ComposeRequest("emotion", tempo=0)
+    with pytest.raises(ValueError, match="no field"):
+        ins.ComposeRequest.from_dict({"task": "emotion", "mood": "sad"})
+
+
+# ------------------------------------------------------------------ templates
+FULL = {
+    "emotion": dict(emotion="x-emotion", style="x-style"),
+    "chords": dict(chords=["Am", "F", "C", "G"], style="x-style"),
+    "theme_chords": dict(theme="x-theme", chords=["Am", "F", "C", "G"]),
+    "continue": dict(seed_abc="X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|\n"),
+    "describe": dict(seed_abc="X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|dcBA G4|]\n"),
+}
+
+
+@pytest.mark.parametrize("task", ins.TASKS)
+@pytest.mark.parametrize("lang", ins.LANGS)
+def test_every_template_renders_with_all_fields(task, lang):
+    req = ins.ComposeRequest(task, lang, key="Edor", meter="6/8", tempo=132, bars=16, **FULL[task])
+    seen = set()
+    for i in range(ins.template_count(task, lang)):
+        text = ins.render_prompt(req, template_index=i)
+        seen.add(text)
+        assert "{" not in text and "None" not in text
+        assert bool(ZH.search(text)) == (lang == "zh")
+        if task in ("emotion", "chords", "theme_chords"):
+            assert "K:Edor" in text and "M:6/8" in text and "Q:1/4=132" in text
+        if task == "emotion":
+            assert "x-emotion" in text and "x-style" in text and "16" in text
+        if task in ("chords", "theme_chords"):
+            assert "Am | F | C | G" in text
+        if task == "theme_chords":
+            assert "x-theme" in text
+        if task in ("continue", "describe"):
+            assert req.seed_abc.strip() in text
+        if task == "continue":
+            assert "16" in text
+    assert len(seen) == ins.template_count(task, lang) >= 4  # phrasings really differ
+    with pytest.raises(IndexError, match="templates"):
+        ins.render_prompt(req, template_index=99)
+
+
+def test_render_prompt_is_deterministic_per_seed():
+    req = ins.ComposeRequest("emotion", "en", emotion="joyful", style="jig", key="G", meter="6/8")
+    a = [ins.render_prompt(req, rng=random.Random(7)) for _ in range(3)]
+    assert len(set(a)) == 1
+    many = {ins.render_prompt(req, rng=random.Random(s)) for s in range(40)}
+    assert len(many) > 3
+    assert ins.render_prompt(req) == ins.render_prompt(req, template_index=0)
+    # Without style the English noun phrase still reads: "a joyful tune", "an upbeat tune".
+    assert "Compose a joyful tune" in ins.render_prompt(ins.ComposeRequest("emotion", "en", emotion="joyful"))
+    assert "an upbeat tune" in ins.render_prompt(ins.ComposeRequest("emotion", "en", emotion="upbeat"))
+
+
+def test_key_names():
+    assert ins.key_name("Edor", "en") == "E Dorian"
+    assert ins.key_name("Am", "zh") == "A小调"
+    assert ins.key_name("G", "zh") == "G大调"
+
+
+# ------------------------------------------------------------------ requests and targets
+def _header(text: str, name: str) -> str | None:
+    return abc.parse_tune(text).field(name)
+
+
+@pytest.mark.parametrize("lang", ins.LANGS)
+def test_compose_targets_on_real_tunes(tunes, lang):
+    for i, rec in enumerate(tunes):
+        for task in ("emotion", "chords", "theme_chords", "continue"):
+            req = ins.request_from_tune(rec, task, lang, random.Random(i))
+            target = ins.target_for(rec, req)
+            report = abc.validate(target)
+            assert report.ok, (rec.id, task, report.error)
+            tune = report.tune
+            assert tune.field("X") == "1"
+            assert tune.key == (req.key or rec.key)
+            assert tune.meter == (req.meter or abc.parse_tune(rec.abc).meter)
+            # Q: exactly when asked, as the requested quarter-note tempo.
+            assert (tune.field("Q") is not None) == (req.tempo is not None)
+            if req.tempo is not None:
+                assert tune.tempo == req.tempo
+            if req.bars is not None:
+                assert ins.count_bars(target) == req.bars
+            # The answer keeps the tune's notes: same pitch sequence as the source.
+            assert [e.pitch for e in abc.events(target)] == [e.pitch for e in abc.events(rec.abc)]
+            if task in ("chords", "theme_chords"):
+                assert ins.chords_per_bar(target) == req.chords
+                assert len(req.chords) == ins.count_bars(target) == ins.count_bars(rec.abc)
+            if task == "theme_chords":
+                assert tune.title == req.theme
+            if task == "continue":
+                seed = req.seed_abc
+                assert target.startswith(seed.rstrip("\n"))
+                assert 2 <= ins.count_bars(seed) < ins.count_bars(target)
+                assert abc.parse_tune(seed).key == tune.key
+
+
+def test_nottingham_chords_are_kept_and_held(tunes):
+    notts = [r for r in tunes if r.source == "nottingham-dataset"]
+    assert notts, "the fixture should hold Nottingham tunes"
+    for rec in notts:
+        given = ins.chords_per_bar(rec.abc)
+        req = ins.request_from_tune(rec, "chords", "en", random.Random(0))
+        # A bar with its own chord keeps it; a bar without one gets the chord still sounding.
+        for written, asked in zip(given, req.chords):
+            if written:
+                assert asked == written
+        assert all(req.chords)
+
+
+def test_describe_prose_states_the_facts(tunes):
+    rec = next(r for r in tunes if abc.parse_tune(r.abc).tempo)
+    facts = ins.tune_facts(rec, "en")
+    en = ins.target_for(rec, ins.request_from_tune(rec, "describe", "en", random.Random(0)))
+    zh = ins.target_for(rec, ins.request_from_tune(rec, "describe", "zh", random.Random(0)))
+    assert not ZH.search(en.replace(rec.title, "")) and ZH.search(zh)
+    for text in (en, zh):
+        assert f"K:{facts.key}" in text and facts.meter in text and str(facts.bars) in text
+        assert str(facts.tempo) in text and facts.lowest in text and facts.highest in text
+    pitches = [p for e in abc.events(rec.abc) for p in e.pitches]
+    assert facts.span == max(pitches) - min(pitches)
+    assert ins.interval_name(14, "en") == "an octave and a major second"
+    assert ins.interval_name(7, "zh") == "纯五度"
+    assert ins.pitch_name(60) == "C4" and ins.pitch_name(70, flats=True) == "Bb4"
+
+
+def test_target_refuses_a_mismatched_request(tunes):
+    rec = tunes[0]
+    other = "F#" if abc.parse_tune(rec.abc).key != "F#" else "Bb"
+    with pytest.raises(ValueError, match="request_from_tune"):
+        ins.target_for(rec, ins.ComposeRequest("emotion", key=other))
+    with pytest.raises(ValueError, match="request_from_tune"):
+        ins.target_for(rec, ins.ComposeRequest("continue", seed_abc="X:1\nK:C\nCDEF|\n"))
+
+
+# ------------------------------------------------------------------ knowledge
+def test_load_knowledge_counts(knowledge_dir):
+    docs = ins.load_knowledge(knowledge_dir)
+    guide = [d for d in docs if d.startswith("#")]
+    # One document per section ("# ABC guide" intro, "## Header", "## Notes"); README skipped.
+    assert [d.splitlines()[0] for d in guide] == ["# ABC guide", "## Header", "## Notes"]
+    assert not any("not training text" in d for d in docs)
+    composers = [d for d in docs if "巴赫" in d]
+    assert len(composers) == 2  # one document per direction
+    assert any("Johann Sebastian Bach" in d and "约翰·塞巴斯蒂安·巴赫" in d for d in composers)
+    assert any("谭盾" in d and "1957" in d for d in docs)
+    assert any("梁祝小提琴协奏曲" in d and "The Butterfly Lovers" in d for d in docs)
+    dialogue = [d for d in docs if "IMelodist" in d and ("你是谁" in d or "Who are you" in d)]
+    assert len(dialogue) == 1 and "User: Who are you?" in dialogue[0]
+    assert ins.load_knowledge(knowledge_dir) == docs  # deterministic
+    with pytest.raises(FileNotFoundError, match="knowledge folder"):
+        ins.load_knowledge(knowledge_dir / "missing")
+
+
+def test_shipped_knowledge_loads():
+    if not (KNOWLEDGE_DIR / "composers.tsv").exists():
+        pytest.skip("data/knowledge not written yet")
+    docs = ins.load_knowledge()
+    assert len(docs) >= 30
+    assert len(ins.read_identity()) >= 40
+
+
+# ------------------------------------------------------------------ builders
+def _split(records):
+    """Give the fixture tunes splits: most train, one validation, one test."""
+    out = []
+    for i, r in enumerate(records):
+        split = "validation" if i == 1 else "test" if i == 2 else "train"
+        out.append(dataclasses.replace(r, split=split))
+    return out
+
+
+def test_instruction_records_are_balanced(tunes):
+    profile = get_profile("cpu", instructions_per_tune=3)
+    rows = ins.build_instruction_records(tunes, profile, random.Random(0))
+    assert len(rows) == 3 * len(tunes)
+    stats = ins.summarize(rows)
+    assert set(stats["by_task"]) == set(ins.TASKS)
+    assert max(stats["by_lang"].values()) - min(stats["by_lang"].values()) <= 2
+    assert max(stats["by_task"].values()) - min(stats["by_task"].values()) <= 4
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert row["messages"][0]["content"] == SYSTEM_PROMPT
+        req = ins.ComposeRequest.from_dict(row["request"])
+        assert bool(ZH.search(row["messages"][1]["content"])) == (req.lang == "zh")
+        if row["task"] != "describe":
+            assert abc.validate(row["messages"][2]["content"]).ok
+    assert ins.build_instruction_records(tunes, profile, random.Random(0)) == rows
+
+
+def test_to_xtuner_shape():
+    rec = ins.chat_record(ins.ComposeRequest("emotion", "en"), "Compose a tune.", "X:1\nK:C\nC4|]\n", "t#1")
+    [row] = ins.to_xtuner([rec])
+    assert row == {"conversation": [{"system": SYSTEM_PROMPT, "input": "Compose a tune.",
+                                     "output": "X:1\nK:C\nC4|]\n"}]}
+
+
+def test_build_datasets_is_deterministic(tunes, knowledge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    records = _split(tunes)
+    files = []
+    for name in ("a", "b"):
+        profile = get_profile("cpu", workdir=tmp_path / name)
+        files.append(ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir))
+    a, b = files
+    for field in ("pt_train", "pt_validation", "pt_test", "sft_train", "sft_validation",
+                  "sft_test", "xtuner_sft_train", "manifest"):
+        assert getattr(a, field).read_bytes() == getattr(b, field).read_bytes(), field
+    manifest = json.loads(a.manifest.read_text(encoding="utf-8"))
+    n_train = sum(r.split == "train" for r in records)
+    knowledge = ins.load_knowledge(knowledge_dir)
+    assert manifest["counts"]["pt"]["train"]["records"] == n_train + len(knowledge)
+    assert manifest["counts"]["pt"]["validation"]["records"] == 1  # tunes only: val loss = music
+    assert manifest["counts"]["sft"]["train"]["tunes_without_instruction"] == 0
+    assert manifest["files"]["sft_train"]["sha256"] == ins._sha256(a.sft_train)
+    val_text = a.pt_validation.read_text(encoding="utf-8")
+    assert "巴赫" not in val_text and val_text.startswith('{"text": "X:1')
+    sft_train = [json.loads(l) for l in a.sft_train.read_text(encoding="utf-8").splitlines()]
+    sft_test = [json.loads(l) for l in a.sft_test.read_text(encoding="utf-8").splitlines()]
+    assert sum(r["task"] == "identity" for r in sft_train) == 2
+    assert not any(r["task"] == "identity" for r in sft_test)
+    xt = [json.loads(l) for l in a.xtuner_sft_train.read_text(encoding="utf-8").splitlines()]
+    assert len(xt) == len(sft_train) and xt[0]["conversation"][0]["system"] == SYSTEM_PROMPT
+
+
+def test_build_datasets_needs_splits(tunes, tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        ins.build_datasets(get_profile("cpu", workdir=tmp_path), tunes[:2], progress=False)
+
+
+def test_load_datasets_reads_the_files(tunes, knowledge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    monkeypatch.setattr(ins, "KNOWLEDGE_DIR", knowledge_dir)
+    profile = get_profile("cpu", workdir=tmp_path)
+    ins.build_datasets(profile, _split(tunes), progress=False, knowledge_dir=knowledge_dir)
+    data = ins.load_datasets(profile, build_if_missing=False)
+    assert set(data) == {"pt", "sft"}
+    assert set(data["pt"]) == {"train", "validation", "test"}
+    assert data["sft"]["validation"][0]["messages"][0]["content"] == SYSTEM_PROMPT
+    assert data["pt"]["validation"].num_rows == 1
+    with pytest.raises(FileNotFoundError, match="notebook 01"):
+        ins.load_datasets(get_profile("cpu", workdir=tmp_path / "empty"), build_if_missing=False)
+    # Provenance: the tunes the files were built from are fine; other tunes make them stale.
+    tunes_path = profile.run_dir / "data" / "tunes.jsonl"
+    corpus.write_jsonl(_split(tunes), tunes_path)
+    assert ins.load_datasets(profile, build_if_missing=False)["pt"]["train"].num_rows > 0
+    corpus.write_jsonl(_split(tunes)[:-1], tunes_path)
+    with pytest.raises(FileNotFoundError, match="tunes.jsonl changed"):
+        ins.load_datasets(profile, build_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="other profile settings"):
+        ins.load_datasets(get_profile("cpu", workdir=tmp_path, seed=1), build_if_missing=False)
+    corpus.write_jsonl(_split(tunes), tunes_path)
+    with (knowledge_dir / "composers.tsv").open("a", encoding="utf-8") as fh:
+        fh.write("Nie Er\t聂耳\t1912\t1935\tChinese\t20th century\n")
+    with pytest.raises(FileNotFoundError, match="knowledge changed"):
+        ins.load_datasets(profile, build_if_missing=False)
