@@ -31,6 +31,7 @@ class Profile:
     max_tunes: int | None = None  # cap on tunes kept after cleaning (None: all)
     max_tune_chars: int = 3000  # longer tunes are dropped (counted) in cleaning
     min_bars: int = 4
+    max_bar_errors: int | None = 0  # tunes with more bars of the wrong length are dropped
     transpositions: tuple[int, ...] = ()  # augmentation, train split only
     val_fraction: float = 0.05
     test_fraction: float = 0.05

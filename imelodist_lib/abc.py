@@ -1,0 +1,1455 @@
+"""ABC notation core: split, parse, normalise, events, bar check, keys, transpose, music21.
+
+Everything the workbench knows about ABC (https://abcnotation.com/wiki/abc:standard:v2.1) lives
+here, written for one job: judging and cleaning *melodies* (folk tunes and model output).
+
+Decisions (documented once, relied on by the other modules):
+
+* Durations are `fractions.Fraction` in quarter lengths (music21's unit): a 6/8 bar is 3.
+* `split_tunes`: a tune starts at an `X:` line and ends at the first blank line (ABC 2.1).
+  Text before the first `X:` (the file header, free text) is dropped, not applied. Text with no
+  `X:` at all is split at blank lines, keeping the chunks that hold a `K:` field.
+* Absent `M:` means free meter (ABC 2.1; music21 also makes no TimeSignature): `Tune.meter` is
+  "none" and nothing is bar-checked. Absent `L:` is 1/16 when the meter is < 3/4, else 1/8.
+* Accidentals carry through the bar for every octave of the same letter (ABC 2.1's default
+  `%%propagate-accidentals pitch`; music21 does the same once it is told the text is ABC 2.1,
+  which `to_music21` does), also inside chords and grace notes.
+* `events`: chords are one Event (`pitches` all notes, `pitch` the highest); grace notes
+  make no event; ties are kept as separate events (`tie=True` on the first), as music21 does;
+  repeats are not expanded; `x` rests are events of kind "invisible_rest", `Z`/`X` are
+  "measure_rest" (n bars of the current meter); `y` spacers make nothing.
+* Voices (`V:`): every voice is read; events carry their voice and bars are checked per voice.
+* `clef=`/`middle=`/`transpose=` in K:/V: fields do not change the pitches (written pitch).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+__all__ = [
+    "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
+    "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
+    "parse_key", "transpose", "to_music21", "validate", "meter_duration", "unit_length_of",
+    "parse_fraction",
+]
+
+
+# --------------------------------------------------------------------------- errors
+class ABCError(ValueError):
+    """Bad ABC: says what is wrong and where (1-based line/column, either may be None)."""
+
+    def __init__(self, message: str, line: int | None = None, col: int | None = None):
+        self.message = message
+        self.line = line
+        self.col = col
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.message
+        if self.col is None:
+            return f"line {self.line}: {self.message}"
+        return f"line {self.line}, col {self.col}: {self.message}"
+
+    def __reduce__(self):  # keep pickling (multiprocessing) working with the extra args
+        return (ABCError, (self.message, self.line, self.col))
+
+
+# --------------------------------------------------------------------------- numbers, meters
+_FRACTION_RE = re.compile(r"^\s*([0-9]{1,6})\s*/\s*([0-9]{1,6})\s*$")
+
+
+def parse_fraction(text: str) -> Fraction:
+    """Parse "1/8" (or "1") into a Fraction; ABCError when it is not a positive fraction."""
+    m = _FRACTION_RE.match(text)
+    if m:
+        num, den = int(m.group(1)), int(m.group(2))
+    elif text.strip().isascii() and text.strip().isdigit() and len(text.strip()) <= 6:
+        num, den = int(text.strip()), 1
+    else:
+        raise ABCError(f"expected a fraction like 1/8, got {text.strip()!r}")
+    if num == 0 or den == 0:
+        raise ABCError(f"fraction {text.strip()!r} must be positive (e.g. 1/8)")
+    return Fraction(num, den)
+
+
+_METER_RE = re.compile(r"^\(?\s*([0-9]{1,3}(?:\s*\+\s*[0-9]{1,3})*)\s*\)?\s*/\s*([0-9]{1,3})$")
+
+
+def _meter_fraction(meter: str) -> Fraction | None:
+    """Meter as a fraction of a whole note ("6/8" -> 3/4); None for free meter."""
+    text = _strip_comment(meter).strip()
+    if text == "" or text.lower() == "none":
+        return None
+    if text == "C":
+        return Fraction(1)
+    if text == "C|":
+        return Fraction(1)
+    m = _METER_RE.match(text)
+    if not m:
+        raise ABCError(f"bad meter M:{text} (write e.g. M:6/8, M:C, M:C| or M:none)")
+    num = sum(int(x) for x in m.group(1).split("+"))
+    den = int(m.group(2))
+    if num == 0 or den == 0:
+        raise ABCError(f"bad meter M:{text}: numbers must be positive")
+    return Fraction(num, den)
+
+
+def meter_duration(meter: str) -> Fraction | None:
+    """Quarter lengths in one bar of `meter` ("6/8" -> 3, "C|" -> 4); None for free meter."""
+    frac = _meter_fraction(meter)
+    return None if frac is None else frac * 4
+
+
+def unit_length_of(meter: str) -> Fraction:
+    """ABC 2.1 default unit note length (fraction of a whole) when L: is absent."""
+    frac = _meter_fraction(meter)
+    if frac is None:
+        return Fraction(1, 8)
+    return Fraction(1, 16) if frac < Fraction(3, 4) else Fraction(1, 8)
+
+
+def _is_compound(meter: str | None) -> bool:
+    """Compound meter (6/8, 9/8, 12/8): tuplet defaults (5, 7, 9) use 3 instead of 2."""
+    if not meter:
+        return False
+    m = _METER_RE.match(_strip_comment(meter).strip())
+    if not m:
+        return False
+    num = sum(int(x) for x in m.group(1).split("+"))
+    return num > 3 and num % 3 == 0
+
+
+# --------------------------------------------------------------------------- keys
+_LETTER_FIFTHS = {"F": -1, "C": 0, "G": 1, "D": 2, "A": 3, "E": 4, "B": 5}
+_MODE_OFFSETS = {
+    "major": 0, "lydian": 1, "mixolydian": -1, "dorian": -2,
+    "minor": -3, "phrygian": -4, "locrian": -5,
+}
+_MODE_ABBREV = {
+    "": "major", "m": "minor", "maj": "major", "min": "minor", "ion": "major", "mix": "mixolydian",
+    "dor": "dorian", "phr": "phrygian", "lyd": "lydian", "loc": "locrian", "aeo": "minor",
+}
+_SHARP_ORDER = "FCGDAEB"
+_CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto1", "alto2",
+               "tenor", "baritone", "soprano", "mezzosoprano", "mezzo", "subbass", "treble8",
+               "bass8", "+8", "-8"}
+_ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
+
+
+@dataclass
+class Key:
+    """A key signature: tonic, mode, the alteration of every letter, and circle-of-fifths."""
+
+    tonic: str
+    mode: str
+    accidentals: dict[str, int]
+    fifths: int
+
+    def __str__(self) -> str:
+        suffix = {"major": "", "minor": "m"}.get(self.mode, self.mode[:3])
+        return f"{self.tonic}{suffix}"
+
+
+def _signature(fifths: int) -> dict[str, int]:
+    """Alteration per letter for a key signature with `fifths` sharps (negative: flats)."""
+    acc = {}
+    for letter in "CDEFGAB":
+        if fifths >= 0:
+            k = _SHARP_ORDER.index(letter)
+            acc[letter] = (fifths - k + 6) // 7
+        else:
+            k = _SHARP_ORDER[::-1].index(letter)
+            acc[letter] = -((-fifths - k + 6) // 7)
+    return acc
+
+
+_KEY_RE = re.compile(r"^([A-G])([#b]?)([A-Za-z]*)")
+_KEY_ACC_RE = re.compile(r"^(\^\^|\^|__|_|=)([A-Ga-g])$")
+_FULL_MODES = ("major", "minor", "ionian", "aeolian", "mixolydian", "dorian", "phrygian",
+               "lydian", "locrian")
+_OCTAVE_WORD_RE = re.compile(r"^[+-]?[0-9]+(?:va|vb|ma|mb)?$")
+
+
+def _mode_of(word: str) -> str | None:
+    """The mode a K: mode word names ("m", "min", "Dor", "mixolydian"), or None."""
+    lower = word.lower()
+    if lower in _MODE_ABBREV:
+        return _MODE_ABBREV[lower]
+    if len(lower) > 3 and lower[:3] in _MODE_ABBREV and any(f.startswith(lower)
+                                                            for f in _FULL_MODES):
+        return _MODE_ABBREV[lower[:3]]
+    return None
+
+
+def parse_key(text: str) -> Key:
+    """Parse a K: value ("Emin", "E minor", "F#m", "Bb", "HP", "none", "D =c", "C clef=bass")."""
+    raw = _strip_comment(text).strip()
+    words = raw.split()
+    first = words[0] if words else ""
+    if not words or first.lower() == "none" or re.match(r"^[a-z]+=", first) \
+            or first.lower() in _CLEF_WORDS:
+        key = Key("C", "major", _signature(0), 0)
+        rest = words[1:] if words and first.lower() == "none" else words
+    elif first in ("HP", "Hp"):
+        # Highland pipes: HP has no signature; Hp is F# C# with G natural, tonic A mixolydian
+        fifths = 0 if first == "HP" else 2
+        key, rest = Key("A", "mixolydian", _signature(fifths), fifths), words[1:]
+    else:
+        m = _KEY_RE.match(first)
+        if not m:
+            raise ABCError(f"bad key K:{raw} (write e.g. K:G, K:Emin, K:Ador, K:F#m, K:Bb)")
+        letter, acc, mode_word = m.group(1), m.group(2), m.group(3)
+        # accidentals glued to the key ("Dmix=c", "D^f_b") are extra key accidentals
+        rest = re.findall(r"\^\^|__|[\^_=][A-Ga-g]|[^\^_=]+", first[m.end():]) + words[1:]
+        if not mode_word and rest and _mode_of(rest[0]):
+            mode_word, rest = rest[0], rest[1:]  # "E minor" written with a space
+        mode = _mode_of(mode_word) if mode_word else "major"
+        if mode is None:
+            raise ABCError(f"bad key mode {mode_word!r} in K:{raw} (use maj, m, dor, mix, phr, "
+                           "lyd, loc)")
+        fifths = _LETTER_FIFTHS[letter] + (7 if acc == "#" else -7 if acc == "b" else 0)
+        fifths += _MODE_OFFSETS[mode]
+        key = Key(letter + acc, mode, _signature(fifths), fifths)
+    for word in rest:
+        am = _KEY_ACC_RE.match(word)
+        if am:
+            key.accidentals[am.group(2).upper()] = _ACC_VALUES[am.group(1)]
+        elif word.lower() == "exp":
+            key.accidentals = {ch: 0 for ch in "CDEFGAB"}  # only the listed accidentals
+        elif "=" in word or word.lower() in _CLEF_WORDS or _OCTAVE_WORD_RE.match(word):
+            continue  # clef=, middle=, transpose=, octave=, -8va: presentation only
+        else:
+            raise ABCError(f"bad key K:{raw}: do not understand {word!r}")
+    return key
+
+
+# --------------------------------------------------------------------------- tunes
+_FIELD_RE = re.compile(r"^([A-Za-z+]):(.*)$")
+
+
+def _strip_comment(text: str) -> str:
+    """Drop a trailing % comment (\\% is a literal percent sign)."""
+    i = text.find("%")
+    while i > 0 and text[i - 1] == "\\":
+        i = text.find("%", i + 1)
+    return text if i < 0 else text[:i]
+
+
+@dataclass
+class Tune:
+    """One parsed tune: header fields in order, the body text, and where the body starts."""
+
+    fields: list[tuple[str, str]]
+    body: str
+    first_body_line: int = 1
+    _cache: Any = field(default=None, repr=False, compare=False)
+
+    def field(self, name: str, default: str | None = None) -> str | None:
+        """Value of the first header field `name` (e.g. "T"), or `default`."""
+        for k, v in self.fields:
+            if k == name:
+                return v
+        return default
+
+    def _last(self, name: str) -> str | None:
+        value = None
+        for k, v in self.fields:
+            if k == name:
+                value = v
+        return value
+
+    @property
+    def title(self) -> str:
+        """First T: field ("" when absent)."""
+        return self.field("T", "") or ""
+
+    @property
+    def meter(self) -> str:
+        """M: as written; "none" (free meter, ABC 2.1 and music21) when absent."""
+        value = self._last("M")
+        return "none" if value is None or not value.strip() else value.strip()
+
+    @property
+    def unit_length(self) -> Fraction:
+        """L: as a fraction of a whole note; the ABC 2.1 default from the meter when absent."""
+        value = self._last("L")
+        return parse_fraction(value) if value else unit_length_of(self.meter)
+
+    @property
+    def key(self) -> str:
+        """K: as written (the last header field)."""
+        return (self._last("K") or "").strip()
+
+    @property
+    def tempo(self) -> int | None:
+        """Q: as quarter notes per minute, or None when absent or unreadable."""
+        value = self._last("Q")
+        return None if value is None else _tempo_qpm(value, self.unit_length)
+
+
+_TEMPO_RE = re.compile(r"((?:[0-9]+/[0-9]+\s*)+)=\s*([0-9]+)")
+
+
+def _tempo_qpm(value: str, unit: Fraction) -> int | None:
+    text = re.sub(r'"[^"]*"', "", _strip_comment(value)).strip()
+    m = _TEMPO_RE.search(text)
+    try:
+        if m:
+            beat = sum(parse_fraction(f) for f in m.group(1).split())
+            return round(int(m.group(2)) * beat * 4)
+        if re.fullmatch(r"C\s*=\s*[0-9]+", text):
+            return round(int(text.split("=")[1]) * unit * 4)
+        if text.isdigit():  # old ABC: unit notes per minute
+            return round(int(text) * unit * 4)
+    except (ABCError, ZeroDivisionError):
+        return None
+    return None
+
+
+def split_tunes(text: str) -> list[str]:
+    """Split multi-tune text into tune texts (X: starts a tune, a blank line ends it).
+
+    The file header before the first X: is dropped. Text without any X: line is split at
+    blank lines, keeping chunks that hold a K: field.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    lines = text.split("\n")
+    tunes: list[str] = []
+    current: list[str] | None = None
+    has_x = any(line.startswith("X:") for line in lines)
+    if not has_x:
+        chunk: list[str] = []
+        for line in lines + [""]:
+            if line.strip():
+                chunk.append(line)
+            elif chunk:
+                if any(re.match(r"^\s*K:", c) or re.search(r"(?:^|\s)K:", c) for c in chunk):
+                    tunes.append("\n".join(chunk))
+                chunk = []
+        return tunes
+    for line in lines:
+        if line.startswith("X:"):
+            if current:
+                tunes.append("\n".join(current))
+            current = [line]
+        elif current is not None:
+            if line.strip() == "":
+                tunes.append("\n".join(current))
+                current = None
+            else:
+                current.append(line)
+    if current:
+        tunes.append("\n".join(current))
+    return tunes
+
+
+_HEADER_ONE_LINE = re.compile(r"(?:^|\s)([A-Za-z]):")
+_KEY_CONTINUATION = re.compile(
+    r"^\s+((?:maj|min|m|ion|mix|dor|phr|lyd|loc|aeo)[a-z]*\b|(?:clef|middle|transpose|octave|"
+    r"stafflines)=\S+|exp\b)", re.IGNORECASE)
+
+
+def _split_one_line(line: str) -> tuple[list[tuple[str, str]], str] | None:
+    """The seed's one-line form `X:1 L:1/8 M:4/4 K:Emin |: E2 ...` -> (fields, body)."""
+    starts = [m for m in _HEADER_ONE_LINE.finditer(line)]
+    if len(starts) < 2 or starts[0].start() != 0:
+        return None
+    fields: list[tuple[str, str]] = []
+    for i, m in enumerate(starts):
+        name = m.group(1)
+        begin = m.end()
+        if name == "K":
+            rest = line[begin:]
+            km = re.match(r"\s*(\S*)", rest)
+            value = km.group(1) if km else ""
+            pos = km.end() if km else 0
+            while True:
+                cm = _KEY_CONTINUATION.match(rest[pos:])
+                if not cm:
+                    break
+                value += " " + cm.group(1)
+                pos += cm.end()
+            fields.append(("K", value))
+            return fields, rest[pos:].strip()
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(line)
+        fields.append((name, line[begin:end].strip()))
+    return None
+
+
+def parse_tune(text: str) -> Tune:
+    """Parse one tune (multi-line, or the one-line `X:1 L:1/8 M:4/4 K:Emin |: ...` form)."""
+    if not isinstance(text, str):
+        raise ABCError(f"expected ABC text (str), got {type(text).__name__}")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    lines = text.split("\n")
+    fields: list[tuple[str, str]] = []
+    body_lines: list[str] = []
+    first_body_line = 0
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if not stripped or stripped.startswith("%"):
+            if not stripped and fields:
+                break  # a blank line after the header started ends the tune (ABC 2.1)
+            i += 1
+            continue
+        m = _FIELD_RE.match(stripped)
+        if m:
+            one = _split_one_line(stripped) if m.group(1) != "K" else None
+            if one is not None:
+                fields.extend(one[0])
+                if one[1]:
+                    body_lines.append(one[1])
+                    first_body_line = i + 1
+                i += 1
+                break
+            name, value = m.group(1), _strip_comment(m.group(2)).strip()
+            if name == "+":
+                if fields:
+                    fields[-1] = (fields[-1][0], fields[-1][1] + " " + value)
+            else:
+                fields.append((name, value))
+            i += 1
+            if name == "K":
+                break
+            continue
+        i += 1  # stray free text in the header: dropped
+    if not fields or fields[-1][0] != "K":
+        raise ABCError("no K: field (the key line ends the header, e.g. K:G)", None, None)
+    if not first_body_line:
+        first_body_line = i + 1
+    while i < len(lines) and lines[i].strip():  # a blank line ends the tune
+        body_lines.append(lines[i].rstrip())
+        i += 1
+    body = "\n".join(body_lines)
+    tune = Tune(fields, body, first_body_line)
+    _check_header(tune)
+    scan = _scan(tune)
+    if not scan.events:
+        raise ABCError("empty body: the tune has no notes or rests after K:", first_body_line)
+    return tune
+
+
+def _check_header(tune: Tune) -> None:
+    for name, value in tune.fields:
+        try:
+            if name == "M":
+                _meter_fraction(value)
+            elif name == "L":
+                parse_fraction(value)
+            elif name == "K":
+                parse_key(value)
+        except ABCError as err:
+            raise ABCError(f"header field {name}: {err.message}") from None
+
+
+def _as_tune(tune_or_text: Tune | str) -> Tune:
+    if isinstance(tune_or_text, Tune):
+        return tune_or_text
+    return parse_tune(tune_or_text)
+
+
+# --------------------------------------------------------------------------- normalize
+_HEADER_FIRST = ("T", "C", "O", "R")
+_HEADER_LAST = ("M", "L", "Q")
+# bibliographic/notes fields, instructions and user symbols are dropped by normalize
+_HEADER_DROPPED = set("NSZHDFBGIAWUX")
+
+
+def _strip_body_line(line: str) -> str:
+    """Remove a % comment outside quotes and trailing spaces."""
+    out, in_quote = [], False
+    for i, ch in enumerate(line):
+        if ch == '"':
+            in_quote = not in_quote
+        elif ch == "%" and not in_quote and (i == 0 or line[i - 1] != "\\"):
+            break
+        out.append(ch)
+    return "".join(out).rstrip()
+
+
+def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
+    """Canonical multi-line ABC: X, T, C, O, R, kept fields, M, L (always), Q, K; no comments.
+
+    Dropped: N S Z H D F B G I A W U fields (notes, sources, history), comments, directives,
+    blank and stray lines. Body lines are kept as written (minus comments/trailing spaces).
+    """
+    tune = _as_tune(tune_or_text)
+    out = [f"X:{x}"]
+    for name in _HEADER_FIRST:
+        out += [f"{name}:{v}" for k, v in tune.fields if k == name]
+    for k, v in tune.fields:
+        if k not in _HEADER_FIRST and k not in _HEADER_LAST and k != "K" \
+                and k not in _HEADER_DROPPED:
+            out.append(f"{k}:{v}")
+    if tune._last("M") is not None:
+        out.append(f"M:{tune.meter}")
+    unit = tune.unit_length
+    out.append(f"L:{unit.numerator}/{unit.denominator}")
+    if tune._last("Q") is not None:
+        out.append(f"Q:{tune._last('Q')}")
+    out.append(f"K:{tune.key}")
+    for line in tune.body.split("\n"):
+        if line.lstrip().startswith("%"):
+            continue
+        line = _strip_body_line(line)
+        if line.strip():
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- tokenizer
+# A token is (kind, col0, end, data). Kinds: note rest mrest spacer bar ending field chord_open
+# chord_close grace_open grace_close tuplet slur_open slur_close broken tie deco symbol cont.
+_NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
+_REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
+_MREST_RE = re.compile(r"([ZX])([0-9]*)")
+_SPACER_RE = re.compile(r"y([0-9]*)(/*)([0-9]*)")
+_BAR_RE = re.compile(r"(:*(?:\[\|\]?|\|\]|\|\||\||\.\|):*|::+)([0-9]+(?:[,-][0-9]+)*)?")
+_ENDING_RE = re.compile(r"\[([0-9]+(?:[,-][0-9]+)*)")
+_INLINE_FIELD_RE = re.compile(r"\[([A-Za-z]):([^\]\n]*)\]")
+_TUPLET_RE = re.compile(r"\(([0-9]+)(?::([0-9]*))?(?::([0-9]*))?")
+_CHORD_CLOSE_RE = re.compile(r"\]([0-9]*)(/*)([0-9]*)")
+_DECO_CHARS = set("~.HLMOPSTuvJR")
+_MAX_LEN = 4096  # longer note lengths are typos or noise, not music
+
+
+def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
+    """Length multiplier of a note: "" 1, "2" 2, "/" 1/2, "//" 1/4, "3/2", "3/" 3/2."""
+    if len(num) > 4 or len(den) > 4:
+        raise ABCError(f"note length {num}{slashes}{den} is too long", line, col)
+    n = int(num) if num else 1
+    if slashes:
+        d = int(den) * 2 ** (len(slashes) - 1) if den else 2 ** len(slashes)
+    else:
+        d = 1
+    if n == 0 or d == 0 or d > _MAX_LEN:
+        raise ABCError(f"bad note length {num}{slashes}{den!s} (zero or too small)", line, col)
+    return Fraction(n, d)
+
+
+def _tokenize_line(text: str, line: int) -> list[tuple]:
+    """Split one music line into tokens; ABCError on a symbol that is not ABC."""
+    toks: list[tuple] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        c = text[pos]
+        if c in " \t`$":
+            pos += 1
+            continue
+        if c == "%":
+            break
+        if c in "ABCDEFGabcdefg^_=":
+            m = _NOTE_RE.match(text, pos)
+            if not m:
+                raise ABCError(f"accidental {c!r} without a note after it", line, pos + 1)
+            length = _length(m.group(4), m.group(5), m.group(6), line, pos + 1)
+            toks.append(("note", pos, m.end(),
+                         (m.group(1) or "", m.group(2), m.group(3), length)))
+            pos = m.end()
+            continue
+        if c in "zx":
+            m = _REST_RE.match(text, pos)
+            length = _length(m.group(2), m.group(3), m.group(4), line, pos + 1)
+            toks.append(("rest", pos, m.end(), (c, length)))
+            pos = m.end()
+            continue
+        if c in "ZX":
+            m = _MREST_RE.match(text, pos)
+            count = m.group(2)
+            if len(count) > 4:
+                raise ABCError(f"multi-bar rest {m.group(0)} is too long", line, pos + 1)
+            toks.append(("mrest", pos, m.end(), (c, int(count) if count else 1)))
+            pos = m.end()
+            continue
+        if c == "y":
+            m = _SPACER_RE.match(text, pos)
+            pos = m.end()
+            continue
+        if c == "[":
+            m = _INLINE_FIELD_RE.match(text, pos)
+            if m:
+                toks.append(("field", pos, m.end(), (m.group(1), m.group(2).strip())))
+                pos = m.end()
+                continue
+            m = _ENDING_RE.match(text, pos)
+            if m:
+                toks.append(("ending", pos, m.end(), m.group(1)))
+                pos = m.end()
+                continue
+            if pos + 1 < n and text[pos + 1] == "|":
+                m = _BAR_RE.match(text, pos)
+                toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+                pos = m.end()
+                continue
+            if pos + 2 < n and text[pos + 1].isalpha() and text[pos + 2] == ":":
+                raise ABCError("inline field [X:...] is not closed with ]", line, pos + 1)
+            toks.append(("chord_open", pos, pos + 1, None))
+            pos += 1
+            continue
+        if c == "]":
+            m = _CHORD_CLOSE_RE.match(text, pos)
+            length = _length(m.group(1), m.group(2), m.group(3), line, pos + 1)
+            toks.append(("chord_close", pos, m.end(), length))
+            pos = m.end()
+            continue
+        if c in "|:" or (c == "." and text.startswith(".|", pos)):
+            m = _BAR_RE.match(text, pos)
+            if not m:
+                raise ABCError(f"unexpected {c!r} (a barline like | :| |: :: || |] ?)",
+                               line, pos + 1)
+            toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+            pos = m.end()
+            continue
+        if c == "(":
+            m = _TUPLET_RE.match(text, pos)
+            if m:
+                p = int(m.group(1)[:3])
+                q = int(m.group(2)[:3]) if m.group(2) else None
+                r = int(m.group(3)[:3]) if m.group(3) else None
+                if p < 2 or p > 9 and q is None:
+                    raise ABCError(f"tuplet ({m.group(1)} needs 2-9 notes or an explicit "
+                                   "(p:q:r)", line, pos + 1)
+                toks.append(("tuplet", pos, m.end(), (p, q, r)))
+                pos = m.end()
+                continue
+            toks.append(("slur_open", pos, pos + 1, None))
+            pos += 1
+            continue
+        if c == ")":
+            toks.append(("slur_close", pos, pos + 1, None))
+            pos += 1
+            continue
+        if c == "{":
+            end = pos + 2 if text.startswith("{/", pos) else pos + 1
+            toks.append(("grace_open", pos, end, None))
+            pos = end
+            continue
+        if c == "}":
+            toks.append(("grace_close", pos, pos + 1, None))
+            pos += 1
+            continue
+        if c in "<>":
+            end = pos
+            while end < n and text[end] == c and end - pos < 3:
+                end += 1
+            toks.append(("broken", pos, end, text[pos:end]))
+            pos = end
+            continue
+        if c == "-":
+            toks.append(("tie", pos, pos + 1, None))
+            pos += 1
+            continue
+        if c == '"':
+            end = text.find('"', pos + 1)
+            if end < 0:
+                raise ABCError('chord symbol or annotation "... is not closed with "',
+                               line, pos + 1)
+            toks.append(("symbol", pos, end + 1, text[pos + 1:end]))
+            pos = end + 1
+            continue
+        if c in "!+":
+            end = text.find(c, pos + 1)
+            inner = text[pos + 1:end] if end > 0 else ""
+            if end > 0 and inner and " " not in inner and "|" not in inner:
+                toks.append(("deco", pos, end + 1, inner))
+                pos = end + 1
+                continue
+            if c == "!":  # ABC 2.0 line break
+                pos += 1
+                continue
+            raise ABCError(f"decoration +{inner}... is not closed with +", line, pos + 1)
+        if c in _DECO_CHARS:
+            toks.append(("deco", pos, pos + 1, c))
+            pos += 1
+            continue
+        if c == "\\":
+            if text[pos + 1:].strip() and not text[pos + 1:].lstrip().startswith("%"):
+                raise ABCError("line continuation \\ must end the line", line, pos + 1)
+            toks.append(("cont", pos, pos + 1, None))
+            break
+        raise ABCError(f"unknown symbol {c!r} (not an ABC note, rest, bar or decoration)",
+                       line, pos + 1)
+    return toks
+
+
+# --------------------------------------------------------------------------- events & bars
+@dataclass(frozen=True)
+class Event:
+    """One note, chord or rest in written order (durations in quarter lengths)."""
+
+    pitch: int | None  # MIDI number (highest note of a chord); None for a rest
+    duration: Fraction
+    bar: int  # index into check_bars(tune).bars
+    line: int
+    col: int
+    tie: bool = False  # tied to the next event
+    pitches: tuple[int, ...] = ()  # every note of a chord (one for a note, none for a rest)
+    kind: str = "note"  # note | chord | rest | invisible_rest | measure_rest
+    voice: str = ""
+
+
+@dataclass
+class Bar:
+    """One bar as written: its measured length, the length its meter expects, and its kind."""
+
+    index: int
+    duration: Fraction
+    expected: Fraction | None  # None: free meter
+    line: int
+    col: int
+    text: str
+    left: str = ""  # barline token before the bar ("" at the start of the tune)
+    right: str = ""  # barline token that ends the bar ("" implicit or end of tune)
+    kind: str = "full"  # full | pickup | section_end | final | ending | free | multi_rest | error
+    voice: str = ""
+    ending: str = ""  # "1", "2", "1,3" when the bar opens a first/second ending
+    line_end: bool = False  # the bar ends at the end of a music line
+    break_after: bool = False  # a section break (|| |] :| |: :: [| P:) follows the bar
+
+
+@dataclass
+class BarError:
+    """A bar whose length is wrong even after pickups, endings and section breaks."""
+
+    bar: int
+    line: int
+    col: int
+    duration: Fraction
+    expected: Fraction
+    message: str
+
+
+@dataclass
+class BarReport:
+    """All bars of a tune, the bar-length errors, and how many bars were checked."""
+
+    bars: list[Bar]
+    errors: list[BarError]
+    checked: int
+
+    @property
+    def error_rate(self) -> float:
+        """Share of checked bars with a length error (0.0 when nothing was checked)."""
+        return len(self.errors) / self.checked if self.checked else 0.0
+
+
+_SECTION_BARS = {"||", "|]", "[|", "::"}
+_SEMITONE = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def _is_section_bar(token: str) -> bool:
+    """|| |] [| :| |: :: end or start a section; | .| and the invisible [|] do not."""
+    if token == "[|]":
+        return False
+    return token in _SECTION_BARS or ":" in token or token.startswith("[|") \
+        or token.endswith("]") or token.count("|") > 1
+
+
+def _tuplet_q(p: int, meter: str | None) -> int:
+    if p in (2, 4, 8):
+        return 3
+    if p in (3, 6):
+        return 2
+    return 3 if _is_compound(meter) else 2
+
+
+class _Voice:
+    """Per-voice reading state."""
+
+    __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
+                 "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
+                 "expected", "pending_break", "tuplet_open", "repeat_open")
+
+    def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
+        self.name = name
+        self.key = key
+        self.meter = meter
+        self.unit = unit
+        self.bar_acc: dict[str, int] = {}
+        self.bar_events: list[list] = []
+        self.bar_dur = Fraction(0)
+        self.bar_start: tuple[int, int] | None = None
+        self.bar_left = ""
+        self.bar_ending = ""
+        self.tuplet: list[int] | None = None  # [remaining notes, p, q]
+        self.broken: str | None = None  # pending broken rhythm for the next note
+        self.last_event: list | None = None
+        self.bar_has_mrest = False
+        self.expected: Fraction | None = None
+        self.pending_break = False
+        self.tuplet_open: tuple[int, int] | None = None
+        self.repeat_open: tuple[int, int] | None = None
+
+
+class _Scan:
+    """Result of reading a tune body once: events, bars, and strict-validation findings."""
+
+    __slots__ = ("events", "bars", "problems")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.bars: list[Bar] = []
+        self.problems: list[ABCError] = []  # things only validate() treats as errors
+
+
+_BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fraction(1, 4)),
+           ">>>": (Fraction(15, 8), Fraction(1, 8)), "<": (Fraction(1, 2), Fraction(3, 2)),
+           "<<": (Fraction(1, 4), Fraction(7, 4)), "<<<": (Fraction(1, 8), Fraction(15, 8))}
+
+
+def _scan(tune: Tune) -> _Scan:
+    """Read the body once (cached on the Tune): events in written order and bars per voice."""
+    key_ = (tune.body, tuple(tune.fields))
+    if tune._cache is not None and tune._cache[0] == key_:
+        return tune._cache[1]
+    scan = _Scanner(tune).run()
+    tune._cache = (key_, scan)
+    return scan
+
+
+class _Scanner:
+    """One pass over a body: keeps per-voice state, emits events, closes bars."""
+
+    def __init__(self, tune: Tune):
+        self.tune = tune
+        self.scan = _Scan()
+        self.raw_events: list[list] = []  # [pitch, dur, bar, line, col, tie, pitches, kind, voice]
+        self.meter = tune.meter
+        key = parse_key(tune.key)
+        self.voices: dict[str, _Voice] = {}
+        self.header_key = key
+        self.header_unit = tune.unit_length
+        self.voice = self._get_voice("")
+        self.lines = tune.body.split("\n")
+        self.where = (tune.first_body_line, 0)  # (line, 0-based col) of the current token
+
+    def _get_voice(self, name: str) -> _Voice:
+        v = self.voices.get(name)
+        if v is None:
+            base = self.voices.get("")
+            if base is not None and not base.bar_events and not any(
+                    b.voice == "" for b in self.scan.bars) and name:
+                # the default voice was never used: the first V: takes its place
+                del self.voices[""]
+                base.name = name
+                self.voices[name] = base
+                return base
+            key = Key(self.header_key.tonic, self.header_key.mode,
+                      dict(self.header_key.accidentals), self.header_key.fifths)
+            v = _Voice(name, key, self.meter if base is None else base.meter,
+                       self.header_unit if base is None else base.unit)
+            v.expected = meter_duration(v.meter)
+            self.voices[name] = v
+        return v
+
+    # -- fields inside the body
+    def _field(self, name: str, value: str, line: int, col: int) -> None:
+        v = self.voice
+        try:
+            if name == "K":
+                v.key = parse_key(value)
+            elif name == "M":
+                # a change mid-bar: the new meter judges the bar it appears in
+                v.expected = meter_duration(value)
+                v.meter = value.strip() or "none"
+            elif name == "L":
+                v.unit = parse_fraction(value)
+            elif name == "V":
+                vname = value.split()[0] if value.split() else ""
+                self.voice = self._get_voice(vname)
+            elif name in "PT":  # a new part or title: a section break
+                if v.bar_events:
+                    v.pending_break = True
+                else:
+                    self._mark_break_before(v)
+        except ABCError as err:
+            raise ABCError(f"field {name}:{value}: {err.message}", line, col) from None
+
+    def _mark_break_before(self, v: _Voice) -> None:
+        for b in reversed(self.scan.bars):
+            if b.voice == v.name:
+                b.break_after = True
+                break
+
+    # -- the body
+    def run(self) -> _Scan:
+        line_no = self.tune.first_body_line
+        in_chord: list | None = None
+        in_grace = False
+        for offset, text in enumerate(self.tune.body.split("\n")):
+            line = line_no + offset
+            stripped = text.strip()
+            if not stripped or stripped.startswith("%"):
+                continue
+            fm = _FIELD_RE.match(stripped)
+            if fm and stripped[0] not in "|[":
+                name = fm.group(1)
+                if name in "KMLVPT":
+                    self._field(name, _strip_comment(fm.group(2)).strip(), line, 1)
+                continue  # w: W: N: Q: ... lines: not music
+            toks = _tokenize_line(text, line)
+            continued = False
+            for tok in toks:
+                kind, col0, end, data = tok
+                col = col0 + 1
+                self.where = (line, col0)
+                v = self.voice
+                if kind == "note" or kind == "rest":
+                    if in_chord is not None:
+                        if kind == "rest":
+                            raise ABCError("rest inside a chord [...]", line, col)
+                        in_chord.append(self._pitch(v, data))
+                        if in_chord[0] is None:
+                            in_chord[0] = (data[3], line, col)
+                        continue
+                    if in_grace:
+                        if kind == "note":
+                            self._pitch(v, data)
+                        continue
+                    if kind == "note":
+                        p = self._pitch(v, data)
+                        self._emit(v, p, (p,), data[3], line, col, "note")
+                    else:
+                        self._emit(v, None, (), data[1], line, col,
+                                   "rest" if data[0] == "z" else "invisible_rest")
+                elif kind == "chord_open":
+                    if in_chord is not None:
+                        raise ABCError("chord [ inside a chord (missing ])", line, col)
+                    in_chord = [None]
+                elif kind == "chord_close":
+                    if in_chord is None:
+                        raise ABCError("] without an opening [", line, col)
+                    if len(in_chord) == 1:
+                        raise ABCError("empty chord []", line, col)
+                    first_len, cline, ccol = in_chord[0]
+                    pitches = tuple(in_chord[1:])
+                    if not in_grace:
+                        self._emit(v, max(pitches), pitches, first_len * data, cline, ccol,
+                                   "chord")
+                    in_chord = None
+                elif in_chord is not None and kind not in ("tie", "deco", "symbol"):
+                    raise ABCError("chord [ is not closed with ] before this symbol", line, col)
+                elif kind == "bar":
+                    if in_grace:
+                        raise ABCError("grace notes { are not closed with }", line, col)
+                    self._barline(v, data[0], line, col, end >= len(text.rstrip()))
+                    if data[1]:
+                        v.bar_ending = data[1]
+                elif kind == "ending":
+                    if v.bar_events:  # "f2 [1 g2": an ending start also ends the bar
+                        self._close_bar(v, "", line_end=False)
+                    v.bar_ending = data
+                elif kind == "field":
+                    self._field(data[0], data[1], line, col)
+                elif kind == "tuplet":
+                    p, q, r = data
+                    if q is None:
+                        q = _tuplet_q(p, v.meter)
+                    v.tuplet = [r if r is not None else p, p, q]
+                    v.tuplet_open = (line, col)
+                elif kind == "broken":
+                    if v.last_event is None or v.broken:
+                        raise ABCError(f"broken rhythm {data} must stand between two notes",
+                                       line, col)
+                    v.broken = data
+                elif kind == "tie":
+                    if in_chord is not None:
+                        continue
+                    if v.last_event is not None:
+                        v.last_event[5] = True
+                elif kind == "grace_open":
+                    if in_grace:
+                        raise ABCError("grace notes { inside grace notes", line, col)
+                    in_grace = True
+                elif kind == "grace_close":
+                    if not in_grace:
+                        raise ABCError("} without an opening {", line, col)
+                    in_grace = False
+                elif kind == "mrest":
+                    count = data[1]
+                    exp = v.expected if v.expected is not None else v.unit * 4
+                    self._emit(v, None, (), Fraction(count), line, col, "measure_rest",
+                               duration=exp * count)
+                    v.bar_has_mrest = True
+                elif kind == "cont":
+                    continued = True
+            if in_chord is not None:
+                raise ABCError("chord [ is not closed with ] on this line", line, len(text))
+            if in_grace:
+                raise ABCError("grace notes { are not closed with } on this line", line,
+                               len(text))
+            v = self.voice
+            self.where = (line, len(text))
+            if not continued and v.bar_events and v.expected is not None \
+                    and v.bar_dur == v.expected and not v.bar_has_mrest:
+                # a line ending after exactly one bar acts as a barline (Essen-style phrases);
+                # accidentals still carry on, as the standard (and music21) reads no barline
+                kept = v.bar_acc
+                self._close_bar(v, "", line_end=True)
+                v.bar_acc = kept
+            elif not continued and not v.bar_events:
+                self._mark_line_end(v)
+        for v in self.voices.values():
+            if v.bar_events:
+                self._close_bar(v, "", line_end=True)
+            if v.broken:
+                self.scan.problems.append(ABCError("broken rhythm at the end of the tune"))
+            if v.tuplet is not None and v.tuplet[0] > 0:
+                self.scan.problems.append(ABCError(
+                    f"tuplet ({v.tuplet[1]} is missing {v.tuplet[0]} note(s)", *v.tuplet_open))
+            if v.repeat_open is not None:
+                self.scan.problems.append(ABCError("repeat |: is never closed with :|",
+                                                   *v.repeat_open))
+        self.scan.events = [Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+                            for r in self.raw_events]
+        _classify(self.scan)
+        return self.scan
+
+    def _mark_line_end(self, v: _Voice) -> None:
+        for b in reversed(self.scan.bars):
+            if b.voice == v.name:
+                b.line_end = True
+                break
+
+    def _pitch(self, v: _Voice, data: tuple) -> int:
+        acc, letter, octs, _ = data
+        up = letter.upper()
+        if acc:
+            alter = _ACC_VALUES[acc]
+            v.bar_acc[up] = alter  # carries through the bar, every octave (ABC 2.1 "pitch")
+        else:
+            alter = v.bar_acc.get(up)
+            if alter is None:
+                alter = v.key.accidentals.get(up, 0)
+        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
+        return 60 + _SEMITONE[up] + 12 * octave + alter
+
+    def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
+              col: int, kind: str, duration: Fraction | None = None) -> None:
+        if duration is None:
+            duration = length * v.unit * 4
+            if v.tuplet is not None and v.tuplet[0] > 0:
+                duration = duration * v.tuplet[2] / v.tuplet[1]
+                v.tuplet[0] -= 1
+                if v.tuplet[0] == 0:
+                    v.tuplet = None
+            if v.broken:
+                left, right = _BROKEN[v.broken]
+                prev = v.last_event
+                if prev is not None:
+                    old = prev[1]
+                    prev[1] = old * left
+                    self._adjust_bar(v, prev, prev[1] - old)
+                duration = duration * right
+                v.broken = None
+        if v.bar_start is None:
+            v.bar_start = (line, col)
+        ev = [pitch, duration, -1, line, col, False, pitches, kind, v.name]
+        self.raw_events.append(ev)
+        v.bar_events.append(ev)
+        v.bar_dur += duration
+        v.last_event = ev
+
+    def _adjust_bar(self, v: _Voice, ev: list, delta: Fraction) -> None:
+        if ev in v.bar_events:
+            v.bar_dur += delta
+        elif ev[2] >= 0:  # broken rhythm across a barline: fix the closed bar
+            self.scan.bars[ev[2]].duration += delta
+
+    def _barline(self, v: _Voice, token: str, line: int, col: int, at_line_end: bool) -> None:
+        if token.startswith(":"):
+            v.repeat_open = None  # :| and :: close a repeat (or repeat from the start)
+        if token.endswith(":"):
+            v.repeat_open = (line, col)
+        if v.bar_events:
+            self._close_bar(v, token, line_end=at_line_end)
+            return
+        # no notes since the last barline ("|\n|:"): this barline belongs to the bar before
+        for b in reversed(self.scan.bars):
+            if b.voice == v.name:
+                b.break_after = b.break_after or _is_section_bar(token)
+                b.line_end = b.line_end or at_line_end
+                break
+        if not v.bar_left or _is_section_bar(token):
+            v.bar_left = token
+        v.bar_acc = {}
+
+    def _source(self, line: int, col0: int, end_line: int, end_col0: int) -> str:
+        """The body text from (line, col0) up to (end_line, end_col0), for Bar.text."""
+        first = self.tune.first_body_line
+        if line == end_line:
+            return self.lines[line - first][col0:end_col0].strip()
+        parts = [self.lines[line - first][col0:]]
+        parts += self.lines[line - first + 1:end_line - first]
+        parts.append(self.lines[end_line - first][:end_col0])
+        return "\n".join(p.strip() for p in parts if p.strip())
+
+    def _close_bar(self, v: _Voice, token: str, line_end: bool) -> None:
+        index = len(self.scan.bars)
+        for ev in v.bar_events:
+            ev[2] = index
+        line, col = v.bar_start or (0, 0)
+        bar = Bar(index=index, duration=v.bar_dur, expected=v.expected, line=line, col=col,
+                  text=self._source(line, col - 1, *self.where), left=v.bar_left, right=token,
+                  voice=v.name, ending=v.bar_ending, line_end=line_end,
+                  break_after=_is_section_bar(token) or v.pending_break)
+        bar.kind = "multi_rest" if v.bar_has_mrest else "full"
+        self.scan.bars.append(bar)
+        v.bar_events = []
+        v.bar_dur = Fraction(0)
+        v.bar_start = None
+        v.bar_left = token
+        v.bar_ending = ""
+        v.bar_has_mrest = False
+        v.pending_break = False
+        v.bar_acc = {}
+
+
+def _classify(scan: _Scan) -> None:
+    """Give every bar its kind; a bar no musical rule explains gets kind "error".
+
+    Rules, per voice: a bar of the meter's length is full; the first bar may be short (pickup),
+    and so may the last (final); a short bar before a section break (|| |] :| |: :: [| or a
+    P:/T: field) closes its section (the repeat or the next part supplies the rest); a short bar
+    right after a section break is the next part's pickup; two short bars that meet at a section
+    break or a line end and add up to one bar are one bar written across it; the first bar of a
+    first/second ending may complete the short bar before the endings.
+    """
+    by_voice: dict[str, list[Bar]] = {}
+    for b in scan.bars:
+        by_voice.setdefault(b.voice, []).append(b)
+    for bars in by_voice.values():
+        n = len(bars)
+        ok = [False] * n
+        for i, b in enumerate(bars):
+            exp = b.expected
+            if exp is None:
+                b.kind, ok[i] = "free", True
+            elif b.kind == "multi_rest":
+                ok[i] = b.duration > 0 and b.duration % exp == 0
+            elif b.duration == exp:
+                b.kind, ok[i] = ("ending" if b.ending else "full"), True
+        for base, starts in _ending_groups(bars):
+            b = bars[base]
+            exp = b.expected
+            if exp is not None and not ok[base] and b.duration < exp and all(
+                    bars[s].duration + b.duration == exp for s in starts):
+                b.kind, ok[base] = "section_end", True
+                for s in starts:
+                    bars[s].kind, ok[s] = "ending", True
+        for i, b in enumerate(bars):
+            exp = b.expected
+            if ok[i] or exp is None or b.duration > exp:
+                continue
+            prev = bars[i - 1] if i > 0 else None
+            if prev is not None and not ok[i - 1] and prev.expected == exp \
+                    and (prev.break_after or prev.line_end) and prev.duration + b.duration == exp:
+                prev.kind, b.kind = "section_end", "pickup"
+                ok[i - 1] = ok[i] = True
+            elif i == 0:
+                b.kind, ok[i] = "pickup", True
+            elif i == n - 1:
+                b.kind, ok[i] = "final", True
+            elif b.break_after:
+                b.kind, ok[i] = "section_end", True
+            elif prev is not None and prev.break_after:
+                b.kind, ok[i] = "pickup", True
+        for i, b in enumerate(bars):
+            if not ok[i]:
+                b.kind = "error"
+
+
+def _ending_groups(bars: list[Bar]) -> list[tuple[int, list[int]]]:
+    """(bar before the endings, [bars opening each ending]) for every [1 [2 ... group."""
+    groups: list[tuple[int, list[int]]] = []
+    in_region = False
+    for j, b in enumerate(bars):
+        if b.ending:
+            if not in_region and j > 0:
+                groups.append((j - 1, []))
+                in_region = True
+            if in_region:
+                groups[-1][1].append(j)
+        elif in_region and bars[j - 1].break_after:
+            in_region = False
+    return groups
+
+
+def events(tune_or_text: Tune | str) -> list[Event]:
+    """The notes, chords and rests in written order (see the module docstring for rules)."""
+    return list(_scan(_as_tune(tune_or_text)).events)
+
+
+def check_bars(tune_or_text: Tune | str) -> BarReport:
+    """Measure every bar against its meter; flag only bars that no musical rule explains."""
+    tune = _as_tune(tune_or_text)
+    scan = _scan(tune)
+    errors = []
+    checked = 0
+    for b in scan.bars:
+        if b.expected is None:
+            continue
+        checked += 1
+        if b.kind == "error":
+            what = "too long" if b.duration > b.expected else "too short"
+            errors.append(BarError(
+                bar=b.index, line=b.line, col=b.col, duration=b.duration, expected=b.expected,
+                message=(f"bar {b.index + 1} is {what}: {_ql(b.duration)} quarter lengths, "
+                         f"the meter wants {_ql(b.expected)}")))
+    return BarReport(bars=scan.bars, errors=errors, checked=checked)
+
+
+def _ql(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else str(value)
+
+
+def bar_duration_errors(tune_or_text: Tune | str) -> list[BarError]:
+    """The bar-length errors of a tune (= check_bars(tune).errors)."""
+    return check_bars(tune_or_text).errors
+
+
+# --------------------------------------------------------------------------- validate
+@dataclass
+class ValidationReport:
+    """Verdict of the strict validator used to judge model output."""
+
+    ok: bool
+    error: ABCError | None
+    tune: Tune | None
+    bars: BarReport | None
+
+    @property
+    def bar_error_rate(self) -> float:
+        """Share of checked bars with a length error; 1.0 when the text did not parse."""
+        return self.bars.error_rate if self.bars is not None else 1.0
+
+
+def validate(text: str) -> ValidationReport:
+    """Strict check: parses, has K: and M:, one full bar, closed repeats and tuplets.
+
+    Bar-length errors are reported in `.bars` but do not make `ok` False.
+    """
+    try:
+        tune = parse_tune(text)
+    except ABCError as err:
+        return ValidationReport(False, err, None, None)
+    except RecursionError:  # pragma: no cover - defensive
+        return ValidationReport(False, ABCError("input too deeply nested"), None, None)
+    scan = _scan(tune)
+    report = check_bars(tune)
+    error: ABCError | None = None
+    if tune._last("M") is None:
+        error = ABCError("no M: field (add a meter, e.g. M:4/4)")
+    elif scan.problems:
+        error = scan.problems[0]
+    elif not any(b.kind in ("full", "ending", "free", "section_end") and b.duration > 0
+                 for b in scan.bars):
+        error = ABCError("no complete bar (a tune needs at least one full bar)")
+    return ValidationReport(error is None, error, tune, report)
+
+
+# --------------------------------------------------------------------------- transpose
+_LETTERS = "CDEFGAB"
+_CHORD_SYMBOL_RE = re.compile(r"^([A-G])([#b]?)([^/\s]*)(?:/([A-G])([#b]?))?$")
+
+
+def _new_key(key: Key, semitones: int) -> Key:
+    """The conventional spelling of `key` moved by `semitones` (at most 6 sharps or flats)."""
+    f = (key.fifths + semitones * 7 + 6) % 12 - 6  # into -6..5
+    if f == -6 and key.fifths >= 0:
+        f = 6  # F# rather than Gb when coming from the sharp side
+    tonic_fifths = f - _MODE_OFFSETS[key.mode]
+    letter = "FCGDAEB"[(tonic_fifths + 1) % 7]
+    acc_count = (tonic_fifths + 1) // 7
+    tonic = letter + ("#" * acc_count if acc_count > 0 else "b" * -acc_count)
+    return Key(tonic, key.mode, _signature(f), f)
+
+
+@dataclass
+class _MovedKey:
+    """A K: value before and after transposition, and how note letters move with it."""
+
+    text: str  # the new K: value
+    old: Key  # the signature the old text gives
+    new: Key  # the signature the new text gives
+    letter_shift: int  # scale steps note letters move (tonal transposition)
+    prefer_flats: bool
+
+
+def _move_key(value: str, semitones: int) -> _MovedKey:
+    """Transpose a K: value; keyless values (none, HP, Hp, clef only) keep their signature."""
+    old = parse_key(value)
+    raw = _strip_comment(value).strip()
+    m = _KEY_RE.match(raw.split()[0]) if raw.split() else None
+    if m is None or raw.split()[0] in ("HP", "Hp"):
+        guide = _new_key(Key(old.tonic, old.mode, {}, old.fifths), semitones)
+        shift = (_LETTERS.index(guide.tonic[0]) - _LETTERS.index(old.tonic[0])) % 7
+        return _MovedKey(raw, old, old, shift, guide.fifths < 0)
+    new = _new_key(old, semitones)
+    # explicit extra accidentals (K:D =c) are dropped: notes get explicit accidentals instead
+    rest = [w for w in raw[m.end():].split() if not _KEY_ACC_RE.match(w) and w != "exp"]
+    text = " ".join([new.tonic + m.group(3)] + rest)
+    shift = (_LETTERS.index(new.tonic[0]) - _LETTERS.index(old.tonic[0])) % 7
+    return _MovedKey(text, old, new, shift, new.fifths < 0)
+
+
+def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -> tuple[str, int]:
+    """Spell MIDI `pitch` with the letter `letter_shift` steps above `old_letter`."""
+    letter = _LETTERS[(_LETTERS.index(old_letter) + letter_shift) % 7]
+    natural = _SEMITONE[letter]
+    alter = (pitch - natural + 6) % 12 - 6
+    if abs(alter) > 2:  # leave tonal spelling when it would need a triple accidental
+        for cand in (_LETTERS if not prefer_flats else reversed(_LETTERS)):
+            a = (pitch - _SEMITONE[cand] + 6) % 12 - 6
+            if abs(a) <= 1:
+                return cand, a
+    return letter, alter
+
+
+def _note_text(letter: str, alter: int, pitch: int, write_acc: bool) -> str:
+    """ABC text for a note: accidental, letter case and octave marks for MIDI `pitch`."""
+    octave = (pitch - alter - _SEMITONE[letter] - 60) // 12  # 0: C..B of middle octave
+    acc = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}[alter] if write_acc else ""
+    if octave >= 1:
+        return acc + letter.lower() + "'" * (octave - 1)
+    return acc + letter + "," * (-octave)
+
+
+def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats: bool) -> str:
+    """Transpose a chord symbol "Am7/G"; annotations ("^text") are left alone."""
+    m = _CHORD_SYMBOL_RE.match(text)
+    if not m:
+        return text
+
+    def move(letter: str, acc: str) -> str:
+        pc = _SEMITONE[letter] + (1 if acc == "#" else -1 if acc == "b" else 0)
+        new_letter, alter = _spell(pc + semitones, letter_shift, letter, prefer_flats)
+        if abs(alter) > 1:
+            new_letter, alter = _spell(pc + semitones, 0, "C", prefer_flats)
+            for cand in _LETTERS:
+                a = (pc + semitones - _SEMITONE[cand] + 6) % 12 - 6
+                if a == 0 or (a == (-1 if prefer_flats else 1)):
+                    new_letter, alter = cand, a
+                    break
+        return new_letter + ("#" if alter == 1 else "b" if alter == -1 else "")
+
+    out = move(m.group(1), m.group(2)) + m.group(3)
+    if m.group(4):
+        out += "/" + move(m.group(4), m.group(5))
+    return out
+
+
+def transpose(tune_or_text: Tune | str, semitones: int) -> str:
+    """Move every note and chord symbol by `semitones`, rewrite K: and re-spell accidentals.
+
+    Returns normalised ABC. The new key is the conventional spelling (at most 6 sharps or
+    flats); note letters move with the key (tonal transposition) and accidentals are written
+    wherever the new key signature and the bar's earlier accidentals would give a wrong pitch
+    (and wherever the original had one).
+    """
+    tune = _as_tune(tune_or_text)
+    if not isinstance(semitones, int) or isinstance(semitones, bool):
+        raise ABCError(f"semitones must be an int, got {semitones!r}")
+    if semitones == 0:
+        return normalize(tune)
+    header = _move_key(tune.key, semitones)
+    fields = [(k, header.text if k == "K" else v) for k, v in tune.fields]
+    body = _transpose_body(tune, semitones, header)
+    return normalize(Tune(fields, body, tune.first_body_line))
+
+
+class _TransposeVoice:
+    __slots__ = ("key", "old_acc", "new_acc")
+
+    def __init__(self, key: _MovedKey):
+        self.key = key
+        self.old_acc: dict[str, int] = {}  # accidentals met in this bar, old text
+        self.new_acc: dict[str, int] = {}  # accidentals written in this bar, new text
+
+
+def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
+    voices: dict[str, _TransposeVoice] = {}
+    current = [""]
+
+    def voice() -> _TransposeVoice:
+        if current[0] not in voices:
+            voices[current[0]] = _TransposeVoice(header)
+        return voices[current[0]]
+
+    out_lines = []
+    for offset, text in enumerate(tune.body.split("\n")):
+        stripped = text.strip()
+        if not stripped or stripped.startswith("%"):
+            out_lines.append(text)
+            continue
+        fm = _FIELD_RE.match(stripped)
+        if fm and stripped[0] not in "|[":
+            name, value = fm.group(1), _strip_comment(fm.group(2)).strip()
+            if name == "K":
+                voice().key = _move_key(value, semitones)
+                text = f"K:{voice().key.text}"
+            elif name == "V":
+                current[0] = value.split()[0] if value.split() else ""
+            out_lines.append(text)
+            continue
+        pieces: list[str] = []
+        last = 0
+        for kind, col0, end, data in _tokenize_line(text, tune.first_body_line + offset):
+            v = voice()
+            mk = v.key
+            if kind == "note":
+                acc, letter, octs, _ = data
+                up = letter.upper()
+                if acc:
+                    alter = _ACC_VALUES[acc]
+                    v.old_acc[up] = alter
+                else:
+                    alter = v.old_acc.get(up, mk.old.accidentals.get(up, 0))
+                octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
+                pitch = 60 + _SEMITONE[up] + 12 * octave + alter + semitones
+                new_letter, new_alter = _spell(pitch, mk.letter_shift, up, mk.prefer_flats)
+                current_alter = v.new_acc.get(new_letter, mk.new.accidentals.get(new_letter, 0))
+                write = bool(acc) or current_alter != new_alter
+                if write:
+                    v.new_acc[new_letter] = new_alter
+                length_text = text[col0 + len(acc) + 1 + len(octs):end]
+                pieces += [text[last:col0], _note_text(new_letter, new_alter, pitch, write),
+                           length_text]
+                last = end
+            elif kind == "bar":
+                v.old_acc.clear()
+                v.new_acc.clear()
+            elif kind == "symbol":
+                moved = _transpose_symbol(data, semitones, mk.letter_shift, mk.prefer_flats)
+                pieces += [text[last:col0], f'"{moved}"']
+                last = end
+            elif kind == "field" and data[0] == "K":
+                v.key = _move_key(data[1], semitones)
+                pieces += [text[last:col0], f"[K:{v.key.text}]"]
+                last = end
+            elif kind == "field" and data[0] == "V":
+                current[0] = data[1].split()[0] if data[1].split() else ""
+        pieces.append(text[last:])
+        out_lines.append("".join(pieces))
+    return "\n".join(out_lines)
+
+
+# --------------------------------------------------------------------------- music21
+def to_music21(tune_or_text: Tune | str) -> Any:
+    """A music21 Score read by music21's own ABC reader from our normalised text.
+
+    The text is marked `%abc-2.1` so music21 carries accidentals through the bar as the
+    standard (and `events`) does.
+    """
+    from music21 import converter  # heavy import: only when asked
+
+    text = "%abc-2.1\n" + normalize(_as_tune(tune_or_text))
+    try:
+        return converter.parse(text, format="abc")
+    except Exception as err:  # music21 raises many types; keep one error for users
+        raise ABCError(f"music21 could not read this tune: {err}") from err
