@@ -1,0 +1,1069 @@
+"""See and hear ABC in the notebook, offline: engraved score, audio, downloads, and a playground.
+
+* `render_svg`, `to_midi`, `to_wav`, `to_musicxml`: one tune -> SVG (verovio), MIDI (verovio:
+  repeats and first/second endings expanded, `Q:` honoured), WAV (FluidSynth with the General
+  MIDI soundfont pretty_midi ships; a sine-wave fallback when libfluidsynth is missing) and
+  MusicXML (music21).
+* `Player(abc)` / `show(abc)`: the score as *static HTML* (so it survives in the saved notebook
+  and its HTML export) with an `<audio>` element, play/stop, a playback cursor (a small inlined
+  script from `static/player.js`), download links (data: URIs), plus tempo/transpose sliders
+  (ipywidgets) that re-render and re-synthesise in Python.
+* `Playground(composer, profile)`: the prompt form of notebook 05 (request fields, sampling
+  knobs, a Compose button, results in players, a history exported as ABC and JSONL).
+
+Safety: ABC from a model is data, never markup. Everything we embed is escaped; verovio's SVG
+is checked for active content before it is embedded; malformed ABC shows an error panel naming
+the line. Verovio runs in a helper process because some inputs crash it (segfault or C++
+abort), which would otherwise kill the notebook kernel; implicit start-repeats, the commonest
+crash on real folk tunes, are written out before it sees them (`explicit_repeats`).
+"""
+from __future__ import annotations
+
+import atexit
+import base64
+import dataclasses
+import functools
+import html
+import io
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import uuid
+import warnings
+import wave
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+DEFAULT_QPM = 120  # what verovio and abc2midi assume when a tune has no Q:
+RENDER_TIMEOUT_S = 30.0
+SAMPLE_RATE = 16000  # mono 16-bit: ~1.9 MB a minute (saved notebooks stay small), fine for GM piano
+
+# Verovio layout: a page as wide as a notebook cell (pageWidth * scale% ~ 840 px) and tall
+# enough to keep any folk tune on one page; the viewBox lets CSS scale it to the cell.
+VEROVIO_OPTIONS = {
+    "inputFrom": "abc",
+    "svgHtml5": True,  # data-id/data-class instead of id: several scores on one page never clash
+    "svgViewBox": True,
+    "adjustPageHeight": True,
+    "pageHeight": 60000,
+    "pageWidth": 2100,
+    "scale": 40,
+    "breaks": "auto",
+    "footer": "none",
+    "xmlIdChecksum": True,  # same tune -> same ids -> stable outputs
+}
+
+
+class RenderError(ValueError):
+    """The ABC could not be rendered (missing header, renderer crash or timeout)."""
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """Everything verovio made from one tune at one tempo and transposition."""
+
+    svg: str  # one <svg> per page, concatenated (folk tunes fit one page)
+    pages: int
+    midi: bytes
+    timemap: tuple[dict, ...]  # verovio's timemap: {"tstamp": ms, "on": [ids], "off": [ids], ...}
+    measures: int  # <g class="measure"> elements drawn
+    qpm: float  # quarter notes per minute the MIDI was made at
+    log: str  # verovio's warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Tempo: verovio reads only "Q:1/4=n" correctly (it takes "Q:3/8=60" as 60 quarters a minute
+# and ignores "Q:120"), so we compute quarter notes per minute ourselves and rewrite Q:.
+# --------------------------------------------------------------------------------------------
+_Q_BEATS = re.compile(r"((?:\d+/\d+\s*)+)=\s*(\d+(?:\.\d+)?)")
+
+
+def _header_lines(text: str) -> tuple[list[str], int | None]:
+    """Lines of the tune and the index of its first K: line (the header's end), if any."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("K:"):
+            return lines, i
+    return lines, None
+
+
+def tempo_qpm(abc: str) -> float | None:
+    """Quarter notes per minute written in the tune's header `Q:` field (None when absent)."""
+    lines, k = _header_lines(abc)
+    header = lines[: k if k is not None else len(lines)]
+    unit = Fraction(1, 8)
+    q_value = None
+    for line in header:
+        if line.startswith("L:"):
+            try:
+                unit = Fraction(line[2:].split("%")[0].strip())
+            except (ValueError, ZeroDivisionError):
+                pass
+        elif line.startswith("Q:") and q_value is None:
+            q_value = re.sub(r'"[^"]*"', " ", line[2:].split("%")[0]).strip()
+    if not q_value:
+        return None
+    m = _Q_BEATS.search(q_value)
+    try:
+        if m:  # "1/4=120", "3/8=40", "1/4 3/8=40" (the beat is the sum)
+            beat = sum(Fraction(b) for b in m.group(1).split())
+            return float(beat * 4 * Fraction(m.group(2)))
+        if re.fullmatch(r"\d+(?:\.\d+)?", q_value):  # legacy "Q:120": unit lengths a minute
+            return float(unit * 4 * Fraction(q_value))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Repeats: verovio 6.4's ABC reader segfaults on the common folk-tune habit of leaving a
+# section's start-repeat implicit ("A|d3 AFD|...:|\n||A|...:|"), and on ":|:", "[|:" and a
+# line-initial "||:"; it draws "::" as one bar instead of two. We make every start-repeat
+# explicit in the spellings it reads right: "|:" and, for end-and-start, ":| |:".
+# A ":|" without "|:" repeats from the last section boundary (double bar, previous repeat end,
+# or the start), as abc2midi and abcjs play it.
+# --------------------------------------------------------------------------------------------
+_BARLINE = re.compile(r"::+|:*(?:\[\||\|\]|\|+)\]?:*")
+_FIELD_LINE = re.compile(r"^[A-Za-z+]:")
+
+
+def _barline_tokens(line: str) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each barline in one music line, skipping quotes, !decorations!,
+    inline fields [K:...] and % comments."""
+    tokens, i, n = [], 0, len(line)
+    while i < n:
+        ch = line[i]
+        if ch == "%":
+            break
+        if ch in '"!':
+            close = line.find(ch, i + 1)
+            i = n if close < 0 else close + 1
+            continue
+        if ch == "[" and i + 2 < n and line[i + 1].isalpha() and line[i + 2] == ":":
+            close = line.find("]", i)
+            i = n if close < 0 else close + 1
+            continue
+        m = _BARLINE.match(line, i)
+        if m and m.group(0) not in ("[", "]"):
+            tokens.append((m.start(), m.end(), m.group(0)))
+            i = m.end()
+            continue
+        i += 1
+    return tokens
+
+
+def _only_space_between(lines: list[str], a: tuple, b: tuple) -> bool:
+    """True when nothing but spaces, line breaks and continuations separate tokens a and b."""
+    (la, _, ea, _), (lb, sb, _, _) = a, b
+    between = lines[la][ea:sb] if la == lb else \
+        "".join([lines[la][ea:], *lines[la + 1:lb], lines[lb][:sb]])
+    return not between.replace("\\", "").strip()
+
+
+def explicit_repeats(body: str) -> str:
+    """The tune body with every start-repeat written out as "|:" or ":| |:" (see above)."""
+    lines = body.split("\n")
+    tokens = []  # (line index, start, end, text)
+    for li, line in enumerate(lines):
+        if _FIELD_LINE.match(line):
+            continue
+        tokens += [(li, s, e, t) for s, e, t in _barline_tokens(line)]
+    edits: dict[tuple[int, int, int], str] = {}
+    prefix = False
+    open_repeat = False
+    section_start = None  # None: the start of the body
+    for tok in tokens:
+        text = tok[3]
+        ends, starts = text.startswith(":"), text.endswith(":")
+        if ends and not open_repeat:
+            if section_start is None:
+                prefix = True
+            else:
+                edits[section_start[:3]] = ":| |:" if section_start[3].startswith(":") else "|:"
+        if ends and starts:
+            edits[tok[:3]] = ":| |:"
+        elif starts and text != "|:":
+            edits[tok[:3]] = "|:"
+        if ends:
+            open_repeat = False
+        if starts:
+            open_repeat = True
+        if not open_repeat and (ends or text.strip(":") in ("||", "|]", "[|", "[|]")):
+            section_start = tok
+        elif not open_repeat and section_start is not None and text == "|" \
+                and _only_space_between(lines, section_start, tok):
+            section_start = tok  # ":|\n| A..." : the new section starts at the second bar line
+    for (li, s, e), new in sorted(edits.items(), reverse=True):
+        lines[li] = lines[li][:s] + new + lines[li][e:]
+    if prefix:
+        for li, line in enumerate(lines):
+            if line.strip() and not _FIELD_LINE.match(line) and not line.lstrip().startswith("%"):
+                stripped = line.lstrip()
+                lead = line[: len(line) - len(stripped)]
+                m = _BARLINE.match(stripped)
+                if m and m.group(0).strip(":") in ("|", "||", "[|"):  # "|A|..." -> "|:A|..."
+                    lines[li] = lead + "|:" + stripped[m.end():]
+                else:
+                    lines[li] = lead + "|:" + stripped
+                break
+    return "\n".join(lines)
+
+
+def _renderable(abc: str, qpm: float | None) -> str:
+    """The text verovio gets: X: first, a K: line, and the tempo as `Q:1/4=n`.
+
+    Verovio segfaults on text without X: or K:, so both are guaranteed before it sees it.
+    """
+    if not isinstance(abc, str):
+        raise RenderError(f"expected ABC text (str), got {type(abc).__name__}")
+    text = abc.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+    lines, k = _header_lines(text)
+    if k is None and re.search(r"(^|\s)K:", text):
+        # The one-line form "X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...": the abc module unfolds it.
+        from imelodist_lib import abc as abc_lib
+
+        try:
+            text = abc_lib.normalize(text)
+        except abc_lib.ABCError as err:
+            raise RenderError(f"cannot read this ABC: {err}") from None
+        lines, k = _header_lines(text)
+    if k is None:
+        raise RenderError("no K: (key) line: an ABC tune needs a header ending in a K: field, "
+                          "e.g. 'X:1', 'M:4/4', 'L:1/8', 'K:G', then the notes")
+    if not lines[0].startswith("X:"):
+        lines.insert(0, "X:1")
+        k += 1
+    qpm = qpm if qpm is not None else tempo_qpm("\n".join(lines))
+    header = [ln for ln in lines[:k] if not ln.startswith("Q:")]
+    header.append(f"Q:1/4={round(qpm or DEFAULT_QPM)}")
+    return "\n".join(header + lines[k:k + 1]) + "\n" + explicit_repeats("\n".join(lines[k + 1:])) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The verovio helper process
+# --------------------------------------------------------------------------------------------
+def _read_frame(stream) -> Any:
+    """One length-prefixed JSON message from a binary stream (None at end of stream)."""
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    size = int.from_bytes(head, "big")
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return json.loads(body.decode("utf-8"))
+
+
+def _write_frame(stream, obj: Any) -> None:
+    body = json.dumps(obj).encode("utf-8")
+    stream.write(len(body).to_bytes(4, "big") + body)
+    stream.flush()
+
+
+def _verovio_worker() -> None:
+    """Helper-process loop (`python -c ...`): render requests from stdin until it closes."""
+    import tempfile
+    import traceback
+
+    # Messages travel on the original stdout. Verovio prints its warnings to the C stdout and
+    # stderr, so both go to a scratch file that is read back as each render's log.
+    channel = os.fdopen(os.dup(1), "wb")
+    errors = os.fdopen(os.dup(2), "w")
+    log = tempfile.TemporaryFile()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    try:
+        import verovio
+
+        while (message := _read_frame(sys.stdin.buffer)) is not None:
+            text, transpose = message
+            log.seek(0)
+            log.truncate()
+            tk = verovio.toolkit()
+            tk.setOptions({**VEROVIO_OPTIONS, "transpose": str(transpose) if transpose else ""})
+            if not tk.loadData(text):
+                _write_frame(channel, {"error": "verovio could not read this ABC"})
+                continue
+            pages = [tk.renderToSVG(p) for p in range(1, tk.getPageCount() + 1)]
+            reply = {"pages": pages, "midi": tk.renderToMIDI(), "timemap": tk.renderToTimemap()}
+            sys.stdout.flush()
+            log.seek(0)
+            reply["log"] = log.read().decode("utf-8", "replace") + tk.getLog()
+            _write_frame(channel, reply)
+    except Exception:  # say why in the kernel's log; the parent reports the exit code
+        traceback.print_exc(file=errors)
+        raise
+
+
+class _VerovioProcess:
+    """One long-lived helper process; restarted after a crash or a timeout.
+
+    A plain subprocess (not multiprocessing) so scripts without an `if __name__ == "__main__"`
+    guard work too.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        env = dict(os.environ)
+        # the child must import this very package, wherever it was imported from
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from imelodist_lib.player import _verovio_worker; _verovio_worker()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+    def stop(self) -> None:
+        """End the helper process (it is restarted on the next render)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=2)
+
+    def render(self, text: str, transpose: int) -> dict:
+        """Send one tune, wait for pages, MIDI and timemap; RenderError on crash/timeout."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+            proc = self._proc
+            try:
+                _write_frame(proc.stdin, [text, transpose])
+                if os.name == "posix":  # a hung renderer must not hang the notebook
+                    ready, _, _ = select.select([proc.stdout], [], [], RENDER_TIMEOUT_S)
+                    if not ready:
+                        proc.kill()
+                        self.stop()
+                        raise RenderError(f"the score renderer (verovio) took over "
+                                          f"{RENDER_TIMEOUT_S:.0f} s on this ABC and was stopped; "
+                                          "the text is probably malformed")
+                reply = _read_frame(proc.stdout)
+            except (BrokenPipeError, ConnectionResetError, ValueError):
+                reply = None
+            if reply is None:
+                code = proc.wait(timeout=5)
+                self.stop()
+                raise RenderError(f"the score renderer (verovio) crashed on this ABC (exit code "
+                                  f"{code}); the text is probably malformed: check it with "
+                                  "imelodist_lib.abc.validate")
+        if "error" in reply:
+            raise RenderError(reply["error"])
+        return reply
+
+
+_VEROVIO = _VerovioProcess()
+atexit.register(_VEROVIO.stop)
+
+_UNSAFE_TAGS = {"script", "foreignobject", "iframe", "object", "embed", "audio", "video", "img",
+                "image", "animate", "set", "handler"}
+
+
+def _check_svg(svg: str) -> None:
+    """Refuse SVG holding active content (scripts, event handlers, external links).
+
+    Verovio escapes text it writes (titles, chord names, lyrics); this is the second lock on
+    the door, so a renderer bug cannot turn a model's title into script.
+    """
+    try:
+        root = ET.fromstring(svg)
+    except ET.ParseError as err:
+        raise RenderError(f"the renderer produced invalid SVG ({err})") from None
+    for el in root.iter():
+        tag = el.tag.rsplit("}", 1)[-1].lower()
+        if tag in _UNSAFE_TAGS:
+            raise RenderError(f"refusing SVG with a <{tag}> element")
+        for name, value in el.attrib.items():
+            local = name.rsplit("}", 1)[-1].lower()
+            if local.startswith("on") or (local == "href" and not value.startswith("#")):
+                raise RenderError(f"refusing SVG with attribute {local}={value[:40]!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _render_cached(text: str, transpose: int, qpm: float) -> Rendering:
+    reply = _VEROVIO.render(text, transpose)
+    svg = "\n".join(reply["pages"])
+    _check_svg("<div>" + "".join(re.sub(r"^<\?xml[^>]*\?>", "", p) for p in reply["pages"]) + "</div>")
+    return Rendering(svg=svg, pages=len(reply["pages"]), midi=base64.b64decode(reply["midi"]),
+                     timemap=tuple(reply["timemap"]), measures=count_measures(svg), qpm=qpm,
+                     log=_quiet(reply["log"]))
+
+
+def _quiet(log: str) -> str:
+    # We always write Q:1/4=n (which verovio reads right), so its tempo caveat is noise here.
+    return "\n".join(ln for ln in log.strip().splitlines() if "Tempo definitions" not in ln)
+
+
+def count_measures(svg: str) -> int:
+    """Number of bars verovio drew (its `<g class="measure">` elements)."""
+    return len(re.findall(r'<g\b[^>]*\sclass="measure"', svg))
+
+
+def render(abc: str, tempo: float | None = None, transpose: int = 0) -> Rendering:
+    """Engrave one tune and make its MIDI and timemap (cached); RenderError on unreadable ABC.
+
+    `tempo` overrides the tune's Q: in quarter notes per minute; `transpose` is in semitones
+    and moves the key signature too (verovio spells the new key).
+    """
+    if not isinstance(transpose, int) or not -24 <= transpose <= 24:
+        raise ValueError(f"transpose must be a whole number of semitones in -24..24, got {transpose!r}")
+    if tempo is not None and not 10 <= tempo <= 600:
+        raise ValueError(f"tempo must be 10..600 quarter notes per minute, got {tempo!r}")
+    text = _renderable(abc, tempo)
+    qpm = tempo if tempo is not None else (tempo_qpm(text) or DEFAULT_QPM)
+    return _render_cached(text, transpose, float(qpm))
+
+
+def render_svg(abc: str, transpose: int = 0) -> str:
+    """The engraved score as SVG text (one <svg> per page; folk tunes fit one)."""
+    return render(abc, transpose=transpose).svg
+
+
+def to_midi(abc: str, tempo: float | None = None, transpose: int = 0) -> bytes:
+    """A Standard MIDI File of the tune: repeats expanded, tempo from Q: or `tempo` (qpm)."""
+    return render(abc, tempo=tempo, transpose=transpose).midi
+
+
+# --------------------------------------------------------------------------------------------
+# Audio
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def audio_backend() -> str:
+    """"fluidsynth" when libfluidsynth loads (real instrument sound), else "sine" (fallback)."""
+    try:
+        import fluidsynth  # noqa: F401  (pyfluidsynth: fails when the C library is missing)
+
+        return "fluidsynth"
+    except (ImportError, OSError):
+        return "sine"
+
+
+def soundfont_path() -> Path:
+    """The General MIDI soundfont shipped inside pretty_midi (TimGM6mb, ~6 MB)."""
+    import pretty_midi
+
+    return Path(pretty_midi.__file__).resolve().parent / "TimGM6mb.sf2"
+
+
+SINE_NOTE = ("sine-wave fallback: the FluidSynth library is missing, so notes play as plain "
+             "tones; install it for instrument sound (Debian/Ubuntu: apt-get install fluidsynth; "
+             "conda: conda install -c conda-forge fluidsynth)")
+
+
+def midi_to_wav(midi: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Synthesise MIDI bytes to a mono 16-bit WAV (FluidSynth, or sine tones as a fallback)."""
+    import numpy as np
+    import pretty_midi
+
+    with warnings.catch_warnings():
+        # verovio puts the tempo on track 1; pretty_midi warns but reads it correctly
+        warnings.filterwarnings("ignore", message="Tempo, Key or Time signature change")
+        pm = pretty_midi.PrettyMIDI(io.BytesIO(midi))
+    if audio_backend() == "fluidsynth":
+        audio = pm.fluidsynth(fs=sample_rate, sf2_path=str(soundfont_path()))
+    else:
+        audio = pm.synthesize(fs=sample_rate)
+    audio = np.asarray(audio, dtype=np.float64)
+    if audio.size == 0:
+        audio = np.zeros(sample_rate // 10)
+    peak = float(np.max(np.abs(audio))) or 1.0
+    pcm = (audio / peak * 0.8 * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def to_wav(abc: str, tempo: float | None = None, transpose: int = 0,
+           sample_rate: int = SAMPLE_RATE) -> bytes:
+    """The tune as WAV audio (see `audio_backend()` for which synthesiser made it)."""
+    return midi_to_wav(to_midi(abc, tempo=tempo, transpose=transpose), sample_rate)
+
+
+def to_musicxml(abc: str) -> str:
+    """The tune as MusicXML text, via music21's ABC reader (for MuseScore, Finale, Sibelius)."""
+    from music21 import converter
+    from music21.musicxml.m21ToXml import GeneralObjectExporter
+
+    text = _renderable(abc, None)
+    try:
+        score = converter.parse(text, format="abc")
+        return GeneralObjectExporter(score).parse().decode("utf-8")
+    except Exception as err:  # music21 raises many types on odd input; one clear error here
+        raise RenderError(f"music21 could not convert this ABC to MusicXML: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The player
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _asset(name: str) -> str:
+    return (STATIC_DIR / name).read_text(encoding="utf-8")
+
+
+def _data_uri(mime: str, data: bytes | str) -> str:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return f"data:{mime};base64,{base64.b64encode(raw).decode('ascii')}"
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON safe inside <script>: no '<', '>' or '&' can end the element or open a tag."""
+    return (json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def cursor_table(timemap: tuple[dict, ...] | list[dict]) -> list[list]:
+    """[[ms, [ids of notes sounding]], ...] from verovio's timemap, for the playback cursor.
+
+    Verovio names the second pass through a repeat "<id>-rend2"; the SVG only has "<id>".
+    """
+    sounding: dict[str, None] = {}
+    table: list[list] = []
+    for entry in sorted(timemap, key=lambda e: e.get("tstamp", 0)):
+        for nid in entry.get("off", []):
+            sounding.pop(re.sub(r"-rend\d+$", "", nid), None)
+        for nid in entry.get("on", []):
+            sounding[re.sub(r"-rend\d+$", "", nid)] = None
+        t = round(float(entry.get("tstamp", 0)), 1)
+        if table and table[-1][0] == t:
+            table[-1][1] = list(sounding)
+        else:
+            table.append([t, list(sounding)])
+    return table
+
+
+def _slug(text: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", text or "").strip("_")[:40]
+    return slug or "tune"
+
+
+def _source_listing(text: str, bad_line: int | None) -> str:
+    """The ABC as numbered, escaped lines, the offending one highlighted."""
+    rows = []
+    for n, line in enumerate(text.splitlines() or [""], start=1):
+        row = f"{n:>3}  {html.escape(line)}"
+        rows.append(f'<span class="imp-badline">{row}</span>' if n == bad_line else row)
+    return '<pre class="imp-source">' + "\n".join(rows) + "</pre>"
+
+
+class Player:
+    """One tune, seen and heard: engraved score, audio, cursor, downloads, tempo/transpose.
+
+    Displaying it shows the player as static HTML (kept in the saved notebook and its HTML
+    export) and, below, ipywidgets sliders that re-render it in place. Never raises on bad
+    ABC: it shows an error panel naming the line instead.
+    """
+
+    def __init__(self, abc: str, title: str | None = None, tempo: float | None = None,
+                 transpose: int = 0, sample_rate: int = SAMPLE_RATE, musicxml: bool = True) -> None:
+        self.abc = abc if isinstance(abc, str) else repr(abc)
+        self.title = title
+        self.transpose = transpose
+        self.sample_rate = sample_rate
+        self.musicxml = musicxml
+        self.id = "imp-" + uuid.uuid4().hex[:12]
+        self.report = None  # abc.ValidationReport
+        self.error: str | None = None  # why there is no score (None when it rendered)
+        self.error_line: int | None = None
+        self.rendering: Rendering | None = None
+        self.wav: bytes | None = None
+        self._handle = None  # display handle when shown as notebook output
+        self._out = None  # ipywidgets.Output when shown as a widget
+        self._controls = None
+        self._text = self.abc  # what we render: the normalised tune once validated
+        self.notes: list[str] = []  # warnings shown above the score
+        self._validate()
+        self.tempo = tempo if tempo is not None else (tempo_qpm(self._text) or DEFAULT_QPM)
+        self._html = self._build()
+
+    @property
+    def ok(self) -> bool:
+        """True when the tune rendered (score and audio are there)."""
+        return self.error is None
+
+    def _validate(self) -> None:
+        from imelodist_lib import abc as abc_lib
+
+        try:
+            tunes = abc_lib.split_tunes(self.abc)
+        except Exception:  # validate below reports what is wrong with the text
+            tunes = []
+        text = self.abc
+        if len(tunes) > 1:  # one player, one tune: say so rather than run them together
+            self.notes.append(f"this text holds {len(tunes)} tunes; showing the first "
+                              "(call show() once per tune)")
+            text = tunes[0]
+        try:
+            self.report = abc_lib.validate(text)
+        except Exception as err:  # a validator bug must not take the notebook down
+            self.error = f"could not check this ABC: {type(err).__name__}: {err}"
+            return
+        if not self.report.ok:
+            err = self.report.error
+            self.error = str(err) if err is not None else "not a valid ABC tune"
+            self.error_line = getattr(err, "line", None)
+            return
+        try:
+            self._text = abc_lib.normalize(self.report.tune)
+        except Exception:  # validated text normalises; if not, render what we were given
+            self._text = text
+
+    def _build(self) -> str:
+        """The whole player as one self-contained HTML string (never raises)."""
+        if self.error is None:
+            try:
+                self.rendering = render(self._text, tempo=self.tempo, transpose=self.transpose)
+                self.wav = midi_to_wav(self.rendering.midi, self.sample_rate)
+            except Exception as err:  # RenderError, or an audio failure: show, don't raise
+                self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
+        parts = [f'<div class="imelodist-player" id="{self.id}">',
+                 f"<style>{_asset('player.css')}</style>"]
+        if self.title:
+            parts.append(f'<div class="imp-title">{html.escape(self.title)}</div>')
+        if self.error is not None:
+            where = f" (line {self.error_line})" if self.error_line else ""
+            parts.append(f'<div class="imp-error"><b>Cannot show this tune{where}:</b> '
+                         f"{html.escape(self.error)}</div>")
+            parts.append(_source_listing(self.abc, self.error_line))
+            parts.append(self._links(with_media=False))
+            parts.append("</div>")
+            return "\n".join(parts)
+        parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>' for note in self.notes)
+        parts.extend(self._bar_warnings())
+        parts.append(f'<div class="imp-score">{self.rendering.svg}</div>')
+        parts.append(
+            '<div class="imp-transport">'
+            '<button type="button" data-act="play">&#9654; Play</button>'
+            '<button type="button" data-act="stop">&#9632; Stop</button>'
+            f'<audio controls preload="auto" src="{_data_uri("audio/wav", self.wav)}"></audio>'
+            f'<span class="imp-note">&#9833; = {round(self.tempo)}'
+            f'{f", transposed {self.transpose:+d}" if self.transpose else ""}'
+            f" &middot; {self.rendering.measures} bars</span></div>")
+        if audio_backend() != "fluidsynth":
+            parts.append(f'<div class="imp-note">{html.escape(SINE_NOTE)}</div>')
+        parts.append(self._links(with_media=True))
+        parts.append(f'<script type="application/json" class="imp-timemap">'
+                     f"{_json_for_script(cursor_table(self.rendering.timemap))}</script>")
+        parts.append(f"<script>{_asset('player.js').replace('__IMP_ROOT_ID__', self.id)}</script>")
+        parts.append("</div>")
+        return "\n".join(parts)
+
+    def _bar_warnings(self) -> list[str]:
+        bars = getattr(self.report, "bars", None)
+        errors = list(getattr(bars, "errors", []) or [])
+        if not errors:
+            return []
+        shown = "; ".join(f"line {e.line}: {e.message}" for e in errors[:4])
+        more = f" and {len(errors) - 4} more" if len(errors) > 4 else ""
+        return [f'<div class="imp-warn">{len(errors)} bar(s) have the wrong length: '
+                f"{html.escape(shown)}{more}</div>"]
+
+    def _links(self, with_media: bool) -> str:
+        stem = html.escape(_slug(self.title or (self.report.tune.title if getattr(self.report, "tune", None)
+                                                 else None)), quote=True)
+        links = [(f"{stem}.abc", _data_uri("text/plain;charset=utf-8", self.abc), ".abc")]
+        if with_media and self.rendering is not None:
+            links.append((f"{stem}.mid", _data_uri("audio/midi", self.rendering.midi), ".mid"))
+            links.append((f"{stem}.svg", _data_uri("image/svg+xml", self.rendering.svg), ".svg"))
+            if self.musicxml:
+                try:
+                    xml = to_musicxml(self._text)
+                    links.append((f"{stem}.musicxml",
+                                  _data_uri("application/vnd.recordare.musicxml+xml", xml), ".musicxml"))
+                except Exception:  # MusicXML is a bonus; the player stands without it
+                    pass
+        out = ['<div class="imp-links imp-note">Download:']
+        out += [f'<a download="{name}" href="{uri}">{label}</a>' for name, uri, label in links]
+        if with_media:  # href filled by player.js from the <audio> source (no second copy)
+            out.append(f'<a class="imp-wav" download="{stem}.wav" style="display:none">.wav</a>')
+        out.append("</div>")
+        return " ".join(out)
+
+    # --- display -------------------------------------------------------------------------
+    def html(self) -> str:
+        """The player as self-contained HTML (score, audio, cursor script, downloads)."""
+        return self._html
+
+    def _repr_html_(self) -> str:
+        return self._html
+
+    def update(self, tempo: float | None = None, transpose: int | None = None) -> None:
+        """Re-render at a new tempo (qpm) and/or transposition; refreshes the displayed player."""
+        if tempo is not None:
+            self.tempo = tempo
+        if transpose is not None:
+            self.transpose = transpose
+        if self.report is not None and self.report.ok:
+            self.error = None
+        self.id = "imp-" + uuid.uuid4().hex[:12]  # a fresh root so the new script binds anew
+        self._html = self._build()
+        from IPython.display import HTML, display
+
+        if self._handle is not None:
+            self._handle.update(HTML(self._html))
+        if self._out is not None:  # shown as a widget (e.g. inside the playground)
+            self._out.clear_output(wait=True)
+            with self._out:
+                display(HTML(self._html))
+
+    @property
+    def controls(self):
+        """ipywidgets row: tempo and transpose sliders wired to `update`."""
+        if self._controls is None:
+            import ipywidgets as widgets
+
+            tempo = widgets.IntSlider(value=round(self.tempo), min=30, max=300, step=5,
+                                      description="tempo ♩=", continuous_update=False)
+            transpose = widgets.IntSlider(value=self.transpose, min=-12, max=12,
+                                          description="transpose", continuous_update=False)
+            status = widgets.HTML()
+
+            def changed(_change) -> None:
+                self.update(tempo=tempo.value, transpose=transpose.value)
+                status.value = (f'<span style="color:#a61e1e">{html.escape(self.error)}</span>'
+                                if self.error else "")
+
+            tempo.observe(changed, names="value")
+            transpose.observe(changed, names="value")
+            self._controls = widgets.HBox([tempo, transpose, status])
+            self._controls.tempo, self._controls.transpose = tempo, transpose  # for scripted use
+        return self._controls
+
+    def widget(self):
+        """The player as one ipywidgets box (score in an Output, then the sliders).
+
+        For placing players inside other widgets: display-handle updates do not reach into an
+        Output widget, so here the sliders redraw the Output directly."""
+        import ipywidgets as widgets
+        from IPython.display import HTML, display
+
+        if self._out is None:
+            self._out = widgets.Output()
+            with self._out:
+                display(HTML(self._html))
+        return widgets.VBox([self._out, self.controls] if self.ok else [self._out])
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import HTML, display
+
+        self._handle = display(HTML(self._html), display_id=True)
+        if self.ok:
+            display(self.controls)
+
+
+def show(abc: str, title: str | None = None, **kwargs) -> Player:
+    """Display a player for `abc` in the notebook and return it (never raises on bad ABC)."""
+    from IPython.display import display
+
+    player = Player(abc, title=title, **kwargs)
+    display(player)
+    return player
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt playground (notebook 05)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class HistoryEntry:
+    """One answer the playground got: what was asked, how it was sampled, what came back."""
+
+    request: dict  # ComposeRequest.to_dict()
+    settings: dict  # temperature, top_p, top_k, max_new_tokens, seed, constrained
+    text: str  # the model's whole answer
+    abc: str | None  # the tune extracted from it (normalised), None for prose / no tune
+    ok: bool  # tune parses with every bar the right length
+    error: str | None  # why not, when not ok
+    seconds: float
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @classmethod
+    def from_composition(cls, comp: Any, request: dict, settings: dict) -> "HistoryEntry":
+        """Record an `inference.Composition` (duck-typed: abc, text, report, seconds)."""
+        report = getattr(comp, "report", None)
+        error = None
+        if report is not None and report.error is not None:
+            error = str(report.error)
+        elif report is not None and report.bars is not None and report.bars.errors:
+            error = f"{len(report.bars.errors)} bar(s) with the wrong length"
+        elif comp.abc is None and request.get("task") != "describe":
+            error = "no ABC tune found in the answer"
+        ok = comp.abc is not None and error is None
+        return cls(request=request, settings={**settings, "seed": getattr(comp, "seed", settings.get("seed"))},
+                   text=comp.text, abc=comp.abc, ok=ok, error=error, seconds=float(comp.seconds))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (one JSONL line of the exported history)."""
+        return dataclasses.asdict(self)
+
+
+def _none_if_blank(value: str) -> str | None:
+    value = (value or "").strip()
+    return value or None
+
+
+def parse_chords(text: str) -> list[str] | None:
+    """'G C D G' / 'G, C | D G' -> ['G', 'C', 'D', 'G'] (None when blank)."""
+    chords = [c for c in re.split(r"[\s,|;]+", text or "") if c]
+    return chords or None
+
+
+class Playground:
+    """Notebook 05's form: build a ComposeRequest, sample, show answers in players, keep history.
+
+    `composer` is an `inference.Composer` (anything with its `compose(...)` signature).
+    Everything a person can click is reachable from code too (`form`, `compose_button.click()`,
+    `export_abc()`, `export_jsonl()`), which is how CI exercises the form.
+    """
+
+    TASK_LABELS = [("emotion: a tune with a mood/style", "emotion"),
+                   ("chords: a melody over a chord progression", "chords"),
+                   ("theme + chords: a titled tune over chords", "theme_chords"),
+                   ("continue: carry on from given bars", "continue"),
+                   ("describe: talk about a given tune", "describe")]
+
+    def __init__(self, composer: Any, profile: Any = None, out_dir: str | Path | None = None,
+                 seed_abc: str = "") -> None:
+        import ipywidgets as W
+
+        if profile is None:
+            from imelodist_lib.profiles import get_profile
+
+            profile = get_profile()
+        self.composer = composer
+        self.profile = profile
+        self.out_dir = Path(out_dir) if out_dir is not None else Path(profile.run_dir) / "playground"
+        self.history: list[HistoryEntry] = []
+        self.shown: list[Any] = []  # the views (Player or HTML) shown under the form, in order
+        wide = W.Layout(width="420px")
+        style = {"description_width": "110px"}
+        f = self.form = SimpleNamespace()  # the fields, by name, for scripted use
+        f.task = W.Dropdown(options=self.TASK_LABELS, value="emotion", description="task", layout=wide, style=style)
+        f.lang = W.ToggleButtons(options=[("中文", "zh"), ("English", "en")], value="zh", description="language", style=style)
+        f.emotion = W.Combobox(options=["欢快", "忧伤", "平静", "激昂", "joyful", "sad", "calm", "heroic"],
+                               value="欢快", description="emotion", layout=wide, style=style)
+        f.style = W.Combobox(options=["jig", "reel", "hornpipe", "waltz", "march", "polka", "中国民歌"],
+                             value="", description="style", layout=wide, style=style)
+        f.chords = W.Text(value="G C D G", description="chords (1/bar)", layout=wide, style=style)
+        f.theme = W.Text(value="", description="theme / title", layout=wide, style=style)
+        f.key = W.Combobox(options=["C", "G", "D", "A", "F", "Am", "Em", "Dm", "Edor", "Ador", "Gmix"],
+                           value="", description="key (K:)", layout=wide, style=style)
+        f.meter = W.Combobox(options=["4/4", "3/4", "2/4", "6/8", "9/8", "2/2"], value="",
+                             description="meter (M:)", layout=wide, style=style)
+        f.tempo = W.BoundedIntText(value=0, min=0, max=400, description="tempo ♩ (0=any)", style=style)
+        f.bars = W.BoundedIntText(value=8, min=0, max=128, description="bars (0=any)", style=style)
+        f.seed_abc = W.Textarea(value=seed_abc, description="seed tune", placeholder="ABC for continue/describe",
+                                layout=W.Layout(width="600px", height="120px"), style=style)
+        f.temperature = W.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature", style=style)
+        f.top_p = W.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p", style=style)
+        f.top_k = W.IntSlider(value=50, min=0, max=200, description="top-k (0=off)", style=style)
+        f.max_new_tokens = W.IntSlider(value=int(getattr(profile, "max_new_tokens", 512)), min=16,
+                                       max=4096, step=16, description="max tokens", style=style)
+        f.n = W.IntSlider(value=1, min=1, max=8, description="samples", style=style)
+        f.seed = W.BoundedIntText(value=-1, min=-1, max=2**31 - 1, description="seed (-1 random)", style=style)
+        f.constrained = W.Checkbox(value=False, description="guaranteed-valid ABC (grammar)", indent=False)
+        self.compose_button = W.Button(description="Compose", button_style="primary", icon="music")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="200px"))
+        self.status = W.HTML()
+        self.results = W.VBox()  # one child per answer, newest last
+        self.history_label = W.HTML("history: 0 answers")
+        self.export_abc_button = W.Button(description="Export ABC", icon="download")
+        self.export_jsonl_button = W.Button(description="Export JSONL", icon="download")
+        self.compose_button.on_click(self._on_compose)
+        self.export_abc_button.on_click(lambda _b: self._on_export(self.export_abc))
+        self.export_jsonl_button.on_click(lambda _b: self._on_export(self.export_jsonl))
+        f.task.observe(lambda _c: self._show_relevant(), names="value")
+        f.lang.observe(self._translate_emotion, names="value")
+        self._rows = {
+            "what": W.VBox([f.task, f.lang, f.emotion, f.style, f.theme, f.chords]),
+            "form": W.VBox([f.key, f.meter, f.tempo, f.bars]),
+            "sampling": W.VBox([f.temperature, f.top_p, f.top_k, f.max_new_tokens, f.n, f.seed, f.constrained]),
+        }
+        self.widget = W.VBox([
+            W.HTML("<b>Request</b>"),
+            W.HBox([self._rows["what"], self._rows["form"]]),
+            f.seed_abc,
+            W.HTML("<b>Sampling</b>"),
+            self._rows["sampling"],
+            W.HBox([self.compose_button, self.progress, self.status]),
+            self.results,
+            W.HBox([self.history_label, self.export_abc_button, self.export_jsonl_button]),
+        ])
+        self._show_relevant()
+
+    # --- the form -> a request -----------------------------------------------------------
+    EMOTIONS = (("欢快", "joyful"), ("忧伤", "sad"), ("平静", "calm"), ("激昂", "heroic"))
+
+    def _translate_emotion(self, change) -> None:
+        """Switching language swaps a listed emotion word for its translation (欢快 <-> joyful)."""
+        pairs = {zh: en for zh, en in self.EMOTIONS} if change["new"] == "en" else \
+            {en: zh for zh, en in self.EMOTIONS}
+        self.form.emotion.value = pairs.get(self.form.emotion.value, self.form.emotion.value)
+
+    def _show_relevant(self) -> None:
+        """Grey out fields the chosen task ignores (they would be rejected or unused)."""
+        f, task = self.form, self.form.task.value
+        f.chords.disabled = task not in ("chords", "theme_chords")
+        f.seed_abc.disabled = task not in ("continue", "describe")
+        for name in ("emotion", "style", "key", "meter", "tempo", "bars", "theme"):
+            getattr(f, name).disabled = task == "describe"
+
+    def request(self):
+        """The `ComposeRequest` the form describes (ValueError naming the field when incomplete)."""
+        from imelodist_lib.instructions import ComposeRequest
+
+        f, task = self.form, self.form.task.value
+        describe = task == "describe"
+        return ComposeRequest(
+            task=task, lang=f.lang.value,
+            emotion=None if describe else _none_if_blank(f.emotion.value),
+            style=None if describe else _none_if_blank(f.style.value),
+            chords=parse_chords(f.chords.value) if task in ("chords", "theme_chords") else None,
+            theme=None if describe else _none_if_blank(f.theme.value),
+            key=None if describe else _none_if_blank(f.key.value),
+            meter=None if describe else _none_if_blank(f.meter.value),
+            tempo=None if describe or not f.tempo.value else int(f.tempo.value),
+            bars=None if describe or not f.bars.value else int(f.bars.value),
+            seed_abc=_none_if_blank(f.seed_abc.value) if task in ("continue", "describe") else None)
+
+    def settings(self) -> dict:
+        """Sampling knobs as `Composer.compose` keywords (seed None = random)."""
+        f = self.form
+        return {"temperature": float(f.temperature.value), "top_p": float(f.top_p.value),
+                "top_k": int(f.top_k.value), "max_new_tokens": int(f.max_new_tokens.value),
+                "seed": None if f.seed.value < 0 else int(f.seed.value),
+                "constrained": bool(f.constrained.value) and f.task.value != "describe"}
+
+    # --- composing -----------------------------------------------------------------------
+    def compose(self) -> list[HistoryEntry]:
+        """Ask the composer for `n` answers to the form's request; append them to the history.
+
+        Samples are drawn one at a time (seed, seed+1, ...) so the progress bar moves."""
+        request = self.request()
+        settings = self.settings()
+        n = int(self.form.n.value)
+        self.progress.max, self.progress.value = n, 0
+        entries = []
+        for i in range(n):
+            kwargs = dict(settings)
+            if kwargs["seed"] is not None:
+                kwargs["seed"] += i
+            for comp in self.composer.compose(request, n=1, **kwargs):
+                entry = HistoryEntry.from_composition(comp, request.to_dict(), kwargs)
+                self.history.append(entry)
+                entries.append(entry)
+            self.progress.value = i + 1
+        self.history_label.value = f"history: {len(self.history)} answers"
+        return entries
+
+    def _on_compose(self, _button=None) -> None:
+        """Button handler: compose, show each answer in a player; errors go to the status line."""
+        self.compose_button.disabled = True
+        self.compose_button.description = "Composing…"
+        self.status.value = ""
+        try:
+            entries = self.compose()
+        except Exception as err:  # show the cause by the button; a click must never raise
+            self.status.value = f'<span style="color:#a61e1e">{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>'
+            return
+        finally:
+            self.compose_button.disabled = False
+            self.compose_button.description = "Compose"
+        good = sum(e.ok for e in entries)
+        self.status.value = html.escape(f"{len(entries)} answer(s), {good} valid, "
+                                        f"{sum(e.seconds for e in entries):.1f} s")
+        import ipywidgets as W
+
+        first = len(self.history) - len(entries) + 1
+        boxes = []
+        for number, entry in enumerate(entries, start=first):
+            view = self.entry_view(entry, number)
+            self.shown.append(view)
+            boxes.append(view.widget() if isinstance(view, Player) else W.HTML(view.data))
+        self.results.children = (*self.results.children, *boxes)
+
+    def entry_view(self, entry: HistoryEntry, number: int):
+        """How one answer is shown: a player for a tune, escaped prose for a description."""
+        from IPython.display import HTML
+
+        s = entry.settings
+        title = (f"#{number} · {entry.request['task']} · T={s['temperature']:g} top-p={s['top_p']:g}"
+                 f"{' · grammar' if s.get('constrained') else ''} · seed {s.get('seed')} · {entry.seconds:.1f} s")
+        if entry.abc is not None:
+            return Player(entry.abc, title=title)
+        if entry.request.get("task") == "describe":
+            return HTML(f'<div class="imelodist-player"><b>{html.escape(title)}</b>'
+                        f'<div style="white-space:pre-wrap">{html.escape(entry.text)}</div></div>')
+        return Player(entry.text, title=title + " · no tune found")
+
+    def table(self):
+        """The history as a pandas DataFrame: one row per answer, its settings and verdict."""
+        import pandas as pd
+
+        rows = [{"#": i, "task": e.request["task"], "lang": e.request["lang"],
+                 "temperature": e.settings["temperature"], "top_p": e.settings["top_p"],
+                 "top_k": e.settings["top_k"], "seed": e.settings.get("seed"),
+                 "grammar": e.settings.get("constrained"), "valid": e.ok, "error": e.error,
+                 "seconds": round(e.seconds, 2)} for i, e in enumerate(self.history, start=1)]
+        return pd.DataFrame(rows)
+
+    # --- history export ------------------------------------------------------------------
+    def export_abc(self, path: str | Path | None = None) -> Path:
+        """Write every tune in the history to one .abc file (X: numbered, request as a comment)."""
+        path = Path(path) if path is not None else self.out_dir / "history.abc"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunks, x = [], 0
+        for entry in self.history:
+            if entry.abc is None:
+                continue
+            x += 1
+            req = {k: v for k, v in entry.request.items() if v is not None and k != "seed_abc"}
+            body = re.sub(r"\AX:[^\n]*", f"X:{x}", entry.abc.strip(), count=1)
+            if not body.startswith("X:"):
+                body = f"X:{x}\n{body}"
+            chunks.append(f"% request: {json.dumps(req, ensure_ascii=False)}\n"
+                          f"% settings: {json.dumps(entry.settings)}  valid: {entry.ok}\n{body}\n")
+        path.write_text("\n".join(chunks), encoding="utf-8")
+        return path
+
+    def export_jsonl(self, path: str | Path | None = None) -> Path:
+        """Write the whole history (requests, settings, answers, verdicts) as JSON lines."""
+        path = Path(path) if path is not None else self.out_dir / "history.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for entry in self.history:
+                fh.write(json.dumps(entry.to_dict(), ensure_ascii=False) + "\n")
+        return path
+
+    def _on_export(self, export) -> None:
+        try:
+            path = export()
+            self.status.value = f"wrote <code>{html.escape(str(path))}</code>"
+        except OSError as err:
+            self.status.value = f'<span style="color:#a61e1e">{html.escape(str(err))}</span>'
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)

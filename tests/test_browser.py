@@ -1,0 +1,146 @@
+"""The player in a real browser: execute a notebook, export it to HTML, open it in headless Chromium.
+
+Checks what a student sees in the saved notebook's HTML export: the engraved score is drawn
+(verovio's bars counted in the live DOM vs our own bar count), player.js ran (cursor lights
+notes), a hostile title stays text, and malformed ABC shows the error panel. The screenshot is
+kept under runs/player/ for a person to look at.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from imelodist_lib import abc
+from imelodist_lib.profiles import REPO_ROOT
+
+MUSIC21_CORPUS = Path(__import__("music21").__file__).parent / "corpus"
+REEL = (MUSIC21_CORPUS / "ryansMammoth" / "7thRegimentReel.abc").read_text()
+JIG = "X:1\nT:Little Jig\nM:6/8\nL:1/8\nQ:3/8=60\nK:G\n|:GAB c2d|e2f g3:|\"C\"cde \"D\"d2c|B3 G3|]\n"
+CANARY = "document.body.setAttribute('data-pwned','1')"
+HOSTILE = JIG.replace("T:Little Jig", f'T:</script><img src=x onerror="{CANARY}"> 小曲')
+BROKEN = "X:1\nT:broken\nM:4/4\nL:1/8\nK:G\nGABc dedB|\nGA[Bc d2|]\n"
+TUNES = [("reel", REEL), ("hostile", HOSTILE), ("broken", BROKEN)]
+
+# After load, record what the browser drew into attributes that --dump-dom serialises.
+PROBE = """<script>
+window.addEventListener("load", function () {
+  document.querySelectorAll(".imelodist-player").forEach(function (root) {
+    var svg = root.querySelector(".imp-score svg");
+    root.setAttribute("data-measures", root.querySelectorAll(".imp-score g.measure").length);
+    root.setAttribute("data-svg-height", svg ? Math.round(svg.getBoundingClientRect().height) : 0);
+    root.setAttribute("data-lit", root.impSeek ? root.impSeek(10) : -1);
+  });
+  document.body.setAttribute("data-probed", "1");
+});
+</script>"""
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> str:
+    path = chromium()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed but CI must run the browser test: "
+                        "apt-get install -y chromium (see the Makefile set-up)")
+        pytest.skip("chromium not installed (apt-get install -y chromium); runs in CI")
+    return path
+
+
+def export_notebook(workdir: Path) -> Path:
+    """Execute a tiny notebook that shows three players, export it to HTML, add the probe."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells.append(nbformat.v4.new_code_cell("from imelodist_lib.player import show"))
+    for name, text in TUNES:
+        nb.cells.append(nbformat.v4.new_code_cell(f"p_{name} = show({text!r}, title={name!r})"))
+    path = workdir / "players.ipynb"
+    nbformat.write(nb, path)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute",
+                    "--ExecutePreprocessor.timeout=120", str(path)],
+                   check=True, cwd=workdir, env=env, capture_output=True)
+    html_path = workdir / "players.html"
+    page = html_path.read_text(encoding="utf-8")
+    html_path.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    return html_path
+
+
+def run_chromium(browser: str, page: Path, screenshot: Path | None = None) -> str:
+    profile = tempfile.mkdtemp(prefix="imelodist-chromium-")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1100,1800", "--virtual-time-budget=5000"]
+    try:
+        if screenshot is not None:
+            subprocess.run(flags + [f"--screenshot={screenshot}", page.as_uri()], check=True,
+                           capture_output=True, timeout=120)
+        done = subprocess.run(flags + ["--dump-dom", page.as_uri()], check=True, capture_output=True,
+                              timeout=120)
+        return done.stdout.decode("utf-8")
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def player_roots(dom: str) -> list[str]:
+    """The opening tag of each player's root element (it carries the probe's attributes)."""
+    return re.findall(r'<div class="imelodist-player"[^>]*>', dom)
+
+
+def attr(tag: str, name: str) -> str:
+    m = re.search(rf'{name}="([^"]*)"', tag)
+    assert m, f"{name} missing in {tag}"
+    return m.group(1)
+
+
+@pytest.fixture(scope="module")
+def dom(browser, tmp_path_factory) -> str:
+    workdir = tmp_path_factory.mktemp("browser")
+    page = export_notebook(workdir)
+    shots = REPO_ROOT / "runs" / "player"
+    shots.mkdir(parents=True, exist_ok=True)
+    return run_chromium(browser, page, screenshot=shots / "browser_test.png")
+
+
+def test_scores_are_drawn_with_every_bar(dom):
+    assert 'data-probed="1"' in dom, "the page never finished loading"
+    roots = player_roots(dom)
+    assert len(roots) == 3
+    for (name, text), root in zip(TUNES[:2], roots[:2]):
+        ours = len(abc.validate(text).bars.bars)
+        assert int(attr(root, "data-measures")) == ours, name
+        assert int(attr(root, "data-svg-height")) > 60, f"{name}: score not laid out"
+        assert attr(root, "data-ready") == "1", f"{name}: player.js did not run"
+        assert int(attr(root, "data-lit")) == 1, f"{name}: cursor found no note at 10 ms"
+
+
+def test_hostile_title_stays_text(dom):
+    body_tag = re.search(r"<body[^>]*>", dom).group(0)
+    assert 'data-probed="1"' in body_tag and "data-pwned" not in body_tag  # the onerror never ran
+    body = dom[dom.index("<body"):]
+    # the export's players hold no <img>: the title's tag is text in the SVG and the caption
+    players = "".join(re.findall(r'<div class="imelodist-player".*?</audio>', body, re.S))
+    assert "<img" not in players
+    assert "&lt;img src=x onerror=" in players
+    assert "小曲" in players
+
+
+def test_broken_tune_shows_the_error_panel(dom):
+    root = player_roots(dom)[2]
+    assert attr(root, "data-measures") == "0"
+    assert "Cannot show this tune (line 7)" in dom

@@ -1,0 +1,229 @@
+"""Player: engraving, MIDI, audio, safety and the playground, on real tunes and a real tiny model."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import warnings
+import wave
+from pathlib import Path
+
+import pretty_midi
+import pytest
+
+from imelodist_lib import abc, player
+
+MUSIC21_CORPUS = Path(__import__("music21").__file__).parent / "corpus"
+REEL = (MUSIC21_CORPUS / "ryansMammoth" / "7thRegimentReel.abc").read_text()
+
+# 4 bars of 6/8; the first two repeated -> 6 bars played, 18 quarter notes
+JIG = """X:1
+T:Little Jig
+M:6/8
+L:1/8
+Q:3/8=60
+K:G
+|:GAB c2d|e2f g3:|"C"cde "D"d2c|B3 G3|]
+"""
+HOSTILE = JIG.replace("T:Little Jig", 'T:</script><img src=x onerror="document.title=1"> & <b>bold</b>')
+
+
+def midi_notes(midi: bytes) -> list[pretty_midi.Note]:
+    with warnings.catch_warnings():  # verovio writes the tempo on track 1; pretty_midi reads it fine
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pm = pretty_midi.PrettyMIDI(io.BytesIO(midi))
+    return sorted((n for inst in pm.instruments for n in inst.notes), key=lambda n: (n.start, n.pitch))
+
+
+def test_tempo_is_read_in_quarter_notes_per_minute():
+    assert player.tempo_qpm(JIG) == 90.0  # dotted quarter = 60 -> 90 quarters a minute
+    assert player.tempo_qpm('X:1\nQ:"Allegro" 1/4=150\nK:G\nG|') == 150.0
+    assert player.tempo_qpm("X:1\nL:1/8\nQ:200\nK:G\nG|") == 100.0  # legacy: unit notes a minute
+    assert player.tempo_qpm("X:1\nK:G\nG|") is None
+
+
+def test_midi_expands_repeats_in_order_and_honours_q():
+    notes = midi_notes(player.to_midi(JIG))
+    # verovio plays bars 1-2, 1-2 again, then 3-4: compare with the written pitches
+    written = [e.pitch for e in abc.events(JIG) if e.pitch is not None]
+    first_two_bars = written[:8]  # G A B c d | e f g
+    assert [n.pitch for n in notes] == first_two_bars + first_two_bars + written[8:]
+    # 18 quarter notes at 90 qpm = 12 s; the last note ends there
+    assert notes[-1].end == pytest.approx(12.0, abs=0.01)
+    faster = midi_notes(player.to_midi(JIG, tempo=180))
+    assert faster[-1].end == pytest.approx(6.0, abs=0.01)
+
+
+def test_transpose_moves_pitches_and_key_signature():
+    up = midi_notes(player.to_midi(JIG, transpose=2))
+    base = midi_notes(player.to_midi(JIG))
+    assert [n.pitch - 2 for n in up] == [n.pitch for n in base]
+    svg_g, svg_a = player.render_svg(JIG), player.render_svg(JIG, transpose=2)
+    # G major has one sharp; A major three: count accidental glyphs in the key signature
+    assert svg_g.count('data-class="keyAccid"') == 1
+    assert svg_a.count('data-class="keyAccid"') == 3
+
+
+def test_real_reel_renders_all_bars_on_one_page():
+    rendering = player.render(REEL)
+    report = abc.validate(REEL)
+    assert report.ok
+    assert rendering.pages == 1
+    assert rendering.measures == len(report.bars.bars) == 16
+    assert rendering.svg.startswith("<svg")
+
+
+def test_wav_is_real_audio_of_the_right_length():
+    data = player.to_wav(JIG, sample_rate=8000)
+    with wave.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
+        seconds = w.getnframes() / w.getframerate()
+        frames = w.readframes(w.getnframes())
+    assert 12.0 <= seconds <= 15.0  # 12 s of music plus the synthesiser's release tail
+    import numpy as np
+
+    pcm = np.frombuffer(frames, dtype="<i2")
+    assert np.abs(pcm).max() > 10000  # loud, not silence
+    assert player.audio_backend() in ("fluidsynth", "sine")
+
+
+def test_musicxml_round_trips_through_music21():
+    from music21 import converter, harmony
+
+    score = converter.parseData(player.to_musicxml(JIG), format="musicxml")
+    notes = [n for n in score.recurse().notes if not isinstance(n, harmony.ChordSymbol)]
+    assert [n.pitch.midi for n in notes] == [e.pitch for e in abc.events(JIG) if e.pitch is not None]
+    assert len([n for n in score.recurse().notes if isinstance(n, harmony.ChordSymbol)]) == 2  # "C" "D"
+
+
+def test_hostile_title_is_text_in_svg_and_html():
+    p = player.Player(HOSTILE, title='<script>alert("t")</script>')
+    page = p.html()
+    assert p.ok
+    assert "<img" not in page and 'alert("t")</script>' not in page
+    assert "&lt;/script&gt;&lt;img src=x onerror=" in p.rendering.svg  # verovio escaped the T:
+    assert "&lt;script&gt;alert(&quot;t&quot;)&lt;/script&gt;" in page  # our caption escaped
+    # exactly our two script elements: the cursor table (JSON) and player.js
+    assert len(re.findall(r"<script\b", page)) == 2
+
+
+def test_svg_with_active_content_is_refused():
+    with pytest.raises(player.RenderError, match="script"):
+        player._check_svg('<svg xmlns="http://www.w3.org/2000/svg"><script>x()</script></svg>')
+    with pytest.raises(player.RenderError, match="onload"):
+        player._check_svg('<svg xmlns="http://www.w3.org/2000/svg" onload="x()"></svg>')
+    with pytest.raises(player.RenderError, match="href"):
+        player._check_svg('<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+                          '<use xlink:href="http://evil/x.svg#a"/></svg>')
+    player._check_svg(player.render_svg(JIG))  # verovio's own output passes
+
+
+def test_malformed_abc_shows_an_error_panel_naming_the_line():
+    bad = "X:1\nT:broken\nM:4/4\nL:1/8\nK:G\nGABc dedB|\nGA[Bc d2|]\n"
+    p = player.Player(bad)
+    assert not p.ok and p.error_line == 7
+    page = p.html()
+    assert 'class="imp-error"' in page and "(line 7)" in page
+    assert '<span class="imp-badline">  7  GA[Bc d2|]</span>' in page
+    assert "<audio" not in page
+    # free text from a model (no tune at all) is an error panel too, never an exception
+    assert not player.Player("I am sorry, I cannot compose </div><script>x</script>").ok
+
+
+def test_wrong_bar_lengths_are_flagged_above_the_score():
+    short_bar = "X:1\nT:t\nM:4/4\nL:1/8\nK:C\nCDEF GABc|CDEF GAB|CDEF GABc|]\n"
+    p = player.Player(short_bar)
+    assert p.ok and "1 bar(s) have the wrong length: line 6: bar 2 is too short" in p.html()
+    assert 'class="imp-warn"' not in player.Player(JIG).html()
+
+
+def test_renderer_crash_is_contained_and_the_next_tune_still_renders():
+    # verovio 6.4 aborts on an unclosed quote; it runs in a helper process, so we get an error
+    with pytest.raises(player.RenderError, match="crashed"):
+        player.render('X:1\nT:x\nM:4/4\nL:1/8\nK:C\n"""CD|')
+    assert player.render(JIG).measures == 4
+
+
+def test_implicit_start_repeats_are_written_out():
+    # a real O'Neill tune whose second section repeats without "|:" (crashed verovio before)
+    body = "A|d3 AFD|AFD D2:|\n||A|d3 ceA|AFD D2:|"
+    assert player.explicit_repeats(body) == "|:A|d3 AFD|AFD D2:|\n|:A|d3 ceA|AFD D2:|"
+    assert player.explicit_repeats("|:ab:|:cd:|") == "|:ab:| |:cd:|"
+    assert player.explicit_repeats("|:ab::cd:|") == "|:ab:| |:cd:|"
+    # "::" used to be drawn as one bar: both bars must be drawn
+    assert player.render("X:1\nM:3/4\nL:1/4\nK:C\n|:CDE::FGA:|\n").measures == 2
+    assert player.explicit_repeats('|:a "x|y" b:|') == '|:a "x|y" b:|'  # bars inside quotes ignored
+    oneill = (MUSIC21_CORPUS / "oneills1850" / "0701-0720.abc").read_text()
+    first = abc.split_tunes(oneill)[0]
+    assert player.render(abc.normalize(first)).measures > 30
+
+
+def test_cursor_table_follows_the_timemap():
+    rendering = player.render(JIG)
+    table = player.cursor_table(rendering.timemap)
+    assert table[0][0] == 0 and len(table[0][1]) == 1
+    assert all(not nid.endswith("-rend2") for _, ids in table for nid in ids)
+    for _, ids in table:  # every highlighted id is a note drawn in the SVG
+        for nid in ids:
+            assert f'data-id="{nid}"' in rendering.svg
+    assert [t for t, _ in table] == sorted(t for t, _ in table)
+
+
+def test_update_changes_tempo_and_transposition():
+    p = player.Player(JIG)
+    first_wav = len(p.wav)
+    p.update(tempo=180)
+    assert p.ok and len(p.wav) < first_wav * 0.7
+    p.update(transpose=-5)
+    assert p.transpose == -5 and p.rendering.svg.count('data-class="keyAccid"') == 2  # G -> D major
+    assert p.controls.tempo.value == 180 and p.controls.transpose.value == -5  # sliders start at the state
+
+
+@pytest.fixture(scope="module")
+def tiny_composer():
+    """A real (untrained) IMelodist-tiny-shaped model: under the grammar it still writes valid ABC."""
+    from imelodist_lib import models
+    from imelodist_lib.inference import Composer
+    from imelodist_lib.profiles import get_profile
+
+    texts = [p.read_text(errors="replace") for p in sorted((MUSIC21_CORPUS / "ryansMammoth").glob("*.abc"))[:20]]
+    tokenizer = models.train_tokenizer(texts, vocab_size=400)
+    model = models.new_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64)
+    return Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=get_profile("cpu"))
+
+
+def test_playground_composes_shows_and_exports(tiny_composer, tmp_path):
+    from imelodist_lib.profiles import get_profile
+
+    pg = player.Playground(tiny_composer, get_profile("cpu"), out_dir=tmp_path)
+    f = pg.form
+    f.task.value, f.lang.value, f.meter.value, f.key.value = "chords", "en", "3/4", "D"
+    f.chords.value = "D | G, A D"
+    f.bars.value, f.seed.value, f.n.value = 4, 7, 2
+    f.constrained.value, f.max_new_tokens.value = True, 256
+    request = pg.request()
+    assert request.chords == ["D", "G", "A", "D"] and request.meter == "3/4" and request.emotion == "joyful"
+    pg.compose_button.click()
+    assert "2 answer(s), 2 valid" in pg.status.value, pg.status.value
+    assert [e.settings["seed"] for e in pg.history] == [7, 8]
+    assert all(e.ok and e.abc.startswith("X:1") for e in pg.history)
+    assert pg.progress.value == 2
+    assert [type(v).__name__ for v in pg.shown] == ["Player", "Player"] and all(v.ok for v in pg.shown)
+    assert len(pg.results.children) == 2  # each answer's player sits under the form
+    pg.shown[0].controls.transpose.value = 3  # a slider inside the playground re-renders
+    assert pg.shown[0].transpose == 3 and pg.shown[0].ok
+    abc_file, jsonl_file = pg.export_abc(), pg.export_jsonl()
+    exported = abc.split_tunes(abc_file.read_text(encoding="utf-8"))
+    assert len(exported) == 2 and all(abc.validate(t).ok for t in exported)
+    assert re.search(r"^X:2$", abc_file.read_text(encoding="utf-8"), re.M)
+    rows = [json.loads(line) for line in jsonl_file.read_text(encoding="utf-8").splitlines()]
+    assert [r["request"]["chords"] for r in rows] == [["D", "G", "A", "D"]] * 2
+
+
+def test_playground_click_reports_bad_form_instead_of_raising(tiny_composer, tmp_path):
+    pg = player.Playground(tiny_composer, out_dir=tmp_path)
+    pg.form.task.value = "continue"  # needs a seed tune, none given
+    pg.compose_button.click()
+    assert "seed_abc" in pg.status.value and not pg.history
+    assert not pg.compose_button.disabled
