@@ -1043,7 +1043,8 @@ class DatasetFiles:
 
 def _settings(profile: Profile, knowledge_dir: Path) -> dict:
     """The knobs that shape the datasets: a change here means the files must be rebuilt."""
-    keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "transpositions",
+    keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "max_bar_errors",
+            "transpositions",
             "val_fraction", "test_fraction", "instructions_per_tune", "seed")
     out: dict[str, Any] = {k: getattr(profile, k) for k in keys}
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
