@@ -1,0 +1,142 @@
+"""Evaluation at a larger CPU size than notebook 06, plus the novelty index's speed.
+
+    python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--train-tunes 0]
+
+Writes benchmarks/results/evaluation.json (every figure and the command that made it) and
+benchmarks/results/evaluation.md (the comparison table the README links). Systems: the human
+reference, the n-gram baseline, and the profile's composer model raw and in guaranteed-valid
+mode when it exists. The novelty index is timed against brute force over the whole training
+split (queries per second, and whether the pruned search finds the same best similarity).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from imelodist_lib import evaluation as ev
+from imelodist_lib.profiles import REPO_ROOT, get_profile
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def time_novelty(index: ev.NoveltyIndex, queries: list[str]) -> dict:
+    """Queries per second of brute force, the exact pruned search and the candidates-only search,
+    and how often each agrees with brute force on the best similarity."""
+    strings = [s for s in (ev.compact_string(q, index.table) for q in queries) if s]
+    out: dict = {"queries": len(strings), "train_tunes": len(index)}
+    from rapidfuzz import fuzz, process
+
+    t0 = time.perf_counter()
+    brute = [process.extractOne(s, index.strings, scorer=fuzz.ratio)[1] / 100 for s in strings]
+    out["brute_force_qps"] = len(strings) / (time.perf_counter() - t0)
+    for name, exact in (("indexed_exact", True), ("candidates_only", False)):
+        t0 = time.perf_counter()
+        got = [index.query_string(s, exact=exact)[0] for s in strings]
+        out[f"{name}_qps"] = len(strings) / (time.perf_counter() - t0)
+        out[f"{name}_agreement"] = sum(abs(a - b) < 1e-9 for a, b in zip(got, brute)) / len(strings)
+        out[f"{name}_max_abs_diff"] = max(abs(a - b) for a, b in zip(got, brute))
+        out[f"{name}_near_copy_agreement"] = sum((a >= ev.NEAR_COPY) == (b >= ev.NEAR_COPY)
+                                                 for a, b in zip(got, brute)) / len(strings)
+    out["speedup_exact_vs_brute"] = out["indexed_exact_qps"] / out["brute_force_qps"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and write the results files; returns the JSON payload."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=32, help="benchmark requests (notebook: 8)")
+    ap.add_argument("--samples", type=int, default=2, help="answers per request")
+    ap.add_argument("--train-tunes", type=int, default=0, help="0: the whole training split")
+    ap.add_argument("--novelty-queries", type=int, default=200)
+    ap.add_argument("--model", default=None, help="default: profile.composer_model")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    profile = get_profile("cpu")
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    train, test = ev.load_splits(profile, max_train=args.train_tunes or 10**9)
+    timings["load_splits_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = ev.NoveltyIndex(train)
+    timings["novelty_index_build_s"] = time.perf_counter() - t0  # includes parsing every tune
+    t0 = time.perf_counter()
+    ngram = ev.NGramComposer(train, order=3)
+    timings["ngram_fit_s"] = time.perf_counter() - t0
+
+    requests = ev.build_benchmark(test, profile, n=args.requests)
+    systems = {"human": ev.human_reference(test, profile, n=args.requests)}
+    t0 = time.perf_counter()
+    systems["n-gram"] = ev.collect_answers(ngram, requests, n=args.samples)
+    timings["ngram_compose_s"] = time.perf_counter() - t0
+
+    model_name = args.model or profile.composer_model
+    perplexity = None
+    try:
+        from imelodist_lib.inference import Composer
+        from imelodist_lib.models import load_model
+
+        model, tokenizer = load_model(model_name, profile)
+    except (FileNotFoundError, OSError) as err:
+        model = None
+        print(f"no model evaluated: {err}", file=sys.stderr)
+    if model is not None:
+        composer = Composer(model, tokenizer=tokenizer, profile=profile)
+        for name, constrained in (("tiny raw", False), ("tiny valid-mode", True)):
+            t0 = time.perf_counter()
+            systems[name] = ev.collect_answers(composer, requests, n=args.samples, constrained=constrained)
+            timings[f"{name.replace(' ', '_')}_compose_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        perplexity = ev.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)
+        timings["perplexity_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results = ev.evaluate_systems(systems, index, music21_sample=64)
+    timings["scoring_s"] = time.perf_counter() - t0
+
+    queries = [r.abc for r in test][: args.novelty_queries // 2] + \
+        [a for _, a in systems["n-gram"]][: args.novelty_queries // 2]
+    novelty = time_novelty(index, queries)
+
+    payload = {
+        "command": " ".join(["python", "benchmarks/" + Path(__file__).name,
+                             shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "profile": profile.name, "model": str(model_name) if model is not None else None,
+        "requests": len(requests), "samples_per_request": args.samples,
+        "train_tunes": len(train), "test_tunes": len(test),
+        "perplexity_test": perplexity, "timings": timings, "novelty_index": novelty,
+        "systems": {r.system: [vars(s) for s in r.summary] for r in results},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evaluation.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1,
+                                                         default=float), encoding="utf-8")
+    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, CPU profile)", "",
+          f"Command: `{payload['command']}`", "",
+          "Each cell: mean [95 % interval] n=answers (Wilson for rates, seeded bootstrap for means; "
+          "requests are the independent units).",
+          "", ev.markdown_table(results),
+          f"Perplexity of the model on 64 held-out test tunes: "
+          f"{perplexity:.2f}" if perplexity else "No model evaluated (none found).", "",
+          "## Novelty index speed", "",
+          f"{novelty['queries']} queries against {novelty['train_tunes']} training tunes:", "",
+          "| search | queries/s | same best similarity as brute force | largest shortfall | "
+          "same near-copy verdict |", "|---|---|---|---|---|",
+          f"| brute force (rapidfuzz extractOne over all) | {novelty['brute_force_qps']:.1f} | 1.000 | 0 | 1.000 |",
+          *[f"| {label} | {novelty[k + '_qps']:.1f} | {novelty[k + '_agreement']:.3f} | "
+            f"{novelty[k + '_max_abs_diff']:.3f} | {novelty[k + '_near_copy_agreement']:.3f} |"
+            for k, label in (("indexed_exact", "n-gram candidates, then histogram-bound pruned exact scan"),
+                             ("candidates_only", "n-gram candidates only (a lower bound)"))], ""]
+    (args.out / "evaluation.md").write_text("\n".join(md), encoding="utf-8")
+    print(json.dumps({"timings": timings, "novelty_index": novelty}, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
