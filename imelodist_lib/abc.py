@@ -1256,6 +1256,10 @@ def validate(text: str) -> ValidationReport:
 # --------------------------------------------------------------------------- transpose
 _LETTERS = "CDEFGAB"
 _CHORD_SYMBOL_RE = re.compile(r"^([A-G])([#b]?)([^/\s]*)(?:/([A-G])([#b]?))?$")
+# A chord name as written inside quotes ("G", "Am7", "D/F#", "Bbmaj7"), strict enough that text
+# annotations such as "DC" (da capo) or "Fine" are not taken for chords.
+CHORD_NAME = r"[A-G][#b]?(?:maj|min|dim|aug|sus|add|m|M|\+|o|\d)*(?:/[A-G][#b]?)?"
+QUOTED_CHORD_RE = re.compile(r'"(' + CHORD_NAME + r')"')
 
 
 def _new_key(key: Key, semitones: int) -> Key:

@@ -886,7 +886,7 @@ def fit_chords(tune_or_text: Any, key: str | None = None) -> list[tuple[int, str
     return out
 
 
-_CHORD_IN_TEXT = re.compile(r'"([A-G][#b]?(?:m|min|maj|dim|aug|sus|\d|/|[A-G]|[#b])*)"')
+_CHORD_IN_TEXT = abc.QUOTED_CHORD_RE
 
 
 def _given_chords(text: str) -> list[str]:
@@ -978,14 +978,15 @@ _RHYTHM_WORDS = [  # (word in R: or title, style en); longest first
     ("jig", "jig"), ("polka", "polka"), ("waltz", "waltz"), ("slide", "slide"),
     ("minuet", "dance"), ("air", "air"), ("song", "song"),
 ]
-_STYLE_ZH = {"jig": "吉格舞曲", "reel": "里尔舞曲", "hornpipe": "角笛舞曲", "polka": "波尔卡",
+STYLE_ZH = {"jig": "吉格舞曲", "reel": "里尔舞曲", "hornpipe": "角笛舞曲", "polka": "波尔卡",
              "waltz": "圆舞曲", "march": "进行曲", "strathspey": "斯特拉斯佩舞曲",
              "slip jig": "滑步吉格", "slide": "滑步舞曲", "air": "抒情曲", "slow air": "慢板抒情曲",
              "song": "歌曲", "country dance": "乡村舞曲", "mazurka": "玛祖卡",
              "schottische": "苏格兰慢步舞曲", "barndance": "谷仓舞曲", "set dance": "定式舞曲",
              "chinese folk song": "中国民歌", "german folk song": "德国民歌", "folk song": "民歌",
              "irish folk tune": "爱尔兰民间曲调", "scottish folk tune": "苏格兰民间曲调",
-             "english folk tune": "英格兰民间曲调", "dance": "舞曲", "tune": "曲子"}
+             "english folk tune": "英格兰民间曲调", "renaissance": "文艺复兴风格", "dance": "舞曲",
+             "tune": "曲子"}
 _SOURCE_STYLE = {"oneills1850": "irish folk tune", "ryansMammoth": "tune", "airdsAirs": "scottish folk tune",
                  "miscFolk": "folk song", "nottingham-dataset": "english folk tune"}
 
@@ -1116,7 +1117,7 @@ def label_record(record: TuneRecord) -> TuneRecord:
                 labels["chords"], methods["chords"] = [], "none (tune did not parse)"
     style_en, how = _style(record)
     if "style" not in labels:
-        labels["style"] = {"en": style_en, "zh": _STYLE_ZH.get(style_en, style_en)}
+        labels["style"] = {"en": style_en, "zh": STYLE_ZH.get(style_en, style_en)}
         methods["style"] = how
     if "emotion" not in labels:
         final = _final_pitch(tune)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from imelodist_lib import abc
+from imelodist_lib.corpus import STYLE_ZH
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
 
 TASKS = ("emotion", "chords", "theme_chords", "continue", "describe")
@@ -99,15 +100,7 @@ _MODE_EN = {"major": "major", "minor": "minor", "dorian": "Dorian", "phrygian": 
 _MODE_ZH = {"major": "大调", "minor": "小调", "dorian": "多利亚调式", "phrygian": "弗里几亚调式",
             "lydian": "利底亚调式", "mixolydian": "混合利底亚调式", "locrian": "洛克里亚调式"}
 # Style names as the corpus labels them (English) -> Chinese; unknown styles pass through.
-_STYLE_ZH = {"jig": "吉格舞曲", "reel": "里尔舞曲", "hornpipe": "角笛舞曲", "polka": "波尔卡",
-             "waltz": "圆舞曲", "march": "进行曲", "strathspey": "斯特拉斯佩舞曲",
-             "slip jig": "滑步吉格", "slide": "滑步舞曲", "air": "抒情曲", "slow air": "慢板抒情曲",
-             "song": "歌曲", "country dance": "乡村舞曲", "mazurka": "玛祖卡",
-             "schottische": "苏格兰慢步舞曲", "barndance": "谷仓舞曲", "set dance": "定式舞曲",
-             "chinese folk song": "中国民歌", "german folk song": "德国民歌",
-             "folk song": "民歌", "irish folk tune": "爱尔兰民间曲调",
-             "scottish folk tune": "苏格兰民间曲调", "english folk tune": "英格兰民间曲调",
-             "renaissance": "文艺复兴风格", "dance": "舞曲", "tune": "曲子"}
+_STYLE_ZH = STYLE_ZH
 _STYLE_EN = {v: k for k, v in _STYLE_ZH.items()}
 
 
@@ -317,7 +310,7 @@ def render_prompt(request: ComposeRequest, template_index: int | None = None,
 # --------------------------------------------------------------------------------------------
 # From a tune to a request and its ground-truth answer
 # --------------------------------------------------------------------------------------------
-_CHORD_RE = re.compile(r'"([A-G][^"]*)"')  # "^text", "_text", "<text", ">text", "@text" are not chords
+_CHORD_RE = abc.QUOTED_CHORD_RE  # "^text", "DC", "Fine" are annotations, not chords
 
 
 def _text_of(record_or_text: Any) -> str:
