@@ -87,12 +87,12 @@ CPU = Profile(
     transpositions=(),
     train_from_scratch=True,
     max_seq_len=512,
-    pt_max_steps=30,
-    sft_max_steps=30,
+    pt_max_steps=15,  # CI proves the pipeline from zero; the shipped model trained longer
+    sft_max_steps=15,
     batch_size=8,
     learning_rate=2e-3,
-    eval_steps=10,
-    save_steps=10,
+    eval_steps=5,
+    save_steps=5,
     eval_requests=8,
     max_new_tokens=400,
 )

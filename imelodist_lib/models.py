@@ -1,0 +1,388 @@
+"""Models: the chat template, IMelodist-tiny (tokenizer + Llama config), loading, InternLM2 -> Llama.
+
+Two model families share one interface:
+- IMelodist-tiny: a ~5M-parameter Llama with a byte-level BPE tokenizer trained on our own
+  continued-pretraining text, so the whole pipeline runs from zero on a laptop CPU.
+- InternLM2-chat-7B (IMelodist's base): loaded with its own remote code, 4-bit NF4 for QLoRA, or
+  converted once to a plain Llama checkpoint (`convert_internlm2_to_llama`) so that tools that
+  only know Llama (transformers without remote code, LMDeploy's Llama path) can serve it.
+Both use the same InternLM2 chat format (`CHAT_TEMPLATE`), so prompts are byte-identical.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from imelodist_lib.profiles import SYSTEM_PROMPT, Profile
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+
+# InternLM2's chat format, with the IMelodist system prompt added when the conversation has none.
+# `{% generation %}` marks the assistant's answer (and its closing <|im_end|>, so the model learns
+# to stop) for `return_assistant_tokens_mask`: TRL's assistant_only_loss trains on exactly these
+# tokens. The markers render to nothing, so inference sees the plain InternLM2 string.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM_PROMPT + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{ message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{ '\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Music-aware pre-tokenisation for IMelodist-tiny. BPE merges never cross a pre-token boundary,
+# so each ABC note (accidentals, letter, octave marks, length), bar line, chord symbol "..."
+# and tuplet marker is its own piece: tokens never straddle two notes, which keeps bar counting
+# learnable. English words with a non-note letter stay whole (" the", " reel"); runs of
+# note letters split into notes, a small price for prose such as "bed" or "cafe".
+ABC_PRETOKENIZE_PATTERN = "|".join([
+    r'"[^"\n]{0,24}"',                      # chord symbol / annotation: "Am7", "D/F#"
+    r"![^!\s]{1,16}!",                      # decoration: !trill!
+    r"\(\d(?::\d?){0,2}",                   # tuplet: (3  (3:2:3
+    r"(?<![^\n])[A-Za-z]:",                 # header field at line start: K: M: T:
+    r" ?[A-Za-z]*[H-Yh-wy][A-Za-z]*",       # a word containing a non-note letter
+    r"[_^=]{0,2}[A-Ga-g][,']*\d*/*\d*",     # note: ^^c' _B, =F G3/2 A/
+    r"[zZx]\d*/*\d*",                       # rest
+    r"[|:\]]*\|[|:\]]*\d?|::|\[\|?\d?|\]",  # bar lines, repeats, endings, chord brackets
+    r"\d+/\d+|\d+",                         # meters, lengths: 6/8 1/8 120
+    r"\p{Han}+",                            # Chinese: BPE learns words inside the run
+    r"[^\x00-\x7F\p{Han}]",                 # other non-ASCII (CJK punctuation, accents)
+    r"\n|[ \t]+",
+    r"[^\s\w]",                             # any other single symbol: ~ - > ( ) . ,
+])
+
+
+def _byte_level_pretokenizer(music_aware: bool):
+    from tokenizers import Regex, pre_tokenizers
+
+    if not music_aware:
+        # GPT-2's rule: letters, digits and symbols split apart ("G2" -> "G", "2").
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(ABC_PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, music_aware: bool = True,
+                    min_frequency: int = 2):
+    """Train IMelodist-tiny's byte-level BPE tokenizer on the continued-pretraining text (no UNK)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    texts = list(texts)
+    if not texts:
+        raise ValueError("train_tokenizer got no texts: pass the continued-pretraining 'text' column")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
+                         f"{256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = _byte_level_pretokenizer(music_aware)
+    tok.decoder = decoders.ByteLevel()
+    # keep the byte->unicode mapping only; offsets are not trimmed so decode is exact
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: no UNK, ever
+        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return _wrap_tokenizer(tok)
+
+
+def tokens_per_text(tokenizer, texts: Iterable[str]) -> float:
+    """Mean number of tokens per text: the sequence-length cost of a tokenizer on a corpus."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return sum(lengths) / max(1, len(lengths))
+
+
+def _wrap_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=IM_END, pad_token=PAD, unk_token=None,
+        additional_special_tokens=[EOS, IM_START], model_max_length=4096,
+        clean_up_tokenization_spaces=False)
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def tiny_config(vocab_size: int, hidden_size: int = 256, num_hidden_layers: int = 6,
+                num_attention_heads: int = 8, num_key_value_heads: int = 4,
+                intermediate_size: int = 768, max_position_embeddings: int = 2048,
+                bos_token_id: int | None = None, eos_token_id: int | None = None,
+                pad_token_id: int | None = None):
+    """IMelodist-tiny's LlamaConfig: InternLM2's shape (GQA, SwiGLU, RMSNorm, rotary), scaled down."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, use_cache=True)
+
+
+def new_tiny_model(tokenizer, seed: int = 0, **sizes):
+    """A freshly initialised IMelodist-tiny (LlamaForCausalLM) sized for `tokenizer`'s vocabulary."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    config = tiny_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sizes)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_model(model, tokenizer, directory: str | Path) -> Path:
+    """Save weights (safetensors), config, generation config and tokenizer with CHAT_TEMPLATE."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _offline_message(name: str) -> str:
+    return (f"cannot download {name} here: download it elsewhere "
+            f"(huggingface-cli download {name} --local-dir DIR) and pass DIR / "
+            f"set IMELODIST_BASE_MODEL=DIR")
+
+
+def _needs_remote_code(directory: Path) -> bool:
+    for name in ("config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            if "auto_map" in cfg or cfg.get("model_type") == "internlm2":
+                return True
+    return False
+
+
+def load_model(path_or_id: str | Path, profile: Profile | None = None, for_training: bool = False):
+    """Load (model, tokenizer) from a local dir or hub id; 4-bit NF4 when the profile asks and CUDA is here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(path_or_id)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        source, remote = str(local), _needs_remote_code(local)
+        if not (local / "config.json").is_file():
+            raise FileNotFoundError(f"{local} has no config.json: point at a saved model directory "
+                                    "(the 'final' or 'merged' folder a training stage wrote)")
+    elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and not local.exists():
+        source, remote = name, True  # hub InternLM2 needs its own code
+    else:
+        raise FileNotFoundError(f"model directory {name} does not exist: train it first "
+                                "(notebooks 02/03, python -m imelodist_lib.train) or pass a saved "
+                                "model directory / hub id")
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict = {"trust_remote_code": remote}
+    if profile is not None and profile.load_in_4bit and cuda:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("4-bit loading needs bitsandbytes: pip install bitsandbytes "
+                              "(or use a profile with load_in_4bit=False)") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        # one full 4-bit copy per process: under `accelerate launch` each rank takes its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    if profile is not None and profile.bf16 and cuda:
+        kwargs["dtype"] = torch.bfloat16
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if source == name and not local.exists():
+            raise OSError(_offline_message(name)) from err
+        raise
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        # InternLM2 ships no pad token; its EOS pads safely because padded labels are masked
+        tokenizer.pad_token = tokenizer.eos_token
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end is not None and im_end != tokenizer.unk_token_id:
+        # chat answers end with <|im_end|>; generation must stop there
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if im_end not in eos:
+            model.generation_config.eos_token_id = [im_end, *eos]
+    if for_training:
+        model.config.use_cache = False
+        if "quantization_config" in kwargs:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(profile and profile.gradient_checkpointing))
+    else:
+        model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- InternLM2 -> Llama
+
+_RENAMES = [
+    (re.compile(r"^model\.tok_embeddings\."), "model.embed_tokens."),
+    (re.compile(r"\.attention\.wo\."), ".self_attn.o_proj."),
+    (re.compile(r"\.feed_forward\.w1\."), ".mlp.gate_proj."),
+    (re.compile(r"\.feed_forward\.w3\."), ".mlp.up_proj."),
+    (re.compile(r"\.feed_forward\.w2\."), ".mlp.down_proj."),
+    (re.compile(r"\.attention_norm\."), ".input_layernorm."),
+    (re.compile(r"\.ffn_norm\."), ".post_attention_layernorm."),
+    (re.compile(r"^output\."), "lm_head."),
+]
+
+
+def llama_config_from_internlm2(cfg: dict):
+    """Map an InternLM2 config.json dict to the equivalent LlamaConfig."""
+    from transformers import LlamaConfig
+
+    if cfg.get("bias"):
+        raise ValueError("this InternLM2 checkpoint uses biases (bias=true); the Llama layout "
+                         "converter handles the bias-free InternLM2 models only")
+    rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("type") or scaling.get("rope_type")
+        # InternLM2's "dynamic" is HF's dynamic NTK (same formula); "linear" is HF's linear
+        rope = {**rope, "rope_type": kind, "factor": float(scaling["factor"])}
+    return LlamaConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        hidden_act=cfg.get("hidden_act", "silu"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_parameters=rope,
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2),
+        pad_token_id=cfg.get("pad_token_id"), attention_bias=False,
+        torch_dtype=cfg.get("torch_dtype", "bfloat16"))
+
+
+def split_wqkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split InternLM2's fused wqkv, laid out per kv group as [q_1..q_g, k, v], into q, k, v."""
+    per_group = num_heads // num_kv_heads
+    hidden = wqkv.shape[-1]
+    w = wqkv.reshape(num_kv_heads, per_group + 2, head_dim, hidden)
+    q = w[:, :per_group].reshape(num_heads * head_dim, hidden)
+    k = w[:, -2].reshape(num_kv_heads * head_dim, hidden)
+    v = w[:, -1].reshape(num_kv_heads * head_dim, hidden)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _weight_shards(src: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = src / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [src / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (src / single).is_file():
+            return [src / single]
+    raise FileNotFoundError(f"{src} has no weights (model.safetensors[.index.json] or "
+                            "pytorch_model.bin[.index.json]): pass an InternLM2 checkpoint directory")
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def convert_internlm2_state_dict(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Rename InternLM2 tensors to Llama names and split each fused wqkv into q/k/v projections."""
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg["hidden_size"] // heads
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith("attention.wqkv.weight"):
+            prefix = key[: -len("attention.wqkv.weight")]
+            q, k, v = split_wqkv(tensor, heads, kv, head_dim)
+            out[prefix + "self_attn.q_proj.weight"] = q
+            out[prefix + "self_attn.k_proj.weight"] = k
+            out[prefix + "self_attn.v_proj.weight"] = v
+            continue
+        if "rotary_emb.inv_freq" in key:
+            continue  # recomputed by Llama from rope_theta
+        new = key
+        for pattern, repl in _RENAMES:
+            new = pattern.sub(repl, new)
+        out[new] = tensor.contiguous()
+    return out
+
+
+def convert_internlm2_to_llama(src_dir: str | Path, dst_dir: str | Path) -> Path:
+    """Convert an InternLM2 checkpoint into a plain Llama one (config, safetensors shards, tokenizer)."""
+    from safetensors.torch import save_file
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} has no config.json: pass an InternLM2 checkpoint directory")
+    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if "wqkv" not in json.dumps(cfg) and cfg.get("model_type") != "internlm2":
+        raise ValueError(f"{src}/config.json is not an InternLM2 config (model_type="
+                         f"{cfg.get('model_type')!r}); nothing to convert")
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    shards = _weight_shards(src)
+    for i, shard in enumerate(shards, start=1):
+        converted = convert_internlm2_state_dict(_load_shard(shard), cfg)
+        if cfg.get("tie_word_embeddings"):
+            converted.pop("lm_head.weight", None)
+        name = ("model.safetensors" if len(shards) == 1
+                else f"model-{i:05d}-of-{len(shards):05d}.safetensors")
+        save_file(converted, str(dst / name), metadata={"format": "pt"})
+        for key, tensor in converted.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+        del converted
+    if len(shards) > 1:
+        (dst / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    llama = llama_config_from_internlm2(cfg)
+    llama.architectures = ["LlamaForCausalLM"]
+    llama.save_pretrained(dst)
+    for path in src.iterdir():
+        # the tokenizer keeps InternLM2's own (remote-code) classes; generation config carries over
+        if path.is_file() and (path.name.startswith(("tokenizer", "tokenization_"))
+                               or path.name in ("special_tokens_map.json", "generation_config.json",
+                                                "added_tokens.json")):
+            shutil.copy2(path, dst / path.name)
+    return dst
