@@ -188,7 +188,7 @@ def abc_grammar(meter: str, unit_length: str | Fraction, key: str, title: str | 
     if min_bars < 1 or max_bars < min_bars:
         raise ValueError(f"need 1 <= min_bars <= max_bars, got min_bars={min_bars}, max_bars={max_bars}")
 
-    header = f"X:1\n"
+    header = "X:1\n"
     # a free title is one short line of printable ASCII (no '<' '>' '|', so no chat marker or bar
     # line leaks in) or CJK text; whole characters only, so the bytes always decode
     title_rule = f'"T:" {_literal(title.strip())}' if title else f'"T:" {TITLE_CHARS}{{1,60}}'

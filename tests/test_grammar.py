@@ -19,24 +19,6 @@ from imelodist_lib.instructions import ComposeRequest
 HEADER = "X:1\nT:Test\nM:{m}\nL:1/8\nK:G\n"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A real (random-weight) chat model: tokenizer trained on ABC from music21's corpus."""
-    from music21 import corpus
-
-    from imelodist_lib.models import new_tiny_model, train_tokenizer
-
-    texts = [p.read_text(encoding="latin-1")[:20000] for p in corpus.getPaths(fileExtensions=("abc",))[:30]]
-    tokenizer = train_tokenizer(texts + ["你是专业的音乐作曲家 IMelodist 请创作一首曲子"], vocab_size=512)
-    model = new_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=128)
-    # a model this small decodes fastest on one thread; more threads only contend on shared CI cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, tokenizer
-    torch.set_num_threads(threads)
-
-
 def _generate(model, tokenizer, grammar: str, n: int, seed: int, max_new_tokens: int = 900) -> list[str]:
     messages = [{"role": "user", "content": "请创作一首曲子"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,

@@ -6,7 +6,6 @@ import csv
 import json
 import re
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 

@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback
 
 from imelodist_lib import train
-from imelodist_lib.models import IM_END, load_model, new_tiny_model, train_tokenizer
+from imelodist_lib.models import IM_END, load_model
 from imelodist_lib.profiles import SYSTEM_PROMPT, get_profile
 
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
