@@ -333,13 +333,9 @@ def header_fields(abc_text: str) -> tuple[dict[str, str], str]:
     return fields, ""
 
 
-def grammar_for_request(request: "ComposeRequest", unit_length: str = "1/8",
-                        bar_range: tuple[int, int] = REQUEST_BAR_RANGE) -> str:
-    """The guaranteed-valid grammar that answers one `ComposeRequest` (composing tasks only).
-
-    Meter, key and tempo come from the request, else from the seed tune (continuations),
-    else 4/4 in C; the length is `request.bars` when given (the chord count for chord tasks),
-    else `bar_range`; a continuation's seed bars are forced verbatim before the new ones."""
+def _request_grammar_args(request: "ComposeRequest", unit_length: str = "1/8",
+                          bar_range: tuple[int, int] = REQUEST_BAR_RANGE) -> dict:
+    """The `abc_grammar` arguments that answer one composing request (see grammar_for_request)."""
     if request.task == "describe":
         raise ValueError("task 'describe' answers in prose: constrained mode is for the composing "
                          "tasks (emotion, chords, theme_chords, continue)")
@@ -361,9 +357,32 @@ def grammar_for_request(request: "ComposeRequest", unit_length: str = "1/8",
         already, _ = _prefix_state(seed_body)
         max_bars = max(max_bars, already + 1)
         min_bars = min(max(min_bars, already + 1), max_bars)
-    return abc_grammar(meter, unit, key, title=title, min_bars=min_bars, max_bars=max_bars,
-                       tempo=request.tempo, chord_symbols=request.chords if request.task in
-                       ("chords", "theme_chords") else None, prefix_abc=prefix)
+    chords = request.chords if request.task in ("chords", "theme_chords") else None
+    return dict(meter=meter, unit_length=unit, key=key, title=title, min_bars=min_bars,
+                max_bars=max_bars, tempo=request.tempo, chord_symbols=chords, prefix_abc=prefix)
+
+
+def grammar_for_request(request: "ComposeRequest", unit_length: str = "1/8",
+                        bar_range: tuple[int, int] = REQUEST_BAR_RANGE) -> str:
+    """The guaranteed-valid grammar that answers one `ComposeRequest` (composing tasks only).
+
+    Meter, key and tempo come from the request, else from the seed tune (continuations),
+    else 4/4 in C; the length is `request.bars` when given (the chord count for chord tasks),
+    else `bar_range`; a continuation's seed bars are forced verbatim before the new ones."""
+    return abc_grammar(**_request_grammar_args(request, unit_length, bar_range))
+
+
+def token_budget(request: "ComposeRequest", unit_length: str = "1/8",
+                 bar_range: tuple[int, int] = REQUEST_BAR_RANGE) -> int:
+    """Generous max_new_tokens for a constrained answer: a tune cut off by the limit is invalid.
+
+    Bound: the longest tune the grammar allows, at two tokens per grammar step (a note and a
+    space), plus bar lines, chord symbols, the header and a forced continuation prefix."""
+    args = _request_grammar_args(request, unit_length, bar_range)
+    bars = max(args["max_bars"], len(args["chord_symbols"] or ()))
+    steps = plan_bars(args["meter"], args["unit_length"]).bar_steps
+    prefix = len(args["prefix_abc"] or "")
+    return bars * (2 * steps + 8) + 64 + prefix
 
 
 def grammar_accepts(grammar: str, text: str) -> bool:

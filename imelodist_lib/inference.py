@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from imelodist_lib import abc
-from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor, stop_token_ids
+from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor, stop_token_ids, token_budget
 from imelodist_lib.instructions import ComposeRequest, render_prompt
 from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
 
@@ -590,7 +590,8 @@ class Composer:
         messages = self.messages_for(request, template_index)
         if constrained and max_new_tokens is None:
             # a tune cut off by the token limit is not valid: give the grammar's longest tunes room
-            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS)
+            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS,
+                                 token_budget(request))
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         raws = self.engine.generate(messages, n, sampling, grammar)
         req = request if isinstance(request, ComposeRequest) else None
@@ -621,7 +622,8 @@ class Composer:
                 raise ValueError("constrained=True needs a ComposeRequest to build the grammar from")
             messages = self._conversation(request_or_messages)
         if grammar is not None and max_new_tokens is None:
-            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS)
+            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS,
+                                 token_budget(request_or_messages))
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         yield from self.engine.stream(messages, sampling, grammar)
 

@@ -13,6 +13,7 @@ import torch
 
 from imelodist_lib import abc
 from imelodist_lib.grammar import (abc_grammar, compile_grammar, grammar_accepts, grammar_for_request,
+                                   token_budget,
                                    grammar_logits_processor, plan_bars)
 from imelodist_lib.instructions import ComposeRequest
 
@@ -125,3 +126,12 @@ def test_describe_has_no_grammar():
 
 def test_unit_length_as_fraction():
     assert abc_grammar("2/4", Fraction(1, 16), "C", max_bars=2, min_bars=1).count("L:1/16") == 1
+
+
+def test_token_budget_covers_the_longest_tune_the_grammar_allows():
+    # 40 chords of 4/2 at L:1/8: a budget fixed at 1024 tokens cut such answers off (invalid)
+    long = ComposeRequest("chords", lang="en", chords=["G", "Am"] * 20, meter="4/2", key="G")
+    short = ComposeRequest("chords", lang="en", chords=["G", "C", "D", "G"], meter="3/4", key="G")
+    steps = plan_bars("4/2", "1/8").bar_steps
+    assert token_budget(long) >= 40 * 2 * steps
+    assert token_budget(short) < token_budget(long)

@@ -230,6 +230,9 @@ class _ChatServer(BaseHTTPRequestHandler):
 def server(tiny):
     handler = type("Handler", (_ChatServer,), {"model": tiny[0], "tokenizer": tiny[1]})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    # Request threads must finish before the process exits: a daemon thread still inside torch's
+    # generate at exit aborts the interpreter (the timeout test leaves one running).
+    httpd.daemon_threads = False
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
