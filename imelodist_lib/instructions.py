@@ -329,12 +329,15 @@ def _tune_of(record_or_text: Any) -> abc.Tune:
 
 
 def _with_header(tune: abc.Tune, *, title: str | None = None, tempo: int | None = None) -> str:
-    """The tune as normalised ABC with T: replaced by `title` (when given) and Q: exactly
-    `tempo` (Q:1/4=tempo) or absent — so the answer carries exactly the requested header."""
-    fields = [(k, v) for k, v in tune.fields
-              if k not in ("X", "Q") and not (k == "T" and title is not None)]
-    if title is not None:
-        fields.insert(0, ("T", title))
+    """The tune as normalised ABC with one T: (`title` when given), M:, L:, K: and Q: exactly
+    `tempo` (Q:1/4=tempo) or absent — so the answer carries exactly the requested header.
+
+    Source fields nobody asked for (O: origin, R: rhythm, C:, further T: lines) are left out:
+    a small model would learn to invent them instead of copying the requested key and meter."""
+    first_title = next((v for k, v in tune.fields if k == "T"), None)
+    fields = [(k, v) for k, v in tune.fields if k in ("M", "L", "K")]
+    if title is not None or first_title is not None:
+        fields.insert(0, ("T", title if title is not None else first_title))
     if tempo is not None:
         fields.insert(len(fields) - 1 if fields and fields[-1][0] == "K" else len(fields),
                       ("Q", f"1/4={tempo}"))
