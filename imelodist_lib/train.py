@@ -227,14 +227,17 @@ def _run(stage: str, profile: Profile, data, model, tokenizer, base: str, output
     return result
 
 
-def _pt_data(profile: Profile, datasets, progress: bool):
+def _stage_data(profile: Profile, datasets, stage: str, column: str, progress: bool):
+    """The DatasetDict a stage trains on (`datasets[stage]`, built by load_datasets when None),
+    checked for a 'train' split of `column` records."""
     if datasets is None:
         from imelodist_lib.instructions import load_datasets
 
         datasets = load_datasets(profile, progress=progress)
-    data = datasets["pt"] if "pt" in datasets else datasets
-    if "train" not in data or "text" not in data["train"].column_names:
-        raise ValueError("continued pretraining needs a DatasetDict with a 'train' split of 'text' "
+    data = datasets[stage] if stage in datasets else datasets
+    if "train" not in data or column not in data["train"].column_names:
+        what = "continued pretraining" if stage == "pt" else "instruction tuning"
+        raise ValueError(f"{what} needs a DatasetDict with a 'train' split of '{column}' "
                          "records: build it with notebook 01 / instructions.load_datasets(profile)")
     return data
 
@@ -247,7 +250,7 @@ def continued_pretraining(profile: Profile | None = None, output_dir: str | Path
     profile = profile or get_profile()
     output_dir = Path(output_dir) if output_dir else profile.run_dir / "pt"
     output_dir.mkdir(parents=True, exist_ok=True)
-    data = _pt_data(profile, datasets, progress)
+    data = _stage_data(profile, datasets, "pt", "text", progress)
     from transformers import PreTrainedTokenizerFast, set_seed
 
     set_seed(profile.seed)
@@ -282,14 +285,7 @@ def instruction_tuning(profile: Profile | None = None, base_dir: str | Path | No
                                 "(notebook 02 or python -m imelodist_lib.train --stage pt) or pass base_dir")
     output_dir = Path(output_dir) if output_dir else profile.run_dir / "sft"
     output_dir.mkdir(parents=True, exist_ok=True)
-    if datasets is None:
-        from imelodist_lib.instructions import load_datasets
-
-        datasets = load_datasets(profile, progress=progress)
-    data = datasets["sft"] if "sft" in datasets else datasets
-    if "train" not in data or "messages" not in data["train"].column_names:
-        raise ValueError("instruction tuning needs a DatasetDict with a 'train' split of 'messages' "
-                         "chats: build it with notebook 01 / instructions.load_datasets(profile)")
+    data = _stage_data(profile, datasets, "sft", "messages", progress)
     from transformers import set_seed
 
     set_seed(profile.seed)
