@@ -46,11 +46,31 @@ def time_novelty(index: ev.NoveltyIndex, queries: list[str]) -> dict:
     return out
 
 
+def _prompt_section(reads_prompt: dict | None, copying: dict | None) -> list[str]:
+    """Markdown: does the model read the request (forced choice on the header) and copy from context."""
+    if not reads_prompt:
+        return []
+    rows = [f"| {f} | {r['n']} | {r['candidates']} | {r['asked']:.2f} | {r['swapped']:.2f} "
+            f"[{r['swapped_interval'][0]:.2f}, {r['swapped_interval'][1]:.2f}] | {1 / r['candidates']:.2f} |"
+            for f, r in reads_prompt.items()]
+    return ["## Does the model read the request?", "",
+            "Forced choice (`evaluation.prompt_following`): after the reference answer's header up to "
+            "`K:`/`M:`, which candidate value is likeliest? *swapped*: the same request asking for "
+            "another value; a model that ignores the prompt scores about chance there.", "",
+            "| field | requests | candidates | asked value wins | swapped value wins [95 %] | chance |",
+            "|---|---|---|---|---|---|", *rows, "",
+            f"In-context copying (`evaluation.copy_test`, 8 x 50 random tokens written twice): loss "
+            f"{copying['first_copy_loss']:.2f} nats/token on the first copy, "
+            f"{copying['second_copy_loss']:.2f} on the second (gain {copying['copy_gain']:.2f}; "
+            f"uniform would be {copying['uniform_loss']:.2f}).", ""]
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark and write the results files; returns the JSON payload."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32, help="benchmark requests (notebook: 8)")
     ap.add_argument("--samples", type=int, default=2, help="answers per request")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the model")
     ap.add_argument("--train-tunes", type=int, default=0, help="0: the whole training split")
     ap.add_argument("--novelty-queries", type=int, default=200)
     ap.add_argument("--model", default=None, help="default: profile.composer_model")
@@ -76,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings["ngram_compose_s"] = time.perf_counter() - t0
 
     model_name = args.model or profile.composer_model
-    perplexity = None
+    perplexity = reads_prompt = copying = None
     try:
         from imelodist_lib.inference import Composer
         from imelodist_lib.models import load_model
@@ -89,11 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
         composer = Composer(model, tokenizer=tokenizer, profile=profile)
         for name, constrained in (("tiny raw", False), ("tiny valid-mode", True)):
             t0 = time.perf_counter()
-            systems[name] = ev.collect_answers(composer, requests, n=args.samples, constrained=constrained)
+            systems[name] = ev.collect_answers(composer, requests, n=args.samples, constrained=constrained,
+                                               temperature=args.temperature)
             timings[f"{name.replace(' ', '_')}_compose_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         perplexity = ev.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)
         timings["perplexity_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reads_prompt = {f: vars(ev.prompt_following(model, tokenizer, systems["human"], f))
+                        for f in ("key", "meter")}
+        copying = ev.copy_test(model, tokenizer)
+        timings["prompt_test_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     results = ev.evaluate_systems(systems, index, music21_sample=64)
@@ -109,21 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "profile": profile.name, "model": str(model_name) if model is not None else None,
-        "requests": len(requests), "samples_per_request": args.samples,
+        "requests": len(requests), "samples_per_request": args.samples, "temperature": args.temperature,
         "train_tunes": len(train), "test_tunes": len(test),
-        "perplexity_test": perplexity, "timings": timings, "novelty_index": novelty,
+        "perplexity_test": perplexity, "prompt_following": reads_prompt, "copy_test": copying,
+        "timings": timings, "novelty_index": novelty,
         "systems": {r.system: [vars(s) for s in r.summary] for r in results},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluation.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1,
                                                          default=float), encoding="utf-8")
-    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, CPU profile)", "",
+    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, temperature "
+          f"{args.temperature:g}, CPU profile)", "",
           f"Command: `{payload['command']}`", "",
           "Each cell: mean [95 % interval] n=answers (Wilson for rates, seeded bootstrap for means; "
           "requests are the independent units).",
           "", ev.markdown_table(results),
           f"Perplexity of the model on 64 held-out test tunes: "
           f"{perplexity:.2f}" if perplexity else "No model evaluated (none found).", "",
+          *_prompt_section(reads_prompt, copying),
           "## Novelty index speed", "",
           f"{novelty['queries']} queries against {novelty['train_tunes']} training tunes:", "",
           "| search | queries/s | same best similarity as brute force | largest shortfall | "

@@ -1156,6 +1156,133 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_len: int = 
 
 
 # --------------------------------------------------------------------------------------------
+# Does the model read the request? A forced-choice test on the answer's header
+# --------------------------------------------------------------------------------------------
+PROBE_VALUES = {
+    "meter": ("2/4", "3/4", "4/4", "6/8", "3/8", "9/8", "C", "C|"),
+    "key": ("C", "G", "D", "A", "E", "F", "Bb", "Eb", "Am", "Em", "Dm", "Gm"),
+}
+_HEADER_LETTER = {"meter": "M", "key": "K"}
+
+
+@dataclass
+class PromptFollowing:
+    """Forced-choice prompt test for one header field (see `prompt_following`)."""
+
+    field: str
+    n: int  # requests that name the field
+    candidates: int  # values scored per request (chance = 1 / candidates)
+    asked: float  # share where the requested value is the likeliest
+    swapped: float  # share where, asked for another value, that value is the likeliest
+    swapped_interval: tuple[float, float] = (0.0, 0.0)
+
+
+def _answer_loglik(model: Any, tokenizer: Any, prompt_ids: list[int], answers: Sequence[str]) -> list[float]:
+    """Summed log-probability of each answer text after the same chat prompt (one batch)."""
+    import torch
+
+    rows = [prompt_ids + tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None].to(device))[..., 0]
+    start = len(prompt_ids) - 1  # the first answer token is predicted at the prompt's last position
+    return [float(logp[i, start:len(r) - 1].sum()) for i, r in enumerate(rows)]
+
+
+def prompt_following(model: Any, tokenizer: Any, pairs: Sequence[Pair], field: str,
+                     seed: int = 0) -> PromptFollowing:
+    """Does the model take the key or meter from the request? For every (request, reference
+    answer) that names `field`, the answer's header up to `K:`/`M:` is followed by each candidate
+    value (`PROBE_VALUES` plus the requested one) and the likeliest is the model's choice.
+    `asked`: the requested value wins. `swapped`: the request is re-rendered asking for another
+    candidate (seeded), same wording otherwise; a model that ignores the prompt and picks by its
+    prior wins here at most about 1/candidates of the time. Needs no sampling: seconds on a CPU."""
+    from imelodist_lib.instructions import render_prompt
+    from imelodist_lib.profiles import SYSTEM_PROMPT
+
+    if field not in _HEADER_LETTER:
+        raise ValueError(f"field must be 'key' or 'meter', got {field!r}")
+    letter = _HEADER_LETTER[field]
+    rng = random.Random(seed)
+    asked_hits, swapped_hits, n, width = 0, 0, 0, 0
+    was_training = model.training
+    model.eval()
+    for request, reference in pairs:
+        value = getattr(request, field)
+        at = re.search(rf"^{letter}:", reference, re.M)
+        if value is None or at is None:
+            continue
+        prefix = reference[:at.end()]
+        candidates = sorted(set(PROBE_VALUES[field]) | {value})
+        other = rng.choice([c for c in candidates if c != value])
+        width = len(candidates)
+        template_seed = rng.randrange(2**32)
+        for wanted in (value, other):
+            asking = request if wanted == value else _with_field(request, field, wanted)
+            user = render_prompt(asking, rng=random.Random(template_seed))
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+            prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                            return_dict=True)["input_ids"])
+            scores = _answer_loglik(model, tokenizer, prompt_ids, [f"{prefix}{c}\n" for c in candidates])
+            best = candidates[int(np.argmax(scores))]
+            if wanted == value:
+                asked_hits += best == value
+            else:
+                swapped_hits += best == other
+        n += 1
+    if was_training:
+        model.train()
+    if n == 0:
+        raise ValueError(f"prompt_following: no request names a {field}")
+    return PromptFollowing(field=field, n=n, candidates=width, asked=asked_hits / n,
+                           swapped=swapped_hits / n, swapped_interval=wilson_interval(swapped_hits, n))
+
+
+def copy_test(model: Any, tokenizer: Any, length: int = 50, n: int = 8, seed: int = 0) -> dict[str, float]:
+    """In-context copying ("induction") test: `n` sequences of `length` random tokens, each
+    written twice. A model that can copy from its context predicts the second copy far better
+    than the first (loss near 0 for large models); one that cannot scores both near
+    log(vocabulary). Returns the mean loss (nats/token) on each half and their difference."""
+    import torch
+
+    vocab = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pool = torch.tensor([i for i in range(vocab) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    seq = pool[torch.randint(len(pool), (n, length), generator=generator)]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else int(pool[0])
+    ids = torch.cat([torch.full((n, 1), bos), seq, seq], dim=1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device)).logits.float()
+    if was_training:
+        model.train()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None].to(device))[..., 0]
+    first, second = float(nll[:, 1:length].mean()), float(nll[:, length + 1:].mean())
+    return {"first_copy_loss": first, "second_copy_loss": second, "copy_gain": first - second,
+            "uniform_loss": math.log(vocab)}
+
+
+def _with_field(request: ComposeRequest, field: str, value: str) -> ComposeRequest:
+    """The request asking for another key or meter; a continuation's given bars follow it."""
+    from dataclasses import replace
+
+    changed = replace(request, **{field: value})
+    if request.seed_abc:
+        letter = _HEADER_LETTER[field]
+        changed = replace(changed, seed_abc=re.sub(rf"^{letter}:.*$", f"{letter}:{value}",
+                                                   request.seed_abc, count=1, flags=re.M))
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
 # Reports: tables, files, plots
 # --------------------------------------------------------------------------------------------
 def comparison_table(results: Sequence[EvaluationResult], metrics: Sequence[str] | None = None):

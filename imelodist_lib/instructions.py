@@ -967,6 +967,73 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
     return out
 
 
+PHRASE_TASK = "phrase"  # the records' task tag; their requests are ordinary "emotion" requests
+PHRASE_BARS = (4, 8)
+PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
+
+
+def phrase_request(record: Any, lang: str, rng: random.Random) -> tuple[ComposeRequest, str]:
+    """One short chat's request and answer: the tune moved by a random interval, its opening
+    4 or 8 bars (4 when the tune is shorter than 9) as the answer, and an "emotion" request that always names key and meter and
+    asks for exactly that many bars. Raises ValueError when the tune is too short."""
+    shift = rng.choice(PHRASE_SHIFTS)
+    moved = abc.transpose(_text_of(record), shift) if shift else _text_of(record)
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        moved_record = dataclasses.replace(record, abc=moved)
+    else:
+        moved_record = moved
+    tune = _tune_of(moved_record)
+    pickup = abc.check_bars(tune).bars[0].kind == "pickup"
+    fits = [n for n in PHRASE_BARS if count_bars(moved) >= n + pickup + 1]  # a phrase, not the tune
+    if not fits:
+        raise ValueError(f"tune {getattr(record, 'id', '?')} is too short for a "
+                         f"{PHRASE_BARS[0]}-bar phrase")
+    take = rng.choice(fits) + pickup
+    request = request_from_tune(moved_record, "emotion", lang, rng)
+    request = dataclasses.replace(request, key=tune.key, meter=tune.meter, bars=None)
+    answer = close_phrase(_seed_bars(target_for(moved_record, request), take))
+    return dataclasses.replace(request, bars=count_bars(answer)), answer
+
+
+FINAL_BARLINE = re.compile(r"(?:::|:\|\]|:\|\||:\||\|\]|\|\||\|)\s*$")
+
+
+def close_phrase(text: str) -> str:
+    """A tune's opening bars made a tune of their own: the barline they were cut at becomes a
+    final `|]`, or `:|` where a repeat is still open (a cut at `::` or inside `|: ... :|`), so
+    the strict validator accepts it. Raises ValueError when neither gives valid ABC."""
+    body = FINAL_BARLINE.sub("", text.rstrip())
+    for closing in ("|]", ":|"):
+        if abc.validate(body + closing + "\n").ok:
+            return body + closing + "\n"
+    raise ValueError("cannot close the phrase with |] or :|")
+
+
+def phrase_records(records: Sequence[Any], profile: Profile,
+                   rng: random.Random | int | None = None) -> list[dict]:
+    """`profile.phrase_chats_per_tune` short chats per tune (train split only, like identity).
+
+    Why: a full-tune answer carries its key and meter in two header tokens out of hundreds, and a
+    small model trained for an hour learns to ignore the request (see the model card's prompt
+    test). These chats are short, always state key, meter and length, and move the tune to a
+    random key so the request, not the melody, decides K:. Tunes too short for a phrase are
+    skipped (none of the corpus's are: its tunes have >= `min_bars` bars)."""
+    rng = _as_rng(rng, profile)
+    base = rng.randrange(2**32)
+    out: list[dict] = []
+    for record in records:
+        for j in range(profile.phrase_chats_per_tune):
+            tune_rng = random.Random(f"{base}/{record.id}/phrase{j}")
+            lang = LANGS[tune_rng.randrange(len(LANGS))]
+            try:
+                request, answer = phrase_request(record, lang, tune_rng)
+            except (ValueError, abc.ABCError):
+                continue
+            user = render_prompt(request, rng=tune_rng)
+            out.append(chat_record(request, user, answer, record.id, PHRASE_TASK))
+    return out
+
+
 def to_xtuner(chat_records: Iterable[dict]) -> list[dict]:
     """XTuner's single-turn custom-dataset form `{"conversation": [{"system","input","output"}]}`
     (what its docs recommend for custom data and what `openai_map_fn` produces from
@@ -1041,7 +1108,7 @@ def _settings(profile: Profile, knowledge_dir: Path) -> dict:
     """The knobs that shape the datasets: a change here means the files must be rebuilt."""
     keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "max_bar_errors",
             "transpositions",
-            "val_fraction", "test_fraction", "instructions_per_tune", "seed")
+            "val_fraction", "test_fraction", "instructions_per_tune", "phrase_chats_per_tune", "seed")
     out: dict[str, Any] = {k: getattr(profile, k) for k in keys}
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
     out["knowledge_dir"] = Path(knowledge_dir).name  # name only: paths differ between machines
@@ -1118,12 +1185,18 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
         sft_rows = build_instruction_records(
             by_split[split], profile, random.Random(f"{profile.seed}/{split}"),
             identity=identity if split == "train" else None, progress=progress)
+        phrases = phrase_records(by_split[split], profile, random.Random(f"{profile.seed}/phrase")) \
+            if split == "train" else []
+        sft_rows += phrases
         _write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
         counts["sft"][split] = summarize(sft_rows)
         # Nothing vanishes uncounted: tunes that could serve no task kind at all.
-        made = sum(r["task"] != IDENTITY_TASK for r in sft_rows)
+        made = sum(r["task"] not in (IDENTITY_TASK, PHRASE_TASK) for r in sft_rows)
         counts["sft"][split]["tunes_without_instruction"] = (
             len(by_split[split]) * max(1, profile.instructions_per_tune) - made)
+        if split == "train":
+            counts["sft"][split]["phrase_skipped"] = (
+                len(by_split[split]) * profile.phrase_chats_per_tune - len(phrases))
         if split == "train":
             counts["xtuner_sft_train"] = _write_jsonl(to_xtuner(sft_rows), files.xtuner_sft_train)
     manifest = {

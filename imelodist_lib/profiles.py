@@ -36,6 +36,9 @@ class Profile:
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     instructions_per_tune: int = 1
+    # extra short chats per train tune: "a 4- or 8-bar phrase in key K, meter M", answered with
+    # the tune's opening transposed to a random key (instructions.phrase_records)
+    phrase_chats_per_tune: int = 0
     seed: int = 0
     # --- models and training (notebooks 02, 03) ---
     base_model: str = str(SHIPPED_MODEL_DIR)  # local path or hub id
@@ -85,6 +88,7 @@ CPU = Profile(
     device="cpu",
     max_tunes=None,
     transpositions=(),
+    phrase_chats_per_tune=2,  # dense key/meter/length signal for a small model (model card)
     train_from_scratch=True,
     max_seq_len=512,
     pt_max_steps=15,  # CI proves the pipeline from zero; the shipped model trained longer

@@ -122,6 +122,9 @@ def _sft_config(profile: Profile, output_dir: Path, stage: str, max_steps: int |
         max_length=profile.max_seq_len,
         packing=packing,
         packing_strategy=strategy,
+        # unpacked chats: batch similar lengths together (short phrase chats beside full tunes
+        # would otherwise pad to the longest row in the batch)
+        train_sampling_strategy="random" if packing else "group_by_length",
         dataset_text_field="text",
         assistant_only_loss=(stage == "sft"),
         include_num_input_tokens_seen="non_padding",

@@ -341,3 +341,70 @@ def test_ngram_writer_spells_every_pitch_so_it_reads_back(key):
     body = " ".join(writer.note(p, Fraction(1, 2)) for p in pitches)
     text = f"X:1\nT:w\nM:{len(pitches)}/8\nL:1/8\nK:{key}\n{body} |]\n"
     assert [e.pitch for e in abc.events(text)] == pitches
+
+
+# ------------------------------------------------------------------ prompt following
+def test_answer_loglik_is_the_models_own_likelihood_of_each_answer(tiny):
+    import torch
+
+    model, tok = tiny
+    prompt = tok.apply_chat_template([{"role": "user", "content": "M:6/8"}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    answers = ["X:1\nM:6/8\n", "X:1\nM:C|\n", "X:1\nM:2/4\nL:1/8\n"]  # unequal lengths: padding
+    got = ev._answer_loglik(model, tok, list(prompt), answers)
+    for answer, score in zip(answers, got):
+        ids = torch.tensor([list(prompt) + tok(answer, add_special_tokens=False)["input_ids"]])
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=labels).loss)
+        n_answer = ids.shape[1] - len(prompt)
+        assert score == pytest.approx(-loss * n_answer, rel=1e-4)
+
+
+def test_prompt_following_counts_requests_and_swaps_the_prompt_text(tiny, real_tunes):
+    model, tok = tiny
+    test = [r for r in real_tunes if r.split == "test"]
+    pairs = ev.human_reference(test, get_profile("cpu"), n=8)
+    for field in ("key", "meter"):
+        naming = sum(getattr(r, field) is not None for r, _ in pairs)
+        if naming == 0:
+            with pytest.raises(ValueError, match="no request names"):
+                ev.prompt_following(model, tok, pairs, field)
+            continue
+        got = ev.prompt_following(model, tok, pairs, field)
+        assert got.n == naming and got.candidates >= len(ev.PROBE_VALUES[field])
+        assert 0.0 <= got.asked <= 1.0 and 0.0 <= got.swapped <= 1.0
+        assert got == ev.prompt_following(model, tok, pairs, field)  # seeded: same answer twice
+    with pytest.raises(ValueError, match="'key' or 'meter'"):
+        ev.prompt_following(model, tok, pairs, "tempo")
+    # The swapped request asks for the other value everywhere the prompt shows it, given bars too.
+    cont = next(r for r, _ in pairs if r.task == "continue")
+    swapped = ev._with_field(cont, "meter", "9/8")
+    assert swapped.meter == "9/8" and "\nM:9/8\n" in swapped.seed_abc
+    assert swapped.seed_abc.replace("M:9/8", f"M:{cont.meter}", 1) == cont.seed_abc
+
+
+def test_copy_test_sees_a_model_that_copies(tiny):
+    """An untrained model gains nothing on the repeated half; the same model with its logits
+    made to echo the token `length` positions back (a perfect copier) gains about log(vocab)."""
+    import torch
+
+    model, tok = tiny
+    plain = ev.copy_test(model, tok, length=20, n=4)
+    assert abs(plain["copy_gain"]) < 0.5
+    assert plain["first_copy_loss"] == pytest.approx(plain["uniform_loss"], abs=1.0)
+
+    class Copier(torch.nn.Module):  # a real module with the model's interface, no weights to learn
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, len(tok))
+            back = torch.roll(input_ids, shifts=20 - 1, dims=1)  # what followed this token last time
+            logits.scatter_(2, back[..., None], 30.0)
+            return type("Out", (), {"logits": logits})()
+
+    copier = ev.copy_test(Copier(), tok, length=20, n=4)
+    assert copier["second_copy_loss"] < 0.01 and copier["copy_gain"] > 5

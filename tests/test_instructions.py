@@ -264,6 +264,42 @@ def test_instruction_records_are_balanced(tunes):
     assert ins.build_instruction_records(tunes, profile, random.Random(0)) == rows
 
 
+def test_phrase_chats_state_key_meter_and_length_and_move_the_key(tunes):
+    profile = get_profile("cpu", phrase_chats_per_tune=3)
+    rows = ins.phrase_records(tunes, profile, random.Random(0))
+    assert rows == ins.phrase_records(tunes, profile, random.Random(0))  # seeded
+    assert 0 < len(rows) <= 3 * len(tunes)
+    moved = 0
+    for row in rows:
+        assert row["task"] == ins.PHRASE_TASK
+        req = ins.ComposeRequest.from_dict(row["request"])
+        answer = row["messages"][2]["content"]
+        tune = abc.parse_tune(answer)
+        assert abc.validate(answer).ok
+        # exactly what the request states: key, meter, number of bars (a pickup counts, as in
+        # every other request's length clause)
+        assert (tune.key, tune.meter) == (req.key, req.meter)
+        assert req.bars == ins.count_bars(answer) and req.bars in (4, 5, 8, 9)
+        user = row["messages"][1]["content"]
+        assert f"K:{req.key}" in user and f"M:{req.meter}" in user and str(req.bars) in user
+        source = next(t for t in tunes if t.id == row["tune_id"])
+        moved += tune.key != abc.parse_tune(source.abc).key
+        # the answer is the opening of the (moved) source tune: same notes, once transposed back
+        notes = ins.FINAL_BARLINE.sub("", answer.split("K:", 1)[1].split("\n", 1)[1].rstrip())
+        assert any((abc.transpose(source.abc, s) if s else abc.normalize(source.abc))
+                   .split("K:", 1)[1].split("\n", 1)[1].startswith(notes) for s in ins.PHRASE_SHIFTS)
+        assert answer.rstrip().endswith(("|]", ":|"))
+    assert moved >= len(rows) // 2  # 11 of 12 shifts change the key
+    assert ins.phrase_records(tunes, get_profile("cpu", phrase_chats_per_tune=0)) == []
+
+
+def test_close_phrase_ends_the_cut_and_closes_open_repeats():
+    head = "X:1\nM:2/4\nL:1/8\nK:G\n"
+    assert ins.close_phrase(head + "GABc|d2B2|\n") == head + "GABc|d2B2|]\n"
+    assert ins.close_phrase(head + "|:GABc|d2B2::\n") == head + "|:GABc|d2B2:|\n"
+    assert ins.close_phrase(head + "GABc|[GB]2[Ac]2|\n") == head + "GABc|[GB]2[Ac]2|]\n"  # chord kept
+
+
 def test_to_xtuner_shape():
     rec = ins.chat_record(ins.ComposeRequest("emotion", "en"), "Compose a tune.", "X:1\nK:C\nC4|]\n", "t#1")
     [row] = ins.to_xtuner([rec])
@@ -288,6 +324,9 @@ def test_build_datasets_is_deterministic(tunes, knowledge_dir, tmp_path, monkeyp
     assert manifest["counts"]["pt"]["train"]["records"] == n_train + len(knowledge)
     assert manifest["counts"]["pt"]["validation"]["records"] == 1  # tunes only: val loss = music
     assert manifest["counts"]["sft"]["train"]["tunes_without_instruction"] == 0
+    phrases = manifest["counts"]["sft"]["train"]["by_task"].get(ins.PHRASE_TASK, 0)
+    assert phrases + manifest["counts"]["sft"]["train"]["phrase_skipped"] == \
+        n_train * profile.phrase_chats_per_tune > 0  # every tune accounted for
     assert manifest["files"]["sft_train"]["sha256"] == ins._sha256(a.sft_train)
     val_text = a.pt_validation.read_text(encoding="utf-8")
     assert "巴赫" not in val_text and val_text.startswith('{"text": "X:1')
