@@ -1178,20 +1178,33 @@ class PromptFollowing:
 
 
 def _answer_loglik(model: Any, tokenizer: Any, prompt_ids: list[int], answers: Sequence[str]) -> list[float]:
-    """Summed log-probability of each answer text after the same chat prompt (one batch)."""
+    """Summed log-probability of each answer text after the same chat prompt. The tokens all
+    rows share (the prompt and the common start of the answers) run once, with a KV cache that
+    the rows' own endings then extend in one batch: a candidate costs its few last tokens."""
     import torch
 
     rows = [prompt_ids + tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    shared = len(prompt_ids)
+    while all(len(r) > shared for r in rows) and len({r[shared] for r in rows}) == 1:
+        shared += 1
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None].to(device))[..., 0]
-    start = len(prompt_ids) - 1  # the first answer token is predicted at the prompt's last position
-    return [float(logp[i, start:len(r) - 1].sum()) for i, r in enumerate(rows)]
+        head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True)
+        head_logp = torch.log_softmax(head.logits[0].float(), dim=-1)
+        # the answer's shared start, scored once (row i's total includes it), then the token after it
+        common = sum(float(head_logp[j - 1, rows[0][j]]) for j in range(len(prompt_ids), shared))
+        first = head_logp[-1]  # predicts token `shared`
+        tails = [r[shared:] for r in rows]
+        width = max(len(t) for t in tails)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=device)
+        mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails], device=device)
+        name = "cache" if "cache" in head.keys() else "past_key_values"  # transformers >= 5.2 says "cache"
+        cache = head[name]
+        cache.batch_repeat_interleave(len(rows))
+        logits = model(input_ids=ids, attention_mask=mask, **{name: cache}).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+    return [common + float(first[t[0]]) + float(logp[i, :len(t) - 1].sum()) for i, t in enumerate(tails)]
 
 
 def prompt_following(model: Any, tokenizer: Any, pairs: Sequence[Pair], field: str,

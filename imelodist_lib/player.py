@@ -882,7 +882,9 @@ class Playground:
                                        max=4096, step=16, description="max tokens", style=style)
         f.n = W.IntSlider(value=1, min=1, max=8, description="samples", style=style)
         f.seed = W.BoundedIntText(value=-1, min=-1, max=2**31 - 1, description="seed (-1 random)", style=style)
-        f.constrained = W.Checkbox(value=False, description="guaranteed-valid ABC (grammar)", indent=False)
+        # on by default: a small model sampled freely gets many bars wrong (model card); untick to
+        # hear what the model writes on its own
+        f.constrained = W.Checkbox(value=True, description="guaranteed-valid ABC (grammar)", indent=False)
         self.compose_button = W.Button(description="Compose", button_style="primary", icon="music")
         self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="200px"))
         self.status = W.HTML()
