@@ -1,12 +1,13 @@
 """Evaluation at a larger CPU size than notebook 06, plus the novelty index's speed.
 
-    python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--train-tunes 0]
+    python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--temperatures 0.5,1.0]
 
 Writes benchmarks/results/evaluation.json (every figure and the command that made it) and
 benchmarks/results/evaluation.md (the comparison table the README links). Systems: the human
-reference, the n-gram baseline, and the profile's composer model raw and in guaranteed-valid
-mode when it exists. The novelty index is timed against brute force over the whole training
-split (queries per second, and whether the pruned search finds the same best similarity).
+reference, the n-gram baseline, and the profile's composer model when it exists: sampled freely
+at each temperature ("raw": the profile's default and 1.0) and in guaranteed-valid mode. The
+novelty index is timed against brute force over the whole training split (queries per second,
+and whether the pruned search finds the same best similarity).
 """
 from __future__ import annotations
 
@@ -70,13 +71,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32, help="benchmark requests (notebook: 8)")
     ap.add_argument("--samples", type=int, default=2, help="answers per request")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the model")
+    ap.add_argument("--temperatures", default=None,
+                    help="comma-separated sampling temperatures for the raw model (default: the "
+                         "profile's, 0.5 at CPU size, and 1.0); valid mode samples at the first")
     ap.add_argument("--train-tunes", type=int, default=0, help="0: the whole training split")
     ap.add_argument("--novelty-queries", type=int, default=200)
     ap.add_argument("--model", default=None, help="default: profile.composer_model")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     profile = get_profile("cpu")
+    temperatures = ([float(t) for t in args.temperatures.split(",")] if args.temperatures
+                    else list(dict.fromkeys([profile.temperature, 1.0])))
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -107,10 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"no model evaluated: {err}", file=sys.stderr)
     if model is not None:
         composer = Composer(model, tokenizer=tokenizer, profile=profile)
-        for name, constrained in (("tiny raw", False), ("tiny valid-mode", True)):
+        runs = [(f"tiny raw T={t:g}", False, t) for t in temperatures] + \
+            [(f"tiny valid-mode T={temperatures[0]:g}", True, temperatures[0])]
+        for name, constrained, temperature in runs:
             t0 = time.perf_counter()
             systems[name] = ev.collect_answers(composer, requests, n=args.samples, constrained=constrained,
-                                               temperature=args.temperature)
+                                               temperature=temperature)
             timings[f"{name.replace(' ', '_')}_compose_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         perplexity = ev.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "profile": profile.name, "model": str(model_name) if model is not None else None,
-        "requests": len(requests), "samples_per_request": args.samples, "temperature": args.temperature,
+        "requests": len(requests), "samples_per_request": args.samples, "temperatures": temperatures,
         "train_tunes": len(train), "test_tunes": len(test),
         "perplexity_test": perplexity, "prompt_following": reads_prompt, "copy_test": copying,
         "timings": timings, "novelty_index": novelty,
@@ -144,8 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluation.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1,
                                                          default=float), encoding="utf-8")
-    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, temperature "
-          f"{args.temperature:g}, CPU profile)", "",
+    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, CPU profile)", "",
           f"Command: `{payload['command']}`", "",
           "Each cell: mean [95 % interval] n=answers (Wilson for rates, seeded bootstrap for means; "
           "requests are the independent units).",

@@ -547,6 +547,7 @@ class Composer:
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def _sampling(self, temperature, top_p, top_k, max_new_tokens, seed) -> _Sampling:
+        temperature = self.profile.temperature if temperature is None else temperature
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{temperature}, {top_p}, {top_k}")
@@ -571,12 +572,13 @@ class Composer:
         return out
 
     # -- public API
-    def compose(self, request: ComposeRequest | str, n: int = 1, temperature: float = 1.0,
+    def compose(self, request: ComposeRequest | str, n: int = 1, temperature: float | None = None,
                 top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
                 seed: int | None = None, constrained: bool = False,
                 template_index: int | None = None) -> list[Composition]:
         """n answers to one request (a ComposeRequest, or a plain user message).
 
+        temperature None: the profile's (`Profile.temperature`, 0.5 for IMelodist-tiny).
         constrained=True decodes under the request's grammar: the tune parses and every bar is
         exactly full (needs a ComposeRequest for a composing task)."""
         if n < 1:
@@ -597,7 +599,7 @@ class Composer:
         req = request if isinstance(request, ComposeRequest) else None
         return self._finish(raws, messages, req, constrained, sampling.seed)
 
-    def chat(self, messages: list[dict] | str, temperature: float = 1.0, top_p: float = 0.95,
+    def chat(self, messages: list[dict] | str, temperature: float | None = None, top_p: float = 0.95,
              top_k: int = 50, max_new_tokens: int | None = None, seed: int | None = None,
              grammar: str | None = None) -> Composition:
         """One more assistant turn for a conversation; `.messages` of the result holds the history.
@@ -608,7 +610,7 @@ class Composer:
         [raw] = self.engine.generate(messages, 1, sampling, grammar)
         return self._finish([raw], messages, None, grammar is not None, sampling.seed)[0]
 
-    def stream(self, request_or_messages: ComposeRequest | list[dict] | str, temperature: float = 1.0,
+    def stream(self, request_or_messages: ComposeRequest | list[dict] | str, temperature: float | None = None,
                top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
                seed: int | None = None, constrained: bool = False) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
@@ -702,10 +704,12 @@ def benchmark_requests(continuations: int = 3) -> list[ComposeRequest]:
 
 
 def measure(composer: Composer, requests: list[ComposeRequest], samples: int = 2,
-            constrained: bool = False, temperature: float = 1.0, max_new_tokens: int | None = None,
+            constrained: bool = False, temperature: float | None = None, max_new_tokens: int | None = None,
             seed: int = 1000, first_bar: bool = True) -> dict:
     """Validity and speed over a request set: parse rate, valid rate (no bar errors), bar error
-    rate, tokens/s, tunes/s and the median time to the first complete bar in the stream."""
+    rate, tokens/s, tunes/s and the median time to the first complete bar in the stream.
+    temperature None: the composer profile's."""
+    temperature = composer.profile.temperature if temperature is None else temperature
     parsed = valid = tunes = tokens = checked = wrong = truncated = 0
     seconds = 0.0
     first_bars: list[float] = []

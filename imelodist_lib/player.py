@@ -875,7 +875,7 @@ class Playground:
         f.bars = W.BoundedIntText(value=8, min=0, max=128, description="bars (0=any)", style=style)
         f.seed_abc = W.Textarea(value=seed_abc, description="seed tune", placeholder="ABC for continue/describe",
                                 layout=W.Layout(width="600px", height="120px"), style=style)
-        f.temperature = W.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature", style=style)
+        f.temperature = W.FloatSlider(value=float(getattr(profile, "temperature", 0.8)), min=0.0, max=2.0, step=0.05, description="temperature", style=style)
         f.top_p = W.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p", style=style)
         f.top_k = W.IntSlider(value=50, min=0, max=200, description="top-k (0=off)", style=style)
         f.max_new_tokens = W.IntSlider(value=int(getattr(profile, "max_new_tokens", 512)), min=16,

@@ -69,6 +69,9 @@ class Profile:
     backend: str = "transformers"  # "auto" | "transformers" | "lmdeploy" | "openai"
     composer_model: str = str(SHIPPED_MODEL_DIR)
     max_new_tokens: int = 512
+    # the sampling temperature a composer uses unless told otherwise (notebooks, playground,
+    # benchmarks); cpu: chosen for IMelodist-tiny on validation prompts (its model card)
+    temperature: float = 1.0
     eval_requests: int = 8
     eval_samples_per_request: int = 1
     workdir: Path = field(default_factory=lambda: REPO_ROOT / "runs")
@@ -99,6 +102,7 @@ CPU = Profile(
     save_steps=5,
     eval_requests=8,
     max_new_tokens=400,
+    temperature=0.5,
 )
 
 GPU = Profile(

@@ -89,6 +89,19 @@ def test_same_seed_same_answer(composer):
     assert a == b and a != c
 
 
+def test_temperature_defaults_to_the_profile(tiny):
+    """No temperature given: the profile's. At 0 decoding is greedy, so seeds stop mattering;
+    an explicit temperature still wins over the profile."""
+    model, tokenizer = tiny
+    greedy = Composer(model=model, tokenizer=tokenizer, backend="transformers",
+                      profile=get_profile("cpu", max_new_tokens=30, temperature=0.0))
+    a, b = (greedy.compose(REQUESTS["emotion"], seed=s)[0].text for s in (3, 4))
+    assert a == b
+    hot = greedy.compose(REQUESTS["emotion"], seed=4, temperature=1.0)[0].text
+    assert hot != a
+    assert get_profile("cpu").temperature == 0.5 and get_profile("gpu").temperature == 1.0
+
+
 @pytest.mark.parametrize("task", list(REQUESTS))
 def test_constrained_mode_gives_valid_tunes_for_every_task(composer, task):
     request = REQUESTS[task]
