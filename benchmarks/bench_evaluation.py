@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--temperatures", default=None,
                     help="comma-separated sampling temperatures for the raw model (default: the "
                          "profile's, 0.5 at CPU size, and 1.0); valid mode samples at the first")
+    ap.add_argument("--split", choices=["test", "validation"], default="test",
+                    help="held-out split the requests come from (validation: for choosing settings)")
     ap.add_argument("--train-tunes", type=int, default=0, help="0: the whole training split")
     ap.add_argument("--novelty-queries", type=int, default=200)
     ap.add_argument("--model", default=None, help="default: profile.composer_model")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    train, test = ev.load_splits(profile, max_train=args.train_tunes or 10**9)
+    train, test = ev.load_splits(profile, max_train=args.train_tunes or 10**9, held_out=args.split)
     timings["load_splits_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = ev.NoveltyIndex(train)
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "processor": platform.processor() or platform.machine()},
         "profile": profile.name, "model": str(model_name) if model is not None else None,
         "requests": len(requests), "samples_per_request": args.samples, "temperatures": temperatures,
-        "train_tunes": len(train), "test_tunes": len(test),
+        "split": args.split, "train_tunes": len(train), "held_out_tunes": len(test),
         "perplexity_test": perplexity, "prompt_following": reads_prompt, "copy_test": copying,
         "timings": timings, "novelty_index": novelty,
         "systems": {r.system: [vars(s) for s in r.summary] for r in results},
@@ -151,12 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "evaluation.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1,
                                                          default=float), encoding="utf-8")
-    md = [f"# Evaluation ({len(requests)} test requests x {args.samples} samples, CPU profile)", "",
+    md = [f"# Evaluation ({len(requests)} {args.split} requests x {args.samples} samples, CPU profile)", "",
           f"Command: `{payload['command']}`", "",
           "Each cell: mean [95 % interval] n=answers (Wilson for rates, seeded bootstrap for means; "
           "requests are the independent units).",
           "", ev.markdown_table(results),
-          f"Perplexity of the model on 64 held-out test tunes: "
+          f"Perplexity of the model on 64 held-out {args.split} tunes: "
           f"{perplexity:.2f}" if perplexity else "No model evaluated (none found).", "",
           *_prompt_section(reads_prompt, copying),
           "## Novelty index speed", "",

@@ -1068,19 +1068,23 @@ def human_reference(records_test: Sequence[Any], profile: Profile, n: int | None
 CPU_TRAIN_TUNES = 3000  # CPU size: training tunes the n-gram and novelty index read (minutes)
 
 
-def load_splits(profile: Profile, max_train: int | None = None) -> tuple[list[Any], list[Any]]:
-    """(training tunes, test tunes) from notebook 01's `run_dir/data/tunes.jsonl` (assembled
-    now when missing). Transposed copies are left out (the metrics are key-invariant). The
-    training side is a seeded subset of `max_train` tunes; None means 3000 at CPU size and the
-    whole split at GPU size."""
+def load_splits(profile: Profile, max_train: int | None = None,
+                held_out: str = "test") -> tuple[list[Any], list[Any]]:
+    """(training tunes, held-out tunes) from notebook 01's `run_dir/data/tunes.jsonl` (assembled
+    now when missing). `held_out` is "test" for reported figures, "validation" for choosing
+    settings (a decoding temperature, say) without looking at the test split. Transposed copies
+    are left out (the metrics are key-invariant). The training side is a seeded subset of
+    `max_train` tunes; None means 3000 at CPU size and the whole split at GPU size."""
     from imelodist_lib import corpus
 
+    if held_out not in ("test", "validation"):
+        raise ValueError(f"held_out must be 'test' or 'validation', got {held_out!r}")
     path = profile.run_dir / "data" / "tunes.jsonl"
     records = corpus.read_jsonl(path) if path.exists() else corpus.assemble_corpus(profile, progress=False).records
     train = [r for r in records if r.split == "train" and not r.augmented_from]
-    test = [r for r in records if r.split == "test" and not r.augmented_from]
+    test = [r for r in records if r.split == held_out and not r.augmented_from]
     if not test:
-        raise ValueError(f"{path} has no test split: rebuild it with notebook 01 (assemble_corpus)")
+        raise ValueError(f"{path} has no {held_out} split: rebuild it with notebook 01 (assemble_corpus)")
     limit = max_train if max_train is not None else (None if profile.is_gpu else CPU_TRAIN_TUNES)
     if limit is not None and len(train) > limit:
         keep = set(random.Random(profile.seed).sample(range(len(train)), limit))

@@ -422,3 +422,17 @@ def test_shipped_model_reads_the_requested_meter(real_tunes):
     got = ev.prompt_following(model, tok, pairs, "meter")
     assert got.n >= 8
     assert got.swapped >= 0.4 and got.swapped_interval[0] > 1 / got.candidates, got
+
+
+def test_load_splits_holds_out_validation_or_test(real_tunes, tmp_path, monkeypatch):
+    """Settings are chosen on validation and reported on test: the two held-out sides differ
+    and neither overlaps training; an unknown split is refused."""
+    monkeypatch.setenv("IMELODIST_RUNS", str(tmp_path))
+    profile = get_profile("cpu")
+    corpus.write_jsonl(real_tunes, profile.run_dir / "data" / "tunes.jsonl")
+    train, test = ev.load_splits(profile, max_train=10**6)
+    _, val = ev.load_splits(profile, max_train=10**6, held_out="validation")
+    assert val and test and {r.split for r in val} == {"validation"} and {r.split for r in test} == {"test"}
+    assert not {r.id for r in train} & ({r.id for r in val} | {r.id for r in test})
+    with pytest.raises(ValueError, match="held_out"):
+        ev.load_splits(profile, held_out="train")
