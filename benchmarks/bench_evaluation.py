@@ -3,7 +3,8 @@
     python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--temperatures 0.5,1.0]
 
 Writes benchmarks/results/evaluation.json (every figure and the command that made it) and
-benchmarks/results/evaluation.md (the comparison table the README links). Systems: the human
+benchmarks/results/evaluation.md (the comparison table the README links); with --split validation,
+evaluation_validation.json/.md (how the profile's temperature was chosen). Systems: the human
 reference, the n-gram baseline, and the profile's composer model when it exists: sampled freely
 at each temperature ("raw": the profile's default and 1.0) and in guaranteed-valid mode. The
 novelty index is timed against brute force over the whole training split (queries per second,
@@ -151,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         "systems": {r.system: [vars(s) for s in r.summary] for r in results},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "evaluation.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1,
-                                                         default=float), encoding="utf-8")
+    stem = "evaluation" if args.split == "test" else f"evaluation_{args.split}"
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, ensure_ascii=False, indent=1, default=float),
+                                           encoding="utf-8")
     md = [f"# Evaluation ({len(requests)} {args.split} requests x {args.samples} samples, CPU profile)", "",
           f"Command: `{payload['command']}`", "",
           "Each cell: mean [95 % interval] n=answers (Wilson for rates, seeded bootstrap for means; "
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{novelty[k + '_max_abs_diff']:.3f} | {novelty[k + '_near_copy_agreement']:.3f} |"
             for k, label in (("indexed_exact", "n-gram candidates, then histogram-bound pruned exact scan"),
                              ("candidates_only", "n-gram candidates only (a lower bound)"))], ""]
-    (args.out / "evaluation.md").write_text("\n".join(md), encoding="utf-8")
+    (args.out / f"{stem}.md").write_text("\n".join(md), encoding="utf-8")
     print(json.dumps({"timings": timings, "novelty_index": novelty}, indent=1))
     return payload
 
