@@ -927,14 +927,41 @@ def _as_rng(rng: random.Random | int | None, profile: Profile) -> random.Random:
     return random.Random(profile.seed if rng is None else rng)
 
 
+PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
+
+
+def moved(record: Any, semitones: int) -> Any:
+    """The tune (a TuneRecord or ABC text) moved by `semitones`, the same kind of thing back.
+    A record keeps its labels; its labeller's chorded copy moves with it, so chord tasks don't
+    fit chords anew."""
+    if not semitones:
+        return record
+    text = abc.transpose(_text_of(record), semitones)
+    if not (dataclasses.is_dataclass(record) and not isinstance(record, type)):
+        return text
+    labels = _labels(record)
+    chorded = labels.get("abc_with_chords")
+    if isinstance(chorded, str) and _CHORD_RE.sub("", chorded) == _CHORD_RE.sub("", _text_of(record)):
+        labels["abc_with_chords"] = abc.transpose(chorded, semitones)
+    else:
+        labels.pop("abc_with_chords", None)
+    return dataclasses.replace(record, abc=text, labels=labels)
+
+
 def build_instruction_records(records: Sequence[Any], profile: Profile,
                               rng: random.Random | int | None = None, *,
                               identity: Sequence[dict] | None = None,
+                              transposed_share: float = 0.0,
                               progress: bool = False) -> list[dict]:
     """Chat records, `profile.instructions_per_tune` per tune, task kinds and languages dealt
     round-robin (a seeded order) so they stay balanced; identity Q&A appended when given
     (build_datasets passes it for the train split only). A tune that cannot serve its dealt
-    task (too short to continue, no title for a theme...) takes the next kind in the deal."""
+    task (too short to continue, no title for a theme...) takes the next kind in the deal.
+    A `transposed_share` of the chats (build_datasets: the train split's,
+    `profile.transposed_chat_share`) move their tune to a random other key first; that draw has
+    its own rng, so every other chat is the same bytes at any share."""
+    if not 0.0 <= transposed_share <= 1.0:
+        raise ValueError(f"transposed_share must be in [0, 1], got {transposed_share!r}")
     rng = _as_rng(rng, profile)
     base = rng.randrange(2**32)  # per-tune rngs hang off this, so one tune's draws don't shift others
     deal = [(t, lang) for t in TASKS for lang in LANGS]
@@ -949,13 +976,20 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
     for record in iterator:
         for j in range(max(1, profile.instructions_per_tune)):
             tune_rng = random.Random(f"{base}/{record.id}/{j}")
+            key_rng = random.Random(f"{base}/{record.id}/{j}/key")
+            source = record
+            if transposed_share and key_rng.random() < transposed_share:
+                try:
+                    source = moved(record, key_rng.choice([s for s in PHRASE_SHIFTS if s]))
+                except abc.ABCError:
+                    source = record  # a tune transpose cannot read stays in its own key
             for attempt in range(len(deal)):
                 task, lang = deal[(turn + attempt) % len(deal)]
-                if not _feasible(record, task):
+                if not _feasible(source, task):
                     continue
                 try:
-                    request = request_from_tune(record, task, lang, tune_rng)
-                    answer = target_for(record, request)
+                    request = request_from_tune(source, task, lang, tune_rng)
+                    answer = target_for(source, request)
                 except (ValueError, abc.ABCError):
                     continue  # this tune cannot serve this task: deal it the next kind
                 user = render_prompt(request, rng=tune_rng)
@@ -969,22 +1003,17 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
 
 PHRASE_TASK = "phrase"  # the records' task tag; their requests are ordinary "emotion" requests
 PHRASE_BARS = (4, 8)
-PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
 
 
 def phrase_request(record: Any, lang: str, rng: random.Random) -> tuple[ComposeRequest, str]:
     """One short chat's request and answer: the tune moved by a random interval, its opening
     4 or 8 bars (4 when the tune is shorter than 9) as the answer, and an "emotion" request that always names key and meter and
     asks for exactly that many bars. Raises ValueError when the tune is too short."""
-    shift = rng.choice(PHRASE_SHIFTS)
-    moved = abc.transpose(_text_of(record), shift) if shift else _text_of(record)
-    if dataclasses.is_dataclass(record) and not isinstance(record, type):
-        moved_record = dataclasses.replace(record, abc=moved)
-    else:
-        moved_record = moved
+    moved_record = moved(record, rng.choice(PHRASE_SHIFTS))
+    moved_text = _text_of(moved_record)
     tune = _tune_of(moved_record)
     pickup = abc.check_bars(tune).bars[0].kind == "pickup"
-    fits = [n for n in PHRASE_BARS if count_bars(moved) >= n + pickup + 1]  # a phrase, not the tune
+    fits = [n for n in PHRASE_BARS if count_bars(moved_text) >= n + pickup + 1]  # a phrase, not the tune
     if not fits:
         raise ValueError(f"tune {getattr(record, 'id', '?')} is too short for a "
                          f"{PHRASE_BARS[0]}-bar phrase")
@@ -1108,7 +1137,8 @@ def _settings(profile: Profile, knowledge_dir: Path) -> dict:
     """The knobs that shape the datasets: a change here means the files must be rebuilt."""
     keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "max_bar_errors",
             "transpositions",
-            "val_fraction", "test_fraction", "instructions_per_tune", "phrase_chats_per_tune", "seed")
+            "val_fraction", "test_fraction", "instructions_per_tune", "phrase_chats_per_tune",
+            "transposed_chat_share", "seed")
     out: dict[str, Any] = {k: getattr(profile, k) for k in keys}
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
     out["knowledge_dir"] = Path(knowledge_dir).name  # name only: paths differ between machines
@@ -1184,7 +1214,8 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                                "knowledge_docs": len(knowledge) if split == "train" else 0}
         sft_rows = build_instruction_records(
             by_split[split], profile, random.Random(f"{profile.seed}/{split}"),
-            identity=identity if split == "train" else None, progress=progress)
+            identity=identity if split == "train" else None, progress=progress,
+            transposed_share=profile.transposed_chat_share if split == "train" else 0.0)
         phrases = phrase_records(by_split[split], profile, random.Random(f"{profile.seed}/phrase")) \
             if split == "train" else []
         sft_rows += phrases

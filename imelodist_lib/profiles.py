@@ -39,6 +39,9 @@ class Profile:
     # extra short chats per train tune: "a 4- or 8-bar phrase in key K, meter M", answered with
     # the tune's opening transposed to a random key (instructions.phrase_records)
     phrase_chats_per_tune: int = 0
+    # share of the train split's ordinary chats whose tune is first moved to a random key (the
+    # request then names the new key), so the request, not the melody, decides K:
+    transposed_chat_share: float = 0.0
     seed: int = 0
     # --- models and training (notebooks 02, 03) ---
     base_model: str = str(SHIPPED_MODEL_DIR)  # local path or hub id

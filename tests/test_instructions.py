@@ -264,6 +264,34 @@ def test_instruction_records_are_balanced(tunes):
     assert ins.build_instruction_records(tunes, profile, random.Random(0)) == rows
 
 
+def test_transposed_chats_name_the_new_key_and_leave_the_rest_alone(tunes):
+    profile = get_profile("cpu", instructions_per_tune=2)
+    plain = ins.build_instruction_records(tunes, profile, random.Random(0))
+    moved = ins.build_instruction_records(tunes, profile, random.Random(0), transposed_share=1.0)
+    assert len(moved) == len(plain)
+    changed = 0
+    for a, b in zip(plain, moved):
+        assert (a["tune_id"], a["task"]) == (b["tune_id"], b["task"])  # same deal, same tunes
+        req = ins.ComposeRequest.from_dict(b["request"])
+        source = next(t for t in tunes if t.id == b["tune_id"])
+        answer = b["messages"][2]["content"]
+        if b["task"] == "describe":
+            continue
+        tune = abc.parse_tune(answer)
+        assert abc.validate(answer).ok
+        if req.key is not None:  # what the request names is what the answer is in
+            assert tune.key == req.key
+            assert f"K:{req.key}" in b["messages"][1]["content"] or b["task"] == "continue"
+        if b["task"] in ("chords", "theme_chords"):  # the chords moved with the notes
+            assert ins.chords_per_bar(answer) == list(req.chords)
+        changed += tune.key != abc.parse_tune(source.abc).key
+    assert changed >= len(moved) // 2  # every chat moved by a non-zero shift
+    with pytest.raises(ValueError, match="transposed_share"):
+        ins.build_instruction_records(tunes, profile, transposed_share=1.5)
+    # share 0 is the plain build, byte for byte (the shift has its own rng)
+    assert ins.build_instruction_records(tunes, profile, random.Random(0), transposed_share=0.0) == plain
+
+
 def test_phrase_chats_state_key_meter_and_length_and_move_the_key(tunes):
     profile = get_profile("cpu", phrase_chats_per_tune=3)
     rows = ins.phrase_records(tunes, profile, random.Random(0))
