@@ -1,6 +1,6 @@
 """Evaluation at a larger CPU size than notebook 06, plus the novelty index's speed.
 
-    python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--temperatures 0.5,1.0]
+    python benchmarks/bench_evaluation.py [--requests 32] [--samples 2] [--temperatures 0.6,1.0]
 
 Writes benchmarks/results/evaluation.json (every figure and the command that made it) and
 benchmarks/results/evaluation.md (the comparison table the README links); with --split validation,

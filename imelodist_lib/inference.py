@@ -578,7 +578,7 @@ class Composer:
                 template_index: int | None = None) -> list[Composition]:
         """n answers to one request (a ComposeRequest, or a plain user message).
 
-        temperature None: the profile's (`Profile.temperature`, 0.5 for IMelodist-tiny).
+        temperature None: the profile's (`Profile.temperature`, 0.6 for IMelodist-tiny).
         constrained=True decodes under the request's grammar: the tune parses and every bar is
         exactly full (needs a ComposeRequest for a composing task)."""
         if n < 1:

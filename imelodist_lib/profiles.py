@@ -105,7 +105,7 @@ CPU = Profile(
     save_steps=5,
     eval_requests=8,
     max_new_tokens=400,
-    temperature=0.5,
+    temperature=0.6,
 )
 
 GPU = Profile(

@@ -99,7 +99,7 @@ def test_temperature_defaults_to_the_profile(tiny):
     assert a == b
     hot = greedy.compose(REQUESTS["emotion"], seed=4, temperature=1.0)[0].text
     assert hot != a
-    assert get_profile("cpu").temperature == 0.5 and get_profile("gpu").temperature == 1.0
+    assert get_profile("cpu").temperature == 0.6 and get_profile("gpu").temperature == 1.0
 
 
 @pytest.mark.parametrize("task", list(REQUESTS))
