@@ -424,8 +424,8 @@ def _chorded_text(record: Any) -> str:
     if chords and all(chords):
         return text
     if not any(chords):
-        labelled = _labels(record).get("abc_with_chords")
-        if isinstance(labelled, str) and _CHORD_RE.sub("", labelled) == _CHORD_RE.sub("", text):
+        labelled = _labelled_chords(record)
+        if labelled is not None:
             text = labelled
         else:
             from imelodist_lib import corpus  # lazy: corpus is a sibling of the same data stage
@@ -434,6 +434,15 @@ def _chorded_text(record: Any) -> str:
     # Bars left without a symbol (only rests, or a source that writes a chord only when it
     # changes) get the chord still sounding.
     return _hold_chords(text)
+
+
+def _labelled_chords(record: Any) -> str | None:
+    """The corpus labeller's `labels["abc_with_chords"]` when it is this very tune plus chord
+    symbols (not stale after a transposition), else None."""
+    labelled = _labels(record).get("abc_with_chords")
+    if isinstance(labelled, str) and _CHORD_RE.sub("", labelled) == _CHORD_RE.sub("", _text_of(record)):
+        return labelled
+    return None
 
 
 # What may precede a bar's first note: spaces, line continuations, the ":" of "|:", ending
@@ -940,8 +949,8 @@ def moved(record: Any, semitones: int) -> Any:
     if not (dataclasses.is_dataclass(record) and not isinstance(record, type)):
         return text
     labels = _labels(record)
-    chorded = labels.get("abc_with_chords")
-    if isinstance(chorded, str) and _CHORD_RE.sub("", chorded) == _CHORD_RE.sub("", _text_of(record)):
+    chorded = _labelled_chords(record)
+    if chorded is not None:
         labels["abc_with_chords"] = abc.transpose(chorded, semitones)
     else:
         labels.pop("abc_with_chords", None)
