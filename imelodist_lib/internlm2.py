@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -494,13 +495,14 @@ def _source_fingerprint(src: Path) -> str:
 
 def resolve_hub_id(repo_id: str) -> Path:
     """The local snapshot folder of a hub id, from the HF cache first; offline misses say how to fix."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        if offline or constants.HF_HUB_OFFLINE:
             raise OSError(_offline_message(repo_id)) from err
     try:  # online: the config, tokenizer and safetensors weights (.bin only when there are none)
         folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.safetensors",
@@ -520,7 +522,7 @@ def ensure_llama_checkpoint(path_or_id: str | Path, cache_dir: str | Path | None
     ~/.cache/imelodist/converted, as `<name>-<hash>`: the hash covers the source's config,
     tokenizer and weight file names, sizes and mtimes, so a changed source converts again. The
     copy is written to a temporary folder there and renamed when complete, so an interrupted
-    conversion leaves no half copy (only a `.partial-*` folder, safe to delete). Clear the cache
+    conversion leaves no half copy (only a `.partial-*` folder, removed a day later). Clear the cache
     by deleting that folder (`rm -rf ~/.cache/imelodist/converted`).
     """
     name = str(path_or_id)
@@ -536,6 +538,9 @@ def ensure_llama_checkpoint(path_or_id: str | Path, cache_dir: str | Path | None
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".partial-*"):  # left by a killed conversion a day or more ago
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     try:
         convert_internlm2_to_llama(src, partial)

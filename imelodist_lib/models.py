@@ -175,10 +175,15 @@ def _offline_message(name: str) -> str:
             f"set IMELODIST_BASE_MODEL=DIR")
 
 
-def _model_source(name: str, trust_remote_code: bool) -> tuple[str, bool]:
-    """(folder to load, whether to run its code): InternLM2 goes through its cached Llama copy."""
+def model_source(path_or_id: str | Path, trust_remote_code: bool = False) -> tuple[str, bool]:
+    """(folder to load, whether to run its code) for a dir or hub id: InternLM2 becomes its cached Llama copy.
+
+    Anything that reloads a base model (e.g. to merge an adapter) should resolve it here too, so
+    it reads the same converted weights and never runs checkpoint code unasked.
+    """
     from imelodist_lib import internlm2
 
+    name = str(path_or_id)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -211,7 +216,7 @@ def load_model(path_or_id: str | Path, profile: Profile | None = None, for_train
 
     name = str(path_or_id)
     local = Path(name).expanduser()
-    source, remote = _model_source(name, trust_remote_code)
+    source, remote = model_source(name, trust_remote_code)
 
     cuda = torch.cuda.is_available()
     kwargs: dict = {"trust_remote_code": remote}
