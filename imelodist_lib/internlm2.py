@@ -299,6 +299,8 @@ def sentencepiece_to_fast(tokenizer_model: str | Path, added_tokens: dict[int, s
     SentencePiece's whitespace-run pieces. Merges are ranked by the merged piece's score, ties
     left to right, as in SentencePiece. `added_tokens` ({id: text}, from tokenizer_config's
     added_tokens_decoder) replace the piece at their id, as InternLM2's unused slots are.
+    Tested on InternLM2's settings (identity normalisation, no dummy prefix, no extra-space
+    removal); with a dummy prefix the "▁" goes before each run of text between special tokens.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 

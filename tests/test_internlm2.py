@@ -7,7 +7,6 @@ loads it also proves no code from the checkpoint ran.
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import shutil
 import sys
@@ -56,11 +55,10 @@ def cache_env(internlm2_converted, monkeypatch):
 
 @pytest.fixture(scope="module")
 def loaded(internlm2_converted, internlm2_checkpoint):
-    os.environ[internlm2.CACHE_ENV] = str(internlm2_converted.parent)
-    try:
+    """(model, tokenizer) as load_model gives them for the hub-layout folder (a cache lookup)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(internlm2.CACHE_ENV, str(internlm2_converted.parent))
         return load_model(internlm2_checkpoint)
-    finally:
-        del os.environ[internlm2.CACHE_ENV]
 
 
 # ---------------------------------------------------------------- the layout
