@@ -392,3 +392,44 @@ def grammar_accepts(grammar: str, text: str) -> bool:
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_grammar(grammar)
     matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
     return matcher.accept_string(text) and matcher.is_terminated()
+
+
+@dataclass(frozen=True)
+class GrammarCheck:
+    """How a text fares against a grammar, character by character."""
+
+    accepted: bool  # the whole text is one complete sentence of the grammar
+    refused_at: int | None  # index of the first character the grammar refuses (None: none is)
+
+
+def check_against_grammar(grammar: str, text: str) -> GrammarCheck:
+    """Walk `text` through `grammar`: where it first leaves it, and whether it ends complete.
+
+    A text that keeps to the grammar but stops early (cut off by the token limit) has
+    `refused_at=None, accepted=False`."""
+    import xgrammar as xgr
+
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_grammar(grammar)
+    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    if matcher.accept_string(text):
+        return GrammarCheck(matcher.is_terminated(), None)
+    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    for i, char in enumerate(text):  # only on failure: find the character, for the message
+        if not matcher.accept_string(char):
+            return GrammarCheck(False, i)
+    return GrammarCheck(False, len(text))
+
+
+# --- the grammar as each engine takes it (pure functions: tests compile these exact payloads) ---
+
+
+def lmdeploy_response_format(grammar: str) -> dict:
+    """LMDeploy's `GenerationConfig.response_format` for an EBNF grammar: an xgrammar
+    structural tag holding it (LMDeploy compiles it with `compile_structural_tag`)."""
+    return {"type": "structural_tag", "format": {"type": "grammar", "grammar": grammar}}
+
+
+def vllm_structured_outputs(grammar: str) -> dict:
+    """The request fields that make a vLLM server (>= 0.10.2) decode under an EBNF grammar
+    (vLLM compiles it with xgrammar's `compile_grammar`; older vLLM: `{"guided_grammar": g}`)."""
+    return {"structured_outputs": {"grammar": grammar}}
