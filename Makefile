@@ -50,14 +50,17 @@ bench: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
-# LMDeploy pins torch<=2.12.1 and peft<=0.14 and needs CUDA: it gets its own environment,
-# reached from the notebooks through its OpenAI-compatible api_server.
+# LMDeploy pins torch<=2.12.1 and peft<=0.14 and needs CUDA: it gets its own environment, reached
+# from the notebooks through its api_server, or run notebook 04 in its kernel (imelodist-lmdeploy)
+# for the in-process pipeline, where guaranteed-valid mode works.
 lmdeploy-env:
 	test -x .venv-lmdeploy/bin/python || $(PYTHON) -m venv .venv-lmdeploy
 	.venv-lmdeploy/bin/pip install -q --upgrade pip
-	.venv-lmdeploy/bin/pip install -q lmdeploy openai music21 xgrammar tqdm
+	.venv-lmdeploy/bin/pip install -q lmdeploy openai music21 xgrammar tqdm \
+		pandas matplotlib ipykernel ipywidgets verovio pretty_midi
 	.venv-lmdeploy/bin/pip install -q --no-deps -e .
-	@echo "serve: .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist --chat-template internlm2 --server-port 23333"
+	.venv-lmdeploy/bin/python -m ipykernel install --user --name imelodist-lmdeploy
+	@echo "serve: .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist --chat-template internlm2 --server-name 127.0.0.1 --server-port 23333 --api-keys KEY"
 
 clean:
 	rm -rf runs .pytest_cache .cache

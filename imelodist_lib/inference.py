@@ -44,8 +44,9 @@ SERVERS = ("lmdeploy", "vllm", "generic")  # what an OpenAI-compatible server is
 DEFAULT_BASE_URL = "http://127.0.0.1:23333/v1"
 SERVED_MODEL_NAME = "imelodist"
 CONSTRAINED_MIN_NEW_TOKENS = 1024  # default budget in constrained mode: room for a 32-bar tune
-SERVE_HINT = (".venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist "
-              "--chat-template internlm2 --server-port 23333  (make lmdeploy-env first)")
+SERVE_HINT = ("serve_lmdeploy(MODEL_DIR) (it runs .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR "
+              "--model-name imelodist --chat-template internlm2 --server-name 127.0.0.1 --server-port 23333 "
+              "--api-keys KEY; make lmdeploy-env first)")
 GUIDED_ROUTES = ("Composer(backend='lmdeploy') in LMDeploy's own environment (its in-process pipeline "
                  "compiles the grammar), a vLLM server with Composer(server='vllm'), or "
                  "backend='transformers'")
