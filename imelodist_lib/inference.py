@@ -614,6 +614,8 @@ class Composer:
         An answer cut off by the token limit that keeps to the grammar so far is let through
         (it comes back with finish_reason "length" and `.ok` False)."""
         answer = text.strip()
+        if finish_reason == "length":  # a cut can split a character's bytes: drop the half
+            answer = answer.rstrip("\ufffd")
         check = check_against_grammar(grammar, answer)
         if check.accepted or (check.refused_at is None and finish_reason == "length"):
             return
