@@ -438,6 +438,7 @@ def lmdeploy_response_format(grammar: str) -> dict:
 
 
 def vllm_structured_outputs(grammar: str) -> dict:
-    """The request fields that make a vLLM server (>= 0.10.2) decode under an EBNF grammar
-    (vLLM compiles it with xgrammar's `compile_grammar`; older vLLM: `{"guided_grammar": g}`)."""
+    """The request fields that make a vLLM server decode under an EBNF grammar (vLLM compiles it
+    with xgrammar's `compile_grammar`; vLLM before `structured_outputs` took `{"guided_grammar": g}`,
+    a field it removed in 0.12)."""
     return {"structured_outputs": {"grammar": grammar}}

@@ -565,7 +565,8 @@ class Composer:
     `server` (what the server is: "lmdeploy" | "vllm" | "generic"; None: read from GET
     /v1/models), `grammar_field` (request field for EBNF grammars; None: the server's own, i.e.
     vLLM's "structured_outputs.grammar", "guided_grammar" for a generic server, none for
-    LMDeploy's api_server; "guided_grammar" for vLLM <= 0.10; "" where the server takes none).
+    LMDeploy's api_server; "guided_grammar" for vLLM older than `structured_outputs`; "" where the
+    server takes none).
     LMDeploy: `engine` ("turbomind" | "pytorch"), `model_format` ("awq" for 4-bit AWQ weights),
     `cache_max_entry_count` (share of free GPU memory for the KV cache).
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imelodist_lib.inference import GrammarNotEnforcedError, LMDeployServer, serve_lmdeploy
+from imelodist_lib.inference import Composer, GrammarNotEnforcedError, LMDeployServer, serve_lmdeploy
 from imelodist_lib.instructions import ComposeRequest
 from imelodist_lib.profiles import get_profile
 
@@ -66,6 +66,8 @@ def test_serves_on_loopback_with_a_key_that_the_composer_sends(lmdeploy_bin, mod
         assert str(server.log_path) not in _open_files()  # our handle on the log is closed
         with pytest.raises(urllib.error.HTTPError, match="401"):  # no key, no answer
             urllib.request.urlopen(f"{server.url}/models", timeout=5)
+        with pytest.raises(PermissionError, match="refused the API key"):
+            Composer(backend="openai", base_url=server.url, profile=CPU)  # no key: told so
         composer = server.composer(profile=CPU)
         assert composer.engine.server == "lmdeploy" and composer.engine.model == "imelodist"
         [free] = composer.compose(REQUEST, seed=0)  # the key went with it: the stand-in answered
