@@ -137,3 +137,13 @@ def test_a_server_that_exits_at_start_is_reported_with_its_log(lmdeploy_bin, mod
         serve_lmdeploy(model_dir, port=_free_port(), lmdeploy_bin=lmdeploy_bin, wait_seconds=30)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         serve_lmdeploy(model_dir / "missing", lmdeploy_bin=lmdeploy_bin)
+
+
+def test_make_run_gives_notebook_04_lmdeploys_kernel_on_a_gpu_only_where_it_exists():
+    from imelodist_lib.run_notebooks import LMDEPLOY_KERNEL, kernel_for
+
+    nb04, nb03 = Path("04_inference_lmdeploy.ipynb"), Path("03_instruction_tuning.ipynb")
+    both = {"python3": "", LMDEPLOY_KERNEL: ""}
+    assert kernel_for(nb04, True, both) == LMDEPLOY_KERNEL
+    assert kernel_for(nb04, True, {"python3": ""}) == "python3"
+    assert kernel_for(nb04, False, both) == "python3" and kernel_for(nb03, True, both) == "python3"
