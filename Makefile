@@ -11,7 +11,13 @@ export IMELODIST_PROFILE ?= $(PROFILE)
 
 .PHONY: setup system-deps run test bench lab lmdeploy-env clean
 
-setup: $(VENV)/.installed system-deps
+# LMDeploy's guided-decoding module (it imports only xgrammar): tests/test_guided_payloads.py
+# compiles our payloads with it. Its wheel is ~107 MB (2-3 s from PyPI here), so only this one
+# 4 KB file is kept; offline, setup goes on and that test says it skipped.
+LMDEPLOY_VERSION ?= 0.18.0
+LMDEPLOY_GUIDED := .cache/lmdeploy-$(LMDEPLOY_VERSION)/_guided_decoding.py
+
+setup: $(VENV)/.installed system-deps $(LMDEPLOY_GUIDED)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +25,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[notebooks,test,audio]"
 	touch $@
+
+$(LMDEPLOY_GUIDED): | $(VENV)/.installed
+	@mkdir -p $(@D)/wheel
+	@$(PY) -m pip download -q --no-deps "lmdeploy==$(LMDEPLOY_VERSION)" -d $(@D)/wheel \
+		&& $(PY) -c "import glob, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/lmdeploy-*.whl')[0]); open(sys.argv[2], 'wb').write(z.read('lmdeploy/_guided_decoding.py'))" $(@D)/wheel $@ \
+		|| echo "lmdeploy $(LMDEPLOY_VERSION) wheel not reachable: tests/test_guided_payloads.py will skip LMDeploy's own check"
+	@rm -rf $(@D)/wheel
 
 # FluidSynth (audio) and Chromium (the browser test) come from Debian.
 system-deps:
@@ -37,14 +50,17 @@ bench: setup
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
 
-# LMDeploy pins torch<=2.12.1 and peft<=0.14 and needs CUDA: it gets its own environment,
-# reached from the notebooks through its OpenAI-compatible api_server.
+# LMDeploy pins torch<=2.12.1 and peft<=0.14 and needs CUDA: it gets its own environment, reached
+# from the notebooks through its api_server, or run notebook 04 in its kernel (imelodist-lmdeploy)
+# for the in-process pipeline, where guaranteed-valid mode works.
 lmdeploy-env:
 	test -x .venv-lmdeploy/bin/python || $(PYTHON) -m venv .venv-lmdeploy
 	.venv-lmdeploy/bin/pip install -q --upgrade pip
-	.venv-lmdeploy/bin/pip install -q lmdeploy openai music21 xgrammar tqdm
+	.venv-lmdeploy/bin/pip install -q lmdeploy openai music21 xgrammar tqdm \
+		pandas matplotlib ipykernel ipywidgets verovio pretty_midi
 	.venv-lmdeploy/bin/pip install -q --no-deps -e .
-	@echo "serve: .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist --chat-template internlm2 --server-port 23333"
+	.venv-lmdeploy/bin/python -m ipykernel install --user --name imelodist-lmdeploy
+	@echo "serve: .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist --chat-template internlm2 --server-name 127.0.0.1 --server-port 23333 --api-keys KEY"
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .cache

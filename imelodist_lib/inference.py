@@ -14,13 +14,18 @@ that reproduces it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
 import re
+import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,16 +33,27 @@ from pathlib import Path
 from typing import Any
 
 from imelodist_lib import abc
-from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor, stop_token_ids, token_budget
+from imelodist_lib.grammar import (check_against_grammar, grammar_for_request, grammar_logits_processor,
+                                   lmdeploy_response_format, stop_token_ids, token_budget,
+                                   vllm_structured_outputs)
 from imelodist_lib.instructions import ComposeRequest, render_prompt
 from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
 
 BACKENDS = ("auto", "transformers", "lmdeploy", "openai")
+SERVERS = ("lmdeploy", "vllm", "generic")  # what an OpenAI-compatible server is, for its grammar field
 DEFAULT_BASE_URL = "http://127.0.0.1:23333/v1"
 SERVED_MODEL_NAME = "imelodist"
 CONSTRAINED_MIN_NEW_TOKENS = 1024  # default budget in constrained mode: room for a 32-bar tune
-SERVE_HINT = (".venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR --model-name imelodist "
-              "--chat-template internlm2 --server-port 23333  (make lmdeploy-env first)")
+SERVE_HINT = ("serve_lmdeploy(MODEL_DIR) (it runs .venv-lmdeploy/bin/lmdeploy serve api_server MODEL_DIR "
+              "--model-name imelodist --chat-template internlm2 --server-name 127.0.0.1 --server-port 23333 "
+              "--api-keys KEY; make lmdeploy-env first)")
+GUIDED_ROUTES = ("Composer(backend='lmdeploy') in LMDeploy's own environment (its in-process pipeline "
+                 "compiles the grammar), a vLLM server with Composer(server='vllm'), or "
+                 "backend='transformers'")
+
+
+class GrammarNotEnforcedError(RuntimeError):
+    """A constrained answer that is not in the request's grammar: the engine dropped the grammar."""
 
 
 @dataclass
@@ -238,7 +254,7 @@ def _torch_threads(threads: int | None):
 
 
 class _TransformersEngine:
-    name = "transformers"
+    name = label = "transformers"
 
     def __init__(self, model, tokenizer, profile: Profile, cpu_threads: int | None = None):
         import torch
@@ -341,7 +357,7 @@ class _TransformersEngine:
 class _LMDeployEngine:
     """LMDeploy in-process: `lmdeploy.pipeline` with the InternLM2 chat template (CUDA only)."""
 
-    name = "lmdeploy"
+    name = label = "lmdeploy"
 
     def __init__(self, model: str, engine: str = "turbomind", model_format: str | None = None,
                  cache_max_entry_count: float = 0.5, session_len: int = 4096, tp: int = 1):
@@ -371,22 +387,21 @@ class _LMDeployEngine:
             raise
 
     @staticmethod
-    def _config(sampling: _Sampling, seed: int):
+    def _config(sampling: _Sampling, seed: int, grammar: str | None = None):
         from lmdeploy import GenerationConfig
 
-        # do_sample must be set explicitly: LMDeploy's default is greedy decoding
+        # do_sample must be set explicitly: LMDeploy's default is greedy decoding. The grammar goes
+        # in as an xgrammar structural tag; TurboMind decodes unconstrained (with a logged warning)
+        # when a format fails to compile, which the check on arrival (Composer._finish) catches.
         return GenerationConfig(do_sample=sampling.temperature > 0, temperature=max(sampling.temperature, 1e-5),
                                 top_p=sampling.top_p, top_k=sampling.top_k,
-                                max_new_tokens=sampling.max_new_tokens, random_seed=seed)
+                                max_new_tokens=sampling.max_new_tokens, random_seed=seed,
+                                response_format=lmdeploy_response_format(grammar) if grammar else None)
 
     def generate(self, messages: list[dict], n: int, sampling: _Sampling, grammar: str | None) -> list[_Raw]:
-        if grammar is not None:
-            raise NotImplementedError("LMDeploy takes JSON-schema/regex guides, not EBNF grammars: use "
-                                      "backend='transformers' (or a vLLM server with backend='openai') "
-                                      "for constrained=True")
         start = time.perf_counter()
         try:
-            outs = [self.pipe([messages], gen_config=self._config(sampling, sampling.seed + i))[0]
+            outs = [self.pipe([messages], gen_config=self._config(sampling, sampling.seed + i, grammar))[0]
                     for i in range(n)]
         except RuntimeError as err:
             if _is_oom(err):
@@ -397,25 +412,36 @@ class _LMDeployEngine:
                      "length" if o.finish_reason == "length" else "stop") for o in outs]
 
     def stream(self, messages: list[dict], sampling: _Sampling, grammar: str | None) -> Iterator[str]:
-        if grammar is not None:
-            self.generate(messages, 1, sampling, grammar)  # raises the explanation
-        for out in self.pipe.stream_infer([messages], gen_config=self._config(sampling, sampling.seed)):
+        for out in self.pipe.stream_infer([messages], gen_config=self._config(sampling, sampling.seed, grammar)):
             if out.text:
                 yield out.text
 
 
 class _OpenAIEngine:
-    """Any OpenAI-compatible chat server; grammars go in `extra_body[grammar_field]`."""
+    """Any OpenAI-compatible chat server. A grammar travels as the server kind takes it: vLLM's
+    `structured_outputs.grammar`, `extra_body[grammar_field]` for others; LMDeploy's api_server
+    takes none (its response_format has no grammar type, and the ABC grammar has no regex of
+    workable size: benchmarks/results/guided_payloads.json)."""
 
     name = "openai"
 
     def __init__(self, base_url: str, api_key: str, model: str | None, timeout: float,
-                 grammar_field: str | None):
+                 grammar_field: str | None, server: str | None = None):
         import openai
 
-        self.openai, self.base_url, self.grammar_field = openai, base_url.rstrip("/"), grammar_field
+        if server is not None and server not in SERVERS:
+            raise ValueError(f"unknown server kind {server!r}: choose one of {list(SERVERS)} "
+                             "(None: read it from GET /v1/models)")
+        self.openai, self.base_url = openai, base_url.rstrip("/")
         self.client = openai.OpenAI(base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self.model = model or self._served_model()
+        self.owner = None
+        if model is None or server is None:
+            model, self.owner = self._served_model(model)
+        self.model = model
+        self.server = server or (self.owner if self.owner in ("lmdeploy", "vllm") else "generic")
+        default_field = {"vllm": "structured_outputs.grammar", "generic": "guided_grammar"}.get(self.server)
+        self.grammar_field = default_field if grammar_field is None else grammar_field
+        self.label = f"{'the' if self.server == 'generic' else self.server} server at {self.base_url}"
 
     def _explain(self, err: Exception) -> Exception:
         if isinstance(err, self.openai.APITimeoutError):
@@ -424,34 +450,56 @@ class _OpenAIEngine:
         if isinstance(err, self.openai.APIConnectionError):
             return ConnectionError(f"cannot reach an OpenAI-compatible server at {self.base_url}: start "
                                    f"one with `{SERVE_HINT}` (or vLLM), or pass base_url=...")
+        if isinstance(err, self.openai.AuthenticationError):
+            return PermissionError(f"the server at {self.base_url} refused the API key: pass "
+                                   "Composer(api_key=...) with the key it was started with "
+                                   "(serve_lmdeploy(...).composer() sends it)")
         if isinstance(err, self.openai.NotFoundError):
-            return LookupError(f"the server at {self.base_url} does not serve model {self.model!r}: "
+            return LookupError(f"the server at {self.base_url} does not serve model {getattr(self, 'model', None)!r}: "
                                "pass Composer(served_model=...) with a name from GET /v1/models")
         if isinstance(err, self.openai.APIStatusError):
             return RuntimeError(f"the server at {self.base_url} refused the request "
                                 f"({err.status_code}): {str(err)[:300]}")
         return err
 
-    def _served_model(self) -> str:
+    def _served_model(self, wanted: str | None) -> tuple[str, str | None]:
+        """The model to ask for (`wanted`, else "imelodist", else the first served) and who serves
+        it (GET /v1/models' `owned_by`: "lmdeploy" and "vllm" name themselves)."""
         try:
-            models = [m.id for m in self.client.models.list().data]
+            models = self.client.models.list().data
         except self.openai.OpenAIError as err:
             raise self._explain(err) from err
         if not models:
             raise LookupError(f"the server at {self.base_url} serves no model")
-        return SERVED_MODEL_NAME if SERVED_MODEL_NAME in models else models[0]
+        ids = [m.id for m in models]
+        model = wanted or (SERVED_MODEL_NAME if SERVED_MODEL_NAME in ids else ids[0])
+        owner = next((m.owned_by for m in models if m.id == model), models[0].owned_by)
+        return model, str(owner).lower() if owner else None
+
+    def grammar_fields(self, grammar: str) -> dict:
+        """The request fields that carry `grammar` to this server (raises where it takes none)."""
+        if self.server == "vllm" and self.grammar_field == "structured_outputs.grammar":
+            return vllm_structured_outputs(grammar)
+        if not self.grammar_field:
+            if self.server == "lmdeploy":
+                raise NotImplementedError(
+                    f"LMDeploy's api_server ({self.base_url}) takes no grammar: its response_format "
+                    "knows json_schema and regex_schema only, and the ABC grammar has no regex of "
+                    "workable size. For guaranteed-valid ABC use " + GUIDED_ROUTES)
+            raise NotImplementedError("this server takes no grammar: pass Composer(server='vllm') "
+                                      "for vLLM, grammar_field=... for another server, or use " + GUIDED_ROUTES)
+        fields: dict = {}
+        node = fields
+        *parents, leaf = self.grammar_field.split(".")  # e.g. "structured_outputs.grammar"
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = grammar
+        return fields
 
     def _body(self, messages, sampling: _Sampling, seed: int, grammar: str | None, stream: bool) -> dict:
         extra: dict = {"top_k": sampling.top_k}
         if grammar is not None:
-            if not self.grammar_field:
-                raise NotImplementedError("this server takes no grammar: pass Composer(grammar_field="
-                                          "'guided_grammar') for vLLM, or use backend='transformers'")
-            node = extra
-            *parents, leaf = self.grammar_field.split(".")  # e.g. "structured_outputs.grammar"
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = grammar
+            extra.update(self.grammar_fields(grammar))
         return dict(model=self.model, messages=messages, temperature=sampling.temperature,
                     top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed,
                     stream=stream, extra_body=extra)
@@ -514,18 +562,24 @@ class Composer:
     transformers model with `tokenizer=`. backend: "transformers" | "lmdeploy" | "openai" |
     "auto" (default: the profile's; "openai" when `base_url` is given). OpenAI: `base_url`,
     `api_key`, `served_model` (default: "imelodist" or the server's first model), `timeout`,
-    `grammar_field` (request field for EBNF grammars: "guided_grammar" for vLLM <= 0.10,
-    "structured_outputs.grammar" for newer vLLM, None where the server takes none).
+    `server` (what the server is: "lmdeploy" | "vllm" | "generic"; None: read from GET
+    /v1/models), `grammar_field` (request field for EBNF grammars; None: the server's own, i.e.
+    vLLM's "structured_outputs.grammar", "guided_grammar" for a generic server, none for
+    LMDeploy's api_server; "guided_grammar" for vLLM older than `structured_outputs`; "" where the
+    server takes none).
     LMDeploy: `engine` ("turbomind" | "pytorch"), `model_format` ("awq" for 4-bit AWQ weights),
     `cache_max_entry_count` (share of free GPU memory for the KV cache).
+
+    Every constrained answer is checked on arrival against its grammar and `abc.validate`: an
+    engine that dropped the grammar raises `GrammarNotEnforcedError` naming it.
     """
 
     def __init__(self, model: Any = None, backend: str | None = None, profile: Profile | None = None,
                  tokenizer: Any = None, base_url: str | None = None, api_key: str = "EMPTY",
                  served_model: str | None = None, timeout: float = 120.0,
-                 grammar_field: str | None = "guided_grammar", engine: str = "turbomind",
+                 grammar_field: str | None = None, engine: str = "turbomind",
                  model_format: str | None = None, cache_max_entry_count: float = 0.5,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, server: str | None = None):
         self.profile = profile or get_profile()
         backend = backend or ("openai" if base_url else self.profile.backend)
         self.backend = resolve_backend(backend)
@@ -538,7 +592,7 @@ class Composer:
                                           session_len=max(4096, self.profile.max_seq_len))
         else:
             self.engine = _OpenAIEngine(base_url or DEFAULT_BASE_URL, api_key, served_model,
-                                        timeout, grammar_field)
+                                        timeout, grammar_field, server)
 
     # -- helpers
     def messages_for(self, request: ComposeRequest | str, template_index: int | None = None) -> list[dict]:
@@ -555,19 +609,51 @@ class Composer:
         return _Sampling(float(temperature), float(top_p), int(top_k),
                          int(max_new_tokens or self.profile.max_new_tokens), seed)
 
+    def _check_arrival(self, text: str, finish_reason: str, grammar: str) -> None:
+        """Refuse a constrained answer the grammar does not hold: the engine dropped the grammar.
+
+        An answer cut off by the token limit that keeps to the grammar so far is let through
+        (it comes back with finish_reason "length" and `.ok` False)."""
+        answer = text.strip()
+        if finish_reason == "length":  # a cut can split a character's bytes: drop the half
+            answer = answer.rstrip("\ufffd")
+        check = check_against_grammar(grammar, answer)
+        if check.accepted or (check.refused_at is None and finish_reason == "length"):
+            return
+        label = getattr(self.engine, "label", self.backend)
+        if check.refused_at is None:
+            where = f"it stops after {len(answer)} characters, before the tune is complete"
+        else:
+            i = check.refused_at
+            where = f"it leaves the request's grammar at character {i}: {answer[max(0, i - 30):i + 30]!r}"
+        raise GrammarNotEnforcedError(
+            f"{label} decoded unconstrained: {where}. The engine ignored the grammar (LMDeploy logs "
+            "'Failed to initialize guided decoding'; a server drops request fields it does not know). "
+            "For guaranteed-valid ABC use " + GUIDED_ROUTES)
+
     def _finish(self, raws: list[_Raw], messages: list[dict], request: ComposeRequest | None,
-                constrained: bool, seed: int) -> list[Composition]:
+                grammar: str | None, seed: int) -> list[Composition]:
         out = []
         prose = request is not None and request.task == "describe"
+        label = getattr(self.engine, "label", self.backend)
         for raw in raws:
+            if grammar is not None:
+                self._check_arrival(raw.text, raw.finish_reason, grammar)
             tunes = [] if prose else extract_abc(raw.text)
             tune = tunes[0] if tunes else None
+            report = abc.validate(tune) if tune else None
+            if grammar is not None and request is not None and raw.finish_reason != "length" and (
+                    report is None or not report.ok or report.bars.errors):
+                # in the grammar yet not a valid tune: a grammar bug, never a silent "valid" answer
+                raise GrammarNotEnforcedError(
+                    f"{label}: the answer keeps to the request's grammar but fails abc.validate "
+                    f"({report.error if report else 'no tune found'}): please report this grammar bug")
             out.append(Composition(
                 abc=tune, text=raw.text, request=request, prompt_tokens=raw.prompt_tokens,
                 completion_tokens=raw.completion_tokens, seconds=raw.seconds,
                 first_token_seconds=raw.first_token_seconds,
-                report=abc.validate(tune) if tune else None, backend=self.backend,
-                constrained=constrained, seed=seed, finish_reason=raw.finish_reason,
+                report=report, backend=self.backend,
+                constrained=grammar is not None, seed=seed, finish_reason=raw.finish_reason,
                 messages=[*messages, {"role": "assistant", "content": raw.text}]))
         return out
 
@@ -597,7 +683,7 @@ class Composer:
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         raws = self.engine.generate(messages, n, sampling, grammar)
         req = request if isinstance(request, ComposeRequest) else None
-        return self._finish(raws, messages, req, constrained, sampling.seed)
+        return self._finish(raws, messages, req, grammar, sampling.seed)
 
     def chat(self, messages: list[dict] | str, temperature: float | None = None, top_p: float = 0.95,
              top_k: int = 50, max_new_tokens: int | None = None, seed: int | None = None,
@@ -608,7 +694,7 @@ class Composer:
         messages = self._conversation(messages)
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         [raw] = self.engine.generate(messages, 1, sampling, grammar)
-        return self._finish([raw], messages, None, grammar is not None, sampling.seed)[0]
+        return self._finish([raw], messages, None, grammar, sampling.seed)[0]
 
     def stream(self, request_or_messages: ComposeRequest | list[dict] | str, temperature: float | None = None,
                top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
@@ -627,7 +713,16 @@ class Composer:
             max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS,
                                  token_budget(request_or_messages))
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
-        yield from self.engine.stream(messages, sampling, grammar)
+        if grammar is None:
+            yield from self.engine.stream(messages, sampling, grammar)
+            return
+        pieces = []
+        for piece in self.engine.stream(messages, sampling, grammar):
+            pieces.append(piece)
+            yield piece
+        text = "".join(pieces)  # checked on arrival, like compose (no finish reason: a cut-off
+        # stream that kept to the grammar passes; one that left it raises)
+        self._check_arrival(text, "length", grammar)
 
     @staticmethod
     def _conversation(messages: list[dict] | str) -> list[dict]:
@@ -753,38 +848,121 @@ def measure(composer: Composer, requests: list[ComposeRequest], samples: int = 2
 # ------------------------------------------------------------------------------ serving
 
 
+def _what_answers(host: str, port: int) -> str | None:
+    """What listens on host:port, in words (None: nothing accepts a connection there)."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            pass
+    except OSError:
+        return None
+    url = f"http://{host}:{port}/v1/models"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            models = json.loads(response.read() or b"{}").get("data", [])
+            names = ", ".join(f"{m.get('id')} (owned by {m.get('owned_by')})" for m in models) or "none"
+            return f"an OpenAI-compatible server serving {names}"
+    except urllib.error.HTTPError as err:
+        return f"an HTTP server answering GET /v1/models with {err.code} {err.reason}"
+    except (OSError, ValueError) as err:
+        return f"a program that accepts connections but is no OpenAI-compatible server ({err})"
+
+
+def _connect_host(server_name: str) -> str:
+    """Where a client on this machine reaches a server bound to `server_name`."""
+    return "127.0.0.1" if server_name in ("0.0.0.0", "", "::") else server_name
+
+
+@dataclass
+class LMDeployServer:
+    """A running `lmdeploy serve api_server`: its URL, its API key and its process.
+
+    Use as a context manager, or call `.stop()`; `.composer()` is a Composer that talks to it."""
+
+    url: str  # the OpenAI base URL, e.g. http://127.0.0.1:23333/v1
+    api_key: str
+    process: subprocess.Popen
+    log_path: Path
+    model_name: str = SERVED_MODEL_NAME
+
+    def composer(self, **kwargs) -> "Composer":
+        """A Composer on this server (key sent; LMDeploy's api_server takes no grammar, so
+        constrained=True raises with the routes that do)."""
+        return Composer(backend="openai", base_url=self.url, api_key=self.api_key,
+                        served_model=self.model_name, server="lmdeploy", **kwargs)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Terminate the server, wait for it (kill it after `timeout` s) and return its exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+        return self.process.returncode
+
+    def __enter__(self) -> "LMDeployServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _lmdeploy_command() -> str | None:
+    """.venv-lmdeploy's `lmdeploy` (make lmdeploy-env), else one on PATH."""
+    candidates = (Path(".venv-lmdeploy/bin/lmdeploy"),
+                  Path(__file__).resolve().parent.parent / ".venv-lmdeploy/bin/lmdeploy")
+    return next((str(p) for p in candidates if p.is_file()), shutil.which("lmdeploy"))
+
+
 def serve_lmdeploy(model_dir: str | Path, port: int = 23333, model_name: str = SERVED_MODEL_NAME,
                    lmdeploy_bin: str | None = None, wait_seconds: float = 600.0,
-                   extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+                   extra_args: tuple[str, ...] = (), server_name: str = "127.0.0.1",
+                   api_key: str | None = None) -> LMDeployServer:
     """Start `lmdeploy serve api_server` as a subprocess and wait until /v1/models answers.
 
-    Stop it with `.terminate()`. The binary is .venv-lmdeploy's (make lmdeploy-env) or `lmdeploy`
-    on PATH; its log goes to `<model_dir>/../lmdeploy_server.log`."""
-    import urllib.request
-
-    binary = lmdeploy_bin or next((str(p) for p in (Path(".venv-lmdeploy/bin/lmdeploy"),
-                                                    Path(__file__).resolve().parent.parent
-                                                    / ".venv-lmdeploy/bin/lmdeploy") if p.is_file()),
-                                  shutil.which("lmdeploy"))
+    It binds `server_name` (127.0.0.1: only this machine reaches it) and requires an API key
+    (`api_key`, else a fresh random one) that `.composer()` sends. Refuses to start when something
+    already answers on the port. Stop it with `.stop()` or a `with` block. The binary is
+    .venv-lmdeploy's (make lmdeploy-env) or `lmdeploy` on PATH; the log goes to
+    `<model_dir>/../lmdeploy_server.log`."""
+    binary = lmdeploy_bin or _lmdeploy_command()
     if not binary:
         raise FileNotFoundError("no lmdeploy command: run `make lmdeploy-env` (creates .venv-lmdeploy) "
                                 "or conda env create -f environment-lmdeploy.yml")
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist: merge the adapter first "
                                 "(notebook 03) or set IMELODIST_COMPOSER_MODEL")
-    log = open(Path(model_dir).resolve().parent / "lmdeploy_server.log", "w")
-    process = subprocess.Popen([binary, "serve", "api_server", str(model_dir), "--model-name", model_name,
-                                "--chat-template", "internlm2", "--server-port", str(port), *extra_args],
-                               stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1/models"
+    host = _connect_host(server_name)
+    taken = _what_answers(host, port)
+    if taken:
+        raise RuntimeError(f"port {port} on {host} is taken: {taken} answers there. Stop it, or "
+                           f"pass serve_lmdeploy(port=...) a free port")
+    api_key = api_key or secrets.token_hex(24)  # hex: never starts with "-", which argparse would misread
+    log_path = Path(model_dir).resolve().parent / "lmdeploy_server.log"
+    with open(log_path, "w") as log:  # the child keeps its own handle; ours closes here
+        process = subprocess.Popen([binary, "serve", "api_server", str(model_dir), "--model-name", model_name,
+                                    "--chat-template", "internlm2", "--server-name", server_name,
+                                    "--server-port", str(port), "--api-keys", api_key, *extra_args],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = LMDeployServer(f"http://{host}:{port}/v1", api_key, process, log_path, model_name)
+    ready = urllib.request.Request(f"{server.url}/models", headers={"Authorization": f"Bearer {api_key}"})
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"lmdeploy api_server exited with code {process.returncode}: see {log.name}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return process
-        except OSError:
-            time.sleep(2)
-    process.terminate()
-    raise TimeoutError(f"lmdeploy api_server did not answer at {url} within {wait_seconds:.0f} s: see {log.name}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"lmdeploy api_server exited with code {process.returncode}: "
+                                   f"see {log_path}")
+            try:
+                with urllib.request.urlopen(ready, timeout=2):
+                    return server
+            except urllib.error.HTTPError as err:
+                raise RuntimeError(f"lmdeploy api_server at {server.url} answered GET /models with "
+                                   f"{err.code} {err.reason} to its own key: see {log_path}") from err
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"lmdeploy api_server did not answer at {server.url} within "
+                           f"{wait_seconds:.0f} s: see {log_path}")
+    except BaseException:  # a failed start (or Ctrl-C while waiting) leaves no server behind
+        server.stop(timeout=10)
+        raise

@@ -16,6 +16,7 @@ from pathlib import Path
 from imelodist_lib.profiles import REPO_ROOT, get_profile
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+LMDEPLOY_KERNEL = "imelodist-lmdeploy"  # LMDeploy's own environment as a kernel (make lmdeploy-env)
 
 
 def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
@@ -26,7 +27,21 @@ def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
     return books
 
 
-def run_notebook(src: Path, out_dir: Path) -> Path:
+def kernel_for(notebook: Path, is_gpu: bool, kernels: dict | None = None) -> str:
+    """python3, except notebook 04 on a GPU when LMDeploy's kernel exists: there it composes
+    with LMDeploy's in-process pipeline, where guaranteed-valid mode works (its api_server,
+    reached from python3, takes no grammar)."""
+    if is_gpu and notebook.name.startswith("04_"):
+        if kernels is None:
+            from jupyter_client.kernelspec import find_kernel_specs
+
+            kernels = find_kernel_specs()
+        if LMDEPLOY_KERNEL in kernels:
+            return LMDEPLOY_KERNEL
+    return "python3"
+
+
+def run_notebook(src: Path, out_dir: Path, kernel: str = "python3") -> Path:
     """Execute one notebook with papermill (cwd = notebooks/) and export it to HTML."""
     import nbformat
     import papermill
@@ -34,7 +49,7 @@ def run_notebook(src: Path, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / src.name
-    papermill.execute_notebook(str(src), str(dst), cwd=str(src.parent), kernel_name="python3",
+    papermill.execute_notebook(str(src), str(dst), cwd=str(src.parent), kernel_name=kernel,
                                progress_bar=False)
     html, _ = HTMLExporter().from_notebook_node(nbformat.read(dst, as_version=4))
     dst.with_suffix(".html").write_text(html, encoding="utf-8")
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for book in books:
         start = time.perf_counter()
         try:
-            dst = run_notebook(book, out_dir)
+            dst = run_notebook(book, out_dir, kernel_for(book, profile.is_gpu))
         except Exception as err:  # papermill names the failing cell; keep its message short
             print(f"FAILED {book.name}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}",
                   file=sys.stderr)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from imelodist_lib import abc
-from imelodist_lib.grammar import grammar_logits_processor
-from imelodist_lib.inference import Composer, Composition, extract_abc, first_bar_seconds, resolve_backend
+from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor
+from imelodist_lib.inference import (Composer, Composition, GrammarNotEnforcedError, extract_abc,
+                                     first_bar_seconds, resolve_backend)
 from imelodist_lib.instructions import ComposeRequest
 from imelodist_lib.profiles import SHIPPED_MODEL_DIR, get_profile
 
@@ -176,10 +177,14 @@ def test_shipped_model_constrained_is_always_valid():
 # ------------------------------------------------------------------------------ openai backend
 class _ChatServer(BaseHTTPRequestHandler):
     """A minimal OpenAI-compatible server (GET /v1/models, streaming POST /v1/chat/completions)
-    answering with a real transformers model; honours `guided_grammar` through xgrammar."""
+    answering with a real transformers model; honours `guided_grammar` and vLLM's
+    `structured_outputs.grammar` through xgrammar, unless `drop_grammar` (an engine that ignores it)."""
 
     model = tokenizer = None
     delay = 0.0
+    drop_grammar = False
+    owned_by = "test"
+    requests: list = []  # the bodies received, for the payload checks
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -195,11 +200,12 @@ class _ChatServer(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path.rstrip("/") == "/v1/models":
             return self._json(200, {"object": "list", "data": [
-                {"id": "imelodist", "object": "model", "created": 0, "owned_by": "test"}]})
+                {"id": "imelodist", "object": "model", "created": 0, "owned_by": self.owned_by}]})
         self._json(404, {"error": {"message": "not found"}})
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append(request)
         time.sleep(self.delay)
         if request["model"] != "imelodist":
             return self._json(404, {"error": {"message": f"model {request['model']} not found"}})
@@ -207,9 +213,9 @@ class _ChatServer(BaseHTTPRequestHandler):
         inputs = tok.apply_chat_template(request["messages"], add_generation_prompt=True,
                                          return_dict=True, return_tensors="pt")
         processors = []
-        if request.get("guided_grammar"):
-            processors.append(grammar_logits_processor(tok, request["guided_grammar"],
-                                                       vocab_size=model.config.vocab_size))
+        grammar = request.get("guided_grammar") or request.get("structured_outputs", {}).get("grammar")
+        if grammar and not self.drop_grammar:
+            processors.append(grammar_logits_processor(tok, grammar, vocab_size=model.config.vocab_size))
         torch.manual_seed(request.get("seed") or 0)
         out = model.generate(**inputs, do_sample=True, temperature=request.get("temperature", 1.0),
                              top_p=request.get("top_p", 1.0), top_k=request.get("top_k", 50),
@@ -262,6 +268,59 @@ def test_openai_backend_composes_with_grammar(server):
     assert c.completion_tokens > 10 and c.prompt_tokens > 10 and c.first_token_seconds is not None
     pieces = list(composer.stream(REQUESTS["chords"], seed=2, constrained=True, max_new_tokens=600))
     assert "".join(pieces) == c.text
+
+
+def test_openai_server_kinds_send_their_grammar_fields(server):
+    """vLLM gets `structured_outputs.grammar`, a generic server `guided_grammar` (or the field named),
+    LMDeploy's api_server none: constrained=True refuses before sending, naming the routes that work."""
+    handler, url = server
+    request = REQUESTS["chords"]
+    grammar = grammar_for_request(request)
+    for kind, field, expected in [("vllm", None, {"structured_outputs": {"grammar": grammar}}),
+                                  ("generic", None, {"guided_grammar": grammar}),
+                                  ("vllm", "guided_grammar", {"guided_grammar": grammar})]:
+        handler.requests.clear()
+        composer = Composer(backend="openai", base_url=url, profile=CPU, server=kind, grammar_field=field)
+        [c] = composer.compose(request, seed=2, constrained=True, max_new_tokens=600)
+        assert c.ok, c.text
+        [body] = handler.requests
+        assert {k: body[k] for k in expected} == expected and "response_format" not in body
+    handler.owned_by = "vllm"  # a server that names itself in GET /v1/models is recognised
+    try:
+        assert Composer(backend="openai", base_url=url, profile=CPU).engine.server == "vllm"
+        handler.owned_by = "lmdeploy"
+        composer = Composer(backend="openai", base_url=url, profile=CPU)
+    finally:
+        handler.owned_by = "test"
+    assert composer.engine.server == "lmdeploy"
+    assert not composer.compose(request, seed=2, max_new_tokens=20)[0].constrained  # free sampling works
+    handler.requests.clear()
+    with pytest.raises(NotImplementedError, match="api_server.*backend='lmdeploy'.*server='vllm'"):
+        composer.compose(request, constrained=True)
+    assert handler.requests == []
+    with pytest.raises(ValueError, match="server kind"):
+        Composer(backend="openai", base_url=url, profile=CPU, server="tgi")
+
+
+def test_engine_that_drops_the_grammar_is_caught_on_arrival(server):
+    """A server that ignores the grammar and answers free text (this random model's noise): the
+    answer is checked against the request and refused with the engine named, never returned."""
+    handler, url = server
+    composer = Composer(backend="openai", base_url=url, profile=CPU, server="vllm")
+    handler.drop_grammar = True
+    try:
+        with pytest.raises(GrammarNotEnforcedError, match=r"vllm server at http://127\.0\.0\.1:\d+/v1 "
+                                                         r"decoded unconstrained: it leaves"):
+            composer.compose(REQUESTS["emotion"], seed=2, constrained=True, max_new_tokens=200)
+        pieces = []
+        with pytest.raises(GrammarNotEnforcedError, match="decoded unconstrained"):
+            for piece in composer.stream(REQUESTS["emotion"], seed=2, constrained=True, max_new_tokens=200):
+                pieces.append(piece)
+        assert pieces  # the text was shown as it came; the refusal comes at its end
+        free = composer.compose(REQUESTS["emotion"], seed=2, max_new_tokens=50)  # unconstrained: no check
+        assert len(free) == 1 and not free[0].constrained
+    finally:
+        handler.drop_grammar = False
 
 
 def test_openai_unknown_model_and_timeout(server):
