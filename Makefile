@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= cpu
 export IMELODIST_PROFILE ?= $(PROFILE)
 
-.PHONY: setup system-deps run test bench lab lmdeploy-env clean
+.PHONY: setup system-deps run test bench gpu-check lab lmdeploy-env clean
 
 setup: $(VENV)/.installed system-deps
 
@@ -33,6 +33,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# The prepared GPU check (one H100/H200-class GPU, <= 8 minutes): random InternLM2-chat-7B-shape
+# weights, QLoRA pt + SFT steps, merge, decode, guaranteed-valid -> benchmarks/results/gpu.json.
+# On a CPU: `.venv/bin/python benchmarks/gpu_check.py --dry-run` (the test suite runs it).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --data runs/gpu-check-data
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
