@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= cpu
 export IMELODIST_PROFILE ?= $(PROFILE)
 
-.PHONY: setup system-deps run test bench lab lmdeploy-env clean
+.PHONY: setup system-deps run test bench gpu-check lab lmdeploy-env clean
 
 # LMDeploy's guided-decoding module (it imports only xgrammar): tests/test_guided_payloads.py
 # compiles our payloads with it. Its wheel is ~107 MB (2-3 s from PyPI here), so only this one
@@ -46,6 +46,12 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/run_all.py
+
+# The prepared GPU check (one H100/H200-class GPU, <= 8 minutes): random InternLM2-chat-7B-shape
+# weights, QLoRA pt + SFT steps, merge, decode, guaranteed-valid -> benchmarks/results/gpu.json.
+# On a CPU: `.venv/bin/python benchmarks/gpu_check.py --dry-run` (the test suite runs it).
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --data runs/gpu-check-data
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

@@ -92,15 +92,17 @@ def split_wqkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int,
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def random_internlm2_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 weights under InternLM2's own tensor names and shapes (fused grouped wqkv)."""
-    g = torch.Generator().manual_seed(seed)
+def random_internlm2_state(cfg: dict, seed: int = 0, std: float = 0.1, dtype: torch.dtype = torch.float32,
+                           device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights under InternLM2's own tensor names and shapes (fused grouped wqkv), drawn on
+    `device` and stored in `dtype` tensor by tensor (a 7B state never exists twice in memory)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     h, inter, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], \
         cfg["num_key_value_heads"]
     d = h // heads
 
     def w(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
     state = {"model.tok_embeddings.weight": w(cfg["vocab_size"], h),
              "model.norm.weight": 1 + w(h), "output.weight": w(cfg["vocab_size"], h)}
@@ -392,14 +394,17 @@ def write_internlm2_checkpoint(directory: str | Path, tokenizer_model: str | Pat
                                rope_theta: float = 1000000.0, rope_scaling: dict | None = None,
                                rms_norm_eps: float = 1e-5, seed: int = 0,
                                dtype: torch.dtype = torch.float32, shards: int = 1,
-                               safetensors: bool = True) -> Path:
+                               safetensors: bool = True, vocab_size: int | None = None,
+                               init_std: float = 0.1, device: str = "cpu") -> Path:
     """A random InternLM2 checkpoint in exactly internlm/internlm2-chat-7b's layout (code files raise).
 
     config.json (model_type internlm2, auto_map), the remote-code files (each raises
     RuntimeError on import: loading must never run them), weights under InternLM2's tensor names
     in one or `shards` files (.safetensors or .bin, with an index when sharded), tokenizer.model,
     tokenizer_config.json (InternLM2Tokenizer, auto_map, added_tokens_decoder at the ids the
-    SentencePiece model gives the chat tokens) and generation_config.json.
+    SentencePiece model gives the chat tokens) and generation_config.json. `vocab_size` (at
+    least the tokenizer's) sizes the embedding and output tables, as a real model's 92,544 rows
+    do; the weights are drawn on `device` with standard deviation `init_std`.
     """
     import sentencepiece as spm
 
@@ -423,12 +428,12 @@ def write_internlm2_checkpoint(directory: str | Path, tokenizer_model: str | Pat
            "pad_token_id": 2, "rms_norm_eps": rms_norm_eps, "rope_scaling": rope_scaling,
            "rope_theta": rope_theta, "tie_word_embeddings": False,
            "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": "4.41.0",
-           "use_cache": True, "vocab_size": sp.get_piece_size()}
+           "use_cache": True, "vocab_size": max(vocab_size or 0, sp.get_piece_size())}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in CODE_FILES:
         (directory / name).write_text(
             f'raise RuntimeError("remote code executed: {name} must never be imported")\n')
-    state = {k: v.to(dtype) for k, v in random_internlm2_state(cfg, seed).items()}
+    state = random_internlm2_state(cfg, seed, init_std, dtype, device)
     _write_shards(directory, state, shards, safetensors)
     shutil.copyfile(tokenizer_model, directory / "tokenizer.model")
     entry = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
@@ -464,7 +469,7 @@ def _write_shards(directory: Path, state: dict[str, torch.Tensor], shards: int, 
     weight_map, total = {}, 0
     for i, group in enumerate(groups, start=1):
         name = f"{stem}.{ext}" if shards == 1 else f"{stem}-{i:05d}-of-{shards:05d}.{ext}"
-        part = {k: state[k].contiguous() for k in group}
+        part = {k: state[k].contiguous().cpu() for k in group}
         if safetensors:
             save_file(part, str(directory / name), metadata={"format": "pt"})
         else:
