@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -45,8 +46,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlparse
 
-from imelodist_lib import abc
+from imelodist_lib import abc, jsonl
 from imelodist_lib.profiles import Profile
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 CORPUS_FORMAT_VERSION = 1  # bump when the record layout or any cleaning rule changes
@@ -130,10 +133,7 @@ def _dumps(obj: Any) -> str:
 def write_jsonl(records: Iterable[TuneRecord], path: str | Path) -> Path:
     """Write records one JSON object per line (UTF-8, sorted keys: byte-reproducible)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            f.write(_dumps(r.to_dict()) + "\n")
+    jsonl.write_jsonl((r.to_dict() for r in records), path, sort_keys=True, compact=True)
     return path
 
 
@@ -143,13 +143,11 @@ def read_jsonl(path: str | Path) -> list[TuneRecord]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run notebook 01 (corpus.assemble_corpus) first")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(TuneRecord.from_dict(json.loads(line)))
-                except (json.JSONDecodeError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a TuneRecord line ({e})") from None
+    for n, row in enumerate(jsonl.read_jsonl(path), 1):
+        try:
+            out.append(TuneRecord.from_dict(row))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: row {n}: not a TuneRecord ({e})") from None
     return out
 
 
@@ -287,8 +285,7 @@ def _rows_from_local(path: Path) -> list[dict]:
             text = _read_text(f).strip()
             # A JSON array (XTuner writes one) or JSON lines; datasets' json loader chokes on
             # nested lists of dicts with varying keys, so read these directly.
-            data = (json.loads(text) if text.startswith("[")
-                    else [json.loads(line) for line in text.splitlines() if line.strip()])
+            data = json.loads(text) if text.startswith("[") else jsonl.loads_lines(text, str(f))
             rows.extend(dict(r, _split=f.name) for r in data)
         else:
             ds = datasets.load_dataset(f.suffix.lstrip("."), data_files=str(f), split="train")
@@ -1235,19 +1232,29 @@ def _settings(profile: Profile) -> dict:
 
 
 def _cached(out: Path, fingerprint: str) -> CorpusResult | None:
-    """The previous build in `out` when it was made from the same inputs and is intact."""
+    """The previous build in `out` when it was made from the same inputs and is intact; when
+    there is one that can't be reused, a logged line says why."""
     paths = {"tunes": out / "tunes.jsonl", "manifest": out / "manifest.json",
              "cleaning_report": out / "cleaning_report.json", "dir": out}
+    if not paths["manifest"].exists():
+        return None
     try:
         manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
         if manifest.get("input_fingerprint") != fingerprint:
-            return None
-        if _sha256(paths["tunes"]) != manifest["files"]["tunes.jsonl"]["sha256"]:
-            return None
+            return None  # other settings, sources or code: an ordinary rebuild
+        for name in ("tunes.jsonl", "cleaning_report.json"):
+            want = manifest["files"][name]["sha256"]
+            have = _sha256(out / name) if (out / name).exists() else "missing"
+            if have != want:
+                _log.warning("rebuilding the corpus in %s: %s changed since it was built "
+                             "(sha256 %s on disk, %s in manifest.json)", out, name, have[:12], want[:12])
+                return None
         report = CleaningReport.from_dict(json.loads(paths["cleaning_report"].read_text(encoding="utf-8")))
-    except (OSError, KeyError, ValueError):
+        return CorpusResult(read_jsonl(paths["tunes"]), report, manifest, paths)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        _log.warning("rebuilding the corpus in %s: its files are unreadable (%s: %s)", out,
+                     type(e).__name__, e)
         return None
-    return CorpusResult(read_jsonl(paths["tunes"]), report, manifest, paths)
 
 
 def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[TuneRecord] | None = None,
@@ -1256,9 +1263,17 @@ def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[T
     and cleaning_report.json under `profile.run_dir/"data"` (or `out_dir`).
 
     Same inputs and profile give byte-identical files. When the files there were built from the
-    same inputs (`input_fingerprint`), they are read back instead of rebuilt (`use_cache=False`
-    forces a rebuild). `records` replaces loading (tests, a hand-picked subset; never cached)."""
+    same inputs (`input_fingerprint`) and still match their sha256 in manifest.json, they are
+    read back instead of rebuilt (`use_cache=False` forces a rebuild). `records` replaces loading
+    (tests, a hand-picked subset; never cached). Files are written atomically, manifest last, and
+    builds of one folder take turns (a lock file in it), so a second build waits and reuses."""
     out = Path(out_dir) if out_dir is not None else profile.run_dir / "data"
+    with jsonl.folder_lock(out):
+        return _assemble_corpus(profile, progress, records, out, use_cache)
+
+
+def _assemble_corpus(profile: Profile, progress: bool, records: Sequence[TuneRecord] | None,
+                     out: Path, use_cache: bool) -> CorpusResult:
     timings: dict[str, float] = {}
     fingerprint = input_fingerprint(profile) if records is None else ""
     if use_cache and fingerprint:
@@ -1295,16 +1310,16 @@ def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[T
     out.mkdir(parents=True, exist_ok=True)
     tunes_path = write_jsonl(final, out / "tunes.jsonl")
     report_path = out / "cleaning_report.json"
-    report_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                           encoding="utf-8")
+    jsonl.write_text_atomic(report_path, json.dumps(report.to_dict(), ensure_ascii=False, indent=2,
+                                                    sort_keys=True) + "\n")
     manifest = build_manifest(final, report, profile, raw_count=len(raw), selected=len(selected),
                               augmentation=dict(sorted(aug_counts.items())))
     manifest["input_fingerprint"] = fingerprint
     manifest["files"] = {"tunes.jsonl": {"sha256": _sha256(tunes_path), "records": len(final)},
                          "cleaning_report.json": {"sha256": _sha256(report_path)}}
     manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                             encoding="utf-8")
+    jsonl.write_text_atomic(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2,
+                                                      sort_keys=True) + "\n")
     return CorpusResult(final, report, manifest,
                         {"tunes": tunes_path, "manifest": manifest_path, "cleaning_report": report_path,
                          "dir": out}, timings)

@@ -400,3 +400,17 @@ def test_mode_from_final_note_when_k_is_only_a_signature(all_raw):
     labels = corpus.label_record(kept[0]).labels
     assert labels["mode"] == "dorian" and labels["chinese_mode"] == {"zh": "商调式", "en": "shang"}
     assert labels["methods"]["mode"].startswith("final note")
+
+
+def test_local_jsonl_rows_keep_unicode_line_separators(tmp_path, all_raw):
+    # U+0085 is what a cp1252 ellipsis (0x85) becomes through the Latin-1 fallback.
+    tune = all_raw[100].abc.strip().replace("\nM:", "\nN:a\u2028b\u2029c\u0085d\nM:", 1)
+    rows = _write(tmp_path / "irishman.jsonl", [{"abc notation": tune}, {"abc notation": "X:2"}], jsonl=True)
+    recs = corpus.load_hub_dataset(rows)
+    assert [r.abc.strip() for r in recs] == [tune, "X:2"]
+
+
+def test_corpus_jsonl_reads_back_unicode_line_separators(tmp_path, all_raw):
+    rec = dataclasses.replace(all_raw[0], title="a\u2028b\u2029c\u0085d")
+    path = corpus.write_jsonl([rec, all_raw[1]], tmp_path / "tunes.jsonl")
+    assert corpus.read_jsonl(path) == [rec, all_raw[1]]
