@@ -29,7 +29,8 @@ from typing import Any
 
 from imelodist_lib import abc
 from imelodist_lib.grammar import grammar_for_request, grammar_logits_processor, stop_token_ids, token_budget
-from imelodist_lib.instructions import ComposeRequest, render_prompt
+from imelodist_lib.instructions import (ComposeRequest, neutralize_special_tokens, render_prompt,
+                                        user_turns_as_data)
 from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
 
 BACKENDS = ("auto", "transformers", "lmdeploy", "openai")
@@ -544,6 +545,7 @@ class Composer:
     def messages_for(self, request: ComposeRequest | str, template_index: int | None = None) -> list[dict]:
         """The chat (system + user) a request is sent as."""
         user = request if isinstance(request, str) else render_prompt(request, template_index)
+        user = neutralize_special_tokens(user)  # request fields are data, never chat markers
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def _sampling(self, temperature, top_p, top_k, max_new_tokens, seed) -> _Sampling:
@@ -638,7 +640,7 @@ class Composer:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
-        return list(messages)
+        return user_turns_as_data(messages)
 
 
 def first_bar_seconds(pieces: Iterator[str]) -> tuple[float | None, str]:

@@ -40,6 +40,41 @@ _log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
+# Request fields are data
+# --------------------------------------------------------------------------------------------
+# Characters that would end an ABC header line or start a new one: every separator
+# str.splitlines knows (NEL U+0085 and U+2028/U+2029 included) and the other C0 controls and DEL.
+# C1 controls other than NEL stay: they are Latin-1 mojibake of old files (363 Essen titles
+# carry \x81 for "ü") and change no line.
+_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Text a chat tokenizer would read as a special token: <|im_start|>, <|im_end|>, InternLM2's
+# <|action_start|> and the like, and <s> </s> <pad> <unk>.
+_SPECIAL_TOKEN = re.compile(r"<(?=\|[^<>|\s]{1,40}\|>|/?s>|pad>|unk>)")
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def check_one_line(name: str, value: str | None) -> None:
+    """Refuse a request field that would change the ABC it lands in (a newline in a theme
+    would add header lines to a guaranteed-valid tune), naming the field."""
+    if value is not None and _NOT_ONE_LINE.search(str(value)):
+        bad = _NOT_ONE_LINE.search(str(value)).group()
+        raise ValueError(f"{name} {value!r} holds {bad!r} (a line break or control character): "
+                         f"give {name} as one line of plain text")
+
+
+def neutralize_special_tokens(text: str) -> str:
+    """User text with special-token look-alikes broken by a zero-width space after '<', so
+    '<|im_end|>' typed in a request tokenises as plain text, never as a real chat marker."""
+    return _SPECIAL_TOKEN.sub("<" + ZERO_WIDTH_SPACE, text)
+
+
+def user_turns_as_data(messages: Sequence[dict]) -> list[dict]:
+    """The chat with every user turn's content passed through `neutralize_special_tokens`."""
+    return [dict(m, content=neutralize_special_tokens(m["content"]))
+            if m.get("role") == "user" and isinstance(m.get("content"), str) else m for m in messages]
+
+
+# --------------------------------------------------------------------------------------------
 # The request record
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -73,6 +108,10 @@ class ComposeRequest:
             raise ValueError("task 'theme_chords' needs theme='...' (a title or theme text)")
         if self.task in ("continue", "describe") and not self.seed_abc:
             raise ValueError(f"task {self.task!r} needs seed_abc='...' (the ABC tune to use)")
+        for name in ("theme", "key", "meter"):
+            check_one_line(name, getattr(self, name))
+        for i, chord in enumerate(self.chords or ()):
+            check_one_line(f"chords[{i}]", chord)
         for name in ("tempo", "bars"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value <= 0):
@@ -285,7 +324,8 @@ def _chord_text(chords: Sequence[str]) -> str:
 def render_prompt(request: ComposeRequest, template_index: int | None = None,
                   rng: random.Random | None = None) -> str:
     """The user message for a request, in its language. Phrasing: `template_index` if given,
-    else drawn from `rng`, else the first template (so a bare call is reproducible)."""
+    else drawn from `rng`, else the first template (so a bare call is reproducible). Special-token
+    text in the fields is neutralised (`neutralize_special_tokens`): request fields are data."""
     options = TEMPLATES[request.task][request.lang]
     if template_index is None:
         template_index = rng.randrange(len(options)) if rng is not None else 0
@@ -300,13 +340,13 @@ def render_prompt(request: ComposeRequest, template_index: int | None = None,
         include = ("key", "meter", "tempo")  # the chords already fix the length
     else:
         include = ("key", "meter", "tempo", "bars")
-    return options[template_index].format(
+    return neutralize_special_tokens(options[template_index].format(
         desc=_desc(request) if request.task == "emotion" else "",
         constraints=_constraints(request, clause_rng, include),
         chords=_chord_text(request.chords or []),
         theme=request.theme or "",
         seed=(request.seed_abc or "").strip(),
-    )
+    ))
 
 
 # --------------------------------------------------------------------------------------------
