@@ -1302,7 +1302,8 @@ def load_datasets(profile: Profile, build_if_missing: bool = True, progress: boo
                                         "(or load_datasets(profile, build_if_missing=True))")
             from imelodist_lib import corpus
 
-            _log.warning("rebuilding the datasets in %s: %s", files.data_dir, stale)
+            _log.warning("%s the datasets in %s: %s", "building" if stale.startswith("missing")
+                         else "rebuilding", files.data_dir, stale)
             build_datasets(profile, corpus.assemble_corpus(profile, progress=progress), progress=progress,
                            knowledge_dir=KNOWLEDGE_DIR)
         rows = {(kind, split): jsonl.read_jsonl(getattr(files, f"{kind}_{split}"))
