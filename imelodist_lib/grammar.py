@@ -179,6 +179,8 @@ def abc_grammar(meter: str, unit_length: str | Fraction, key: str, title: str | 
     for name, value in (("meter", meter), ("key", key), ("unit_length", str(unit_length))):
         if not str(value).strip() or "\n" in str(value):
             raise ValueError(f"{name} {value!r} must be a one-line ABC header value")
+    if title and re.search("[\x00-\x1f\x7f\x85\u2028\u2029]", title):  # would add header lines
+        raise ValueError(f"title {title!r} holds a line break or control character: give one line of text")
     if chord_symbols is not None:
         if not chord_symbols:
             raise ValueError("chord_symbols is empty: give one chord symbol per bar, e.g. ['G','C','D','G']")

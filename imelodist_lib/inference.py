@@ -36,7 +36,8 @@ from imelodist_lib import abc
 from imelodist_lib.grammar import (check_against_grammar, grammar_for_request, grammar_logits_processor,
                                    lmdeploy_response_format, stop_token_ids, token_budget,
                                    vllm_structured_outputs)
-from imelodist_lib.instructions import ComposeRequest, render_prompt
+from imelodist_lib.instructions import (ComposeRequest, neutralize_special_tokens, render_prompt,
+                                        user_turns_as_data)
 from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
 
 BACKENDS = ("auto", "transformers", "lmdeploy", "openai")
@@ -598,6 +599,7 @@ class Composer:
     def messages_for(self, request: ComposeRequest | str, template_index: int | None = None) -> list[dict]:
         """The chat (system + user) a request is sent as."""
         user = request if isinstance(request, str) else render_prompt(request, template_index)
+        user = neutralize_special_tokens(user)  # request fields are data, never chat markers
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def _sampling(self, temperature, top_p, top_k, max_new_tokens, seed) -> _Sampling:
@@ -733,7 +735,7 @@ class Composer:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
-        return list(messages)
+        return user_turns_as_data(messages)
 
 
 def first_bar_seconds(pieces: Iterator[str]) -> tuple[float | None, str]:
