@@ -392,3 +392,21 @@ def grammar_accepts(grammar: str, text: str) -> bool:
     compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_grammar(grammar)
     matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
     return matcher.accept_string(text) and matcher.is_terminated()
+
+
+# --- public building blocks for grammars over part of a tune (imelodist_lib.editing) ---
+def bar_fill_rules(plan: BarPlan, chords_inside: bool = False) -> list[str]:
+    """The rule lines for bar contents: `fill{k}` writes exactly k steps of notes and rests
+    (chord symbols inside only when `chords_inside`); `chordsym` is any chord symbol."""
+    element_lines, elements = _element_rules(plan)
+    return element_lines + _bar_rules(plan, elements, chords_inside) + [f"chordsym ::= {_chord_symbol_rule(None)}"]
+
+
+def ebnf_literal(text: str) -> str:
+    """An EBNF string literal for `text` (as the tune grammar writes its fixed parts)."""
+    return _literal(text)
+
+
+def reachable_rules(rules: list[str], root: str = "root") -> list[str]:
+    """Only the rules reachable from `root` (xgrammar rejects unused or undefined ones)."""
+    return _reachable(rules, root)
