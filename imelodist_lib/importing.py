@@ -6,7 +6,9 @@ the project's ABC, with a report of every choice and loss.
 
 music21 reads MIDI and MusicXML; ABC is written here (music21 cannot write it). What the
 import keeps: key, meter, unit length (ABC 2.1's default for the meter), tempo, title, one
-melodic line, ties across bar lines, triplets (`(3`, or `(3:2:n` for n notes), a pickup bar.
+melodic line, ties across bar lines, triplets (`(3`, or `(3:2:n` for n notes), a pickup bar,
+MusicXML's bars as written (short ones, repeat signs, first/second endings) and a lead sheet's
+chord symbols (each on the first note at or after it).
 
 Decisions (each one lands in the `ImportReport`, never silently):
 
@@ -27,6 +29,7 @@ Decisions (each one lands in the `ImportReport`, never silently):
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -291,13 +294,16 @@ def _import_score(score: Any, kind: str, part: int | str | None, pickup: Fractio
         pickup = Fraction(pickup or 0).limit_denominator(48) % bar
         spans = _grid_spans(line[-1].end, bar, pickup)
     unit = abc.unit_length_of(meter)
-    body = _write_body(line, meter, spans, unit, prefer_flats, key_text)
+    chords = _chord_symbols(flat, line, dropped)
+    body = _write_body(line, meter, spans, unit, prefer_flats, key_text, chords)
     header = [f"X:1", f"T:{_one_line(title)}", f"M:{meter}", f"L:{unit.numerator}/{unit.denominator}"]
     if tempo:
         header.append(f"Q:1/4={tempo}")
     header.append(f"K:{key_text}")
     text = "\n".join(header) + "\n" + body + "\n"
     _require_valid(text)
+    first = abc.check_bars(text).bars[0]
+    pickup = first.duration if first.kind == "pickup" else Fraction(0)
     name = str(getattr(chosen, "partName", "") or "")
     return ImportReport(abc=text, source=kind, part=index if len(parts) > 1 else None, part_name=name,
                         part_reason=reason, parts=len(parts), key=key_text, meter=meter, pickup=pickup,
@@ -311,8 +317,12 @@ def _one_line(text: str) -> str:
 
 def _part_notes(part: Any) -> tuple[list[tuple[Fraction, Fraction, list[tuple[int, Any]]]], int]:
     """[(onset, end, [(midi, pitch object), ...])] of one part with ties merged; grace notes counted."""
+    from music21 import harmony
+
     notes, graces = [], 0
     for n in part.stripTies().flatten().notes:
+        if isinstance(n, harmony.ChordSymbol):
+            continue  # a lead sheet's chord symbol: written as "G", not as notes
         if n.duration.isGrace or n.quarterLength == 0:
             graces += 1
             continue
@@ -322,6 +332,27 @@ def _part_notes(part: Any) -> tuple[list[tuple[Fraction, Fraction, list[tuple[in
         if pitches:
             notes.append((onset, end, pitches))
     return notes, graces
+
+
+def _chord_symbols(flat: Any, line: list[_Note], dropped: list[str]) -> dict[Fraction, str]:
+    """Chord symbols of the part (a lead sheet's), each moved to the first note at or after it."""
+    from music21 import harmony
+
+    onsets = sorted(n.onset for n in line)
+    out: dict[Fraction, str] = {}
+    lost = 0
+    for symbol in flat.getElementsByClass(harmony.ChordSymbol):
+        name = re.sub(r"^([A-G])-", r"\1b", str(symbol.figure or ""))
+        name = re.sub(r"/([A-G])-", r"/\1b", name)
+        at = Fraction(symbol.offset).limit_denominator(10_000)
+        target = next((t for t in onsets if t >= at), None)
+        if target is None or target in out or not abc.QUOTED_CHORD_RE.fullmatch(f'"{name}"'):
+            lost += 1
+            continue
+        out[target] = name
+    if lost:
+        dropped.append(f"{lost} chord symbol(s) that ABC cannot place or write")
+    return out
 
 
 def _choose_part(lines: list, part: int | str | None) -> tuple[int, str]:
@@ -564,8 +595,8 @@ def _is_triplet(duration: Fraction) -> bool:
     return duration.denominator % 3 == 0
 
 
-def _write_bar(pieces: list[tuple[_Note, Fraction, bool]], unit: Fraction, key: abc.Key,
-               prefer_flats: bool, beat: Fraction, start: Fraction) -> str:
+def _write_bar(pieces: list[tuple[_Note, Fraction, bool, Fraction]], unit: Fraction, key: abc.Key,
+               prefer_flats: bool, beat: Fraction, start: Fraction, chords: dict[Fraction, str]) -> str:
     """One bar's notes: explicit accidentals where the key or the bar so far says otherwise;
     a space after each beat (`start`: where in the bar the first note falls, for a pickup)."""
     state = dict(key.accidentals)
@@ -574,11 +605,15 @@ def _write_bar(pieces: list[tuple[_Note, Fraction, bool]], unit: Fraction, key: 
     i = 0
     while i < len(pieces):
         run = 1
+        if pieces[i][3] in chords:
+            out.append(f'"{chords[pieces[i][3]]}"')
         if _is_triplet(pieces[i][1]):
             while i + run < len(pieces) and _is_triplet(pieces[i + run][1]):
                 run += 1
             out.append("(3" if run == 3 else f"(3:2:{run}")
-        for note, dur, tie in pieces[i:i + run]:
+        for j, (note, dur, tie, onset) in enumerate(pieces[i:i + run]):
+            if j and onset in chords:
+                out.append(f'"{chords[onset]}"')
             shown = dur * Fraction(3, 2) if run > 1 or _is_triplet(dur) else dur
             length = _length(shown / (4 * unit))
             if note.pitch is None:
@@ -600,14 +635,16 @@ def _write_bar(pieces: list[tuple[_Note, Fraction, bool]], unit: Fraction, key: 
 
 
 def _write_body(line: list[_Note], meter: str, spans: list[_BarSpan], unit: Fraction,
-                prefer_flats: bool, key_text: str) -> str:
+                prefer_flats: bool, key_text: str, chords: dict[Fraction, str] | None = None) -> str:
     """Cut the line at the bar lines (a tie where a note crosses one) and write the bars."""
     key = abc.parse_key(key_text)
     bar = abc.meter_duration(meter)
     beats = _strong_beats(meter)
     beat = beats[1][0] if len(beats) > 1 else bar
     spans[-1].end = max(spans[-1].end, line[-1].end)
-    pieces: list[list[tuple[_Note, Fraction, bool]]] = [[] for _ in spans]
+    if line[0].onset > spans[0].start:  # the first bar opens with a rest
+        line = [_Note(spans[0].start, line[0].onset, None), *line]
+    pieces: list[list[tuple[_Note, Fraction, bool, Fraction]]] = [[] for _ in spans]
     index = 0
     for note in line:
         t = note.onset
@@ -615,14 +652,14 @@ def _write_body(line: list[_Note], meter: str, spans: list[_BarSpan], unit: Frac
             while index < len(spans) - 1 and t >= spans[index].end:
                 index += 1
             stop = min(note.end, spans[index].end) if index < len(spans) - 1 else note.end
-            pieces[index].append((note, stop - t, stop < note.end and note.pitch is not None))
+            pieces[index].append((note, stop - t, stop < note.end and note.pitch is not None, t))
             t = stop
     bars = [(span, bar_pieces, i) for i, (span, bar_pieces) in enumerate(zip(spans, pieces)) if bar_pieces]
     texts = []
     for span, bar_pieces, i in bars:
         length = span.end - span.start
         start = bar - length if i == 0 and length < bar else Fraction(0)
-        text = _write_bar(bar_pieces, unit, key, prefer_flats, beat, start % beat)
+        text = _write_bar(bar_pieces, unit, key, prefer_flats, beat, start % beat, chords or {})
         texts.append((f"[{span.ending} " if span.ending else "") + text)
     body = "|: " if bars[0][0].left else ""
     for k, (span, _, _) in enumerate(bars):

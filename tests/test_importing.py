@@ -194,3 +194,16 @@ def test_hostile_files_raise_a_project_error(tmp_path):
         with pytest.raises(MusicImportError, match=message):
             import_melody(tmp_path / name)
     assert issubclass(MusicImportError, abc.ABCError)
+
+
+def test_a_lead_sheet_keeps_its_chord_symbols_and_its_bars():
+    from music21 import corpus, harmony
+
+    path = corpus.getWork("leadSheet/fosterBrownHair.mxl")
+    report = import_melody(path)
+    chords = abc.QUOTED_CHORD_RE.findall(report.abc)
+    written = [s.figure.replace("-", "b") for s in corpus.parse(path).flatten().getElementsByClass(harmony.ChordSymbol)]
+    assert chords == written[: len(chords)] and len(chords) == 40
+    assert report.dropped == [] and report.pickup == 0  # the first bar is a half rest and a note
+    assert report.abc.splitlines()[5].startswith('z4 d4 |: "F"c6 A2 |')
+    assert_clean(report)
