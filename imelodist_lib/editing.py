@@ -17,7 +17,7 @@ from fractions import Fraction
 from typing import Any
 
 from imelodist_lib import abc
-from imelodist_lib.grammar import bar_fill_rules, ebnf_literal, plan_bars, reachable_rules
+from imelodist_lib.grammar import BarPlan, bar_fill_rules, ebnf_literal, plan_bars, reachable_rules
 from imelodist_lib.instructions import ComposeRequest, bar_segments
 
 __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate", "harmonise",
@@ -80,7 +80,9 @@ class Regeneration:
     candidates: int = 1  # how many were sampled to choose this one
 
 
-def _regeneration_grammar(text: str, spans: list[BarSpan], bars: range, plan) -> str:
+def _regeneration_grammar(text: str, spans: list[BarSpan], bars: range, plan: BarPlan) -> str:
+    """root: the text before the range forced, then per new bar its chord (if any) and exactly its
+    length of notes, the original bar lines and ending markers forced between them."""
     step = plan.unit_length * 4 / plan.steps_per_unit
     rules = [*bar_fill_rules(plan, chords_inside=False)]
     parts = [ebnf_literal(text[: spans[bars.start].start])]
@@ -159,7 +161,9 @@ def regenerate(composer: Any, abc_text: str, bars: range, n: int = 1, seed: int 
 
 def suffix_logprob(composer: Any, messages: list[dict], answer: str, suffix: str) -> float:
     """log p(suffix | chat prompt, answer) under the composer's model, summed over the tokens
-    that start inside the suffix (transformers backend: it needs the model's logits)."""
+    that start inside the suffix (transformers backend: it needs the model's logits).
+
+    messages: the chat as sent, system turn included (`composer.messages_for(...)`)."""
     import torch
 
     model = getattr(composer.engine, "model", None)
@@ -171,7 +175,7 @@ def suffix_logprob(composer: Any, messages: list[dict], answer: str, suffix: str
         from imelodist_lib.models import CHAT_TEMPLATE
 
         tokenizer.chat_template = CHAT_TEMPLATE
-    prompt = tokenizer.apply_chat_template(composer._conversation(messages), add_generation_prompt=True,
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                            return_dict=True)["input_ids"]
     enc = tokenizer(answer + suffix, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(prompt) + list(enc["input_ids"])
