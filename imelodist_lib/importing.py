@@ -296,7 +296,7 @@ def _import_score(score: Any, kind: str, part: int | str | None, pickup: Fractio
     unit = abc.unit_length_of(meter)
     chords = _chord_symbols(flat, line, dropped)
     body = _write_body(line, meter, spans, unit, prefer_flats, key_text, chords)
-    header = [f"X:1", f"T:{_one_line(title)}", f"M:{meter}", f"L:{unit.numerator}/{unit.denominator}"]
+    header = ["X:1", f"T:{_one_line(title)}", f"M:{meter}", f"L:{unit.numerator}/{unit.denominator}"]
     if tempo:
         header.append(f"Q:1/4={tempo}")
     header.append(f"K:{key_text}")
@@ -531,7 +531,7 @@ def _grid_spans(end: Fraction, bar: Fraction, pickup: Fraction) -> list[_BarSpan
         if edge >= end:
             break
         start, edge = edge, edge + bar
-    spans[-1].end = max(spans[-1].end, end) if len(spans) == 1 else end
+    spans[-1].end = end  # the last bar may be short (a final bar)
     return spans
 
 
