@@ -444,3 +444,21 @@ def vllm_structured_outputs(grammar: str) -> dict:
     with xgrammar's `compile_grammar`; vLLM before `structured_outputs` took `{"guided_grammar": g}`,
     a field it removed in 0.12)."""
     return {"structured_outputs": {"grammar": grammar}}
+
+
+# --- public building blocks for grammars over part of a tune (imelodist_lib.editing) ---
+def bar_fill_rules(plan: BarPlan, chords_inside: bool = False) -> list[str]:
+    """The rule lines for bar contents: `fill{k}` writes exactly k steps of notes and rests
+    (chord symbols inside only when `chords_inside`); `chordsym` is any chord symbol."""
+    element_lines, elements = _element_rules(plan)
+    return element_lines + _bar_rules(plan, elements, chords_inside) + [f"chordsym ::= {_chord_symbol_rule(None)}"]
+
+
+def ebnf_literal(text: str) -> str:
+    """An EBNF string literal for `text` (as the tune grammar writes its fixed parts)."""
+    return _literal(text)
+
+
+def reachable_rules(rules: list[str], root: str = "root") -> list[str]:
+    """Only the rules reachable from `root` (xgrammar rejects unused or undefined ones)."""
+    return _reachable(rules, root)
