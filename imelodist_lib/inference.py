@@ -616,12 +616,16 @@ class Composer:
 
         An answer cut off by the token limit that keeps to the grammar so far is let through
         (it comes back with finish_reason "length" and `.ok` False)."""
-        answer = text.strip()
+        answer = text
         if finish_reason == "length":  # a cut can split a character's bytes: drop the half
             answer = answer.rstrip("\ufffd")
+        # the text as it came, then without the white space a server may pad it with (a grammar
+        # can end in its own, such as a harmonised melody's closing line break)
+        for candidate in dict.fromkeys([answer, answer.strip()]):
+            check = check_against_grammar(grammar, candidate)
+            if check.accepted or (check.refused_at is None and finish_reason == "length"):
+                return
         check = check_against_grammar(grammar, answer)
-        if check.accepted or (check.refused_at is None and finish_reason == "length"):
-            return
         label = getattr(self.engine, "label", self.backend)
         if check.refused_at is None:
             where = f"it stops after {len(answer)} characters, before the tune is complete"
