@@ -32,8 +32,11 @@ __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
 ]
+
+MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
+MAX_FIELD_CHARS = 1_000  # longest header field value (a Q:, K:, M: or T: line)
 
 
 # --------------------------------------------------------------------------- errors
@@ -287,25 +290,48 @@ class Tune:
     def tempo(self) -> int | None:
         """Q: as quarter notes per minute, or None when absent or unreadable."""
         value = self._last("Q")
-        return None if value is None else _tempo_qpm(value, self.unit_length)
+        qpm = None if value is None else parse_tempo(value, self.unit_length)
+        return None if qpm is None else round(qpm)
 
 
-_TEMPO_RE = re.compile(r"((?:[0-9]+/[0-9]+\s*)+)=\s*([0-9]+)")
+_QUOTED_RE = re.compile(r'"[^"\n]*"')
+_BPM_RE = re.compile(r"\s*([0-9]{1,6}(?:\.[0-9]{1,6})?)(?![0-9.])")
+_DIGITS_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 
 
-def _tempo_qpm(value: str, unit: Fraction) -> int | None:
-    text = re.sub(r'"[^"]*"', "", _strip_comment(value)).strip()
-    m = _TEMPO_RE.search(text)
-    try:
-        if m:
-            beat = sum(parse_fraction(f) for f in m.group(1).split())
-            return round(int(m.group(2)) * beat * 4)
-        if re.fullmatch(r"C\s*=\s*[0-9]+", text):
-            return round(int(text.split("=")[1]) * unit * 4)
-        if text.isdigit():  # old ABC: unit notes per minute
-            return round(int(text) * unit * 4)
-    except (ABCError, ZeroDivisionError):
+def parse_tempo(value: str, unit: Fraction = Fraction(1, 8)) -> Fraction | None:
+    """Quarter notes per minute from a Q: value; None when it names no tempo we can read.
+
+    Reads "1/4=120", "3/8=80" (a dotted quarter: 120), "1/4 3/8=40" (the beat is the sum),
+    '"Allegro" 1/4=120' (quoted text is ignored), "C=120" and the legacy "120" (unit notes a
+    minute, `unit` being the tune's L:). Numbers have at most 6 ASCII digits (a bpm may have a
+    decimal part); anything else ("fast", "1/4=\u00b9\u00b2\u2070", 5,000 digits) is None, never an
+    exception. Linear time: the value is split at "=" and each piece is checked once.
+    """
+    text = _QUOTED_RE.sub(" ", _strip_comment(value)).strip()
+    if len(text) > MAX_FIELD_CHARS:
         return None
+    pieces = text.split("=")
+    for left, right in zip(pieces, pieces[1:]):
+        m = _BPM_RE.match(right)
+        if m is None:
+            continue
+        bpm = Fraction(m.group(1))
+        words = left.split()
+        if words == ["C"]:  # ABC 1.6 "C=120": unit notes a minute
+            beat = unit
+        else:
+            beats = []
+            for word in reversed(words):  # the run of fractions just before "="
+                if "/" not in word or _FRACTION_RE.match(word) is None:
+                    break
+                beats.append(parse_fraction(word))
+            if not beats:
+                continue
+            beat = sum(beats, Fraction(0))
+        return bpm * beat * 4
+    if len(pieces) == 1 and _DIGITS_RE.fullmatch(text):  # old ABC: unit notes per minute
+        return Fraction(text) * unit * 4
     return None
 
 

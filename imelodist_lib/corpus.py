@@ -992,16 +992,11 @@ _SOURCE_STYLE = {"oneills1850": "irish folk tune", "ryansMammoth": "tune", "aird
 
 
 def quarter_bpm(tempo: str) -> int | None:
-    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown."""
-    if not tempo:
-        return None
-    m = re.search(r"(?:(\d+)/(\d+)\s*=\s*)?(\d+)\s*$", re.sub(r'"[^"]*"', "", str(tempo)).strip())
-    if not m:
-        return None
-    bpm = int(m.group(3))
-    if m.group(1):
-        bpm = round(bpm * 4 * int(m.group(1)) / int(m.group(2)))
-    return bpm if 10 <= bpm <= 400 else None
+    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown
+    or outside 10..400 (`abc.parse_tempo` reads it; a bare number counts quarters here)."""
+    qpm = abc.parse_tempo(str(tempo or ""), Fraction(1, 4))
+    bpm = None if qpm is None else round(qpm)
+    return bpm if bpm is not None and 10 <= bpm <= 400 else None
 
 
 # Many transcriptions (all of Essen) write K: as a key *signature* only; the final note then

@@ -43,6 +43,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from imelodist_lib import abc as abc_lib
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 DEFAULT_QPM = 120  # what verovio and abc2midi assume when a tune has no Q:
@@ -86,9 +88,6 @@ class Rendering:
 # Tempo: verovio reads only "Q:1/4=n" correctly (it takes "Q:3/8=60" as 60 quarters a minute
 # and ignores "Q:120"), so we compute quarter notes per minute ourselves and rewrite Q:.
 # --------------------------------------------------------------------------------------------
-_Q_BEATS = re.compile(r"((?:\d+/\d+\s*)+)=\s*(\d+(?:\.\d+)?)")
-
-
 def _header_lines(text: str) -> tuple[list[str], int | None]:
     """Lines of the tune and the index of its first K: line (the header's end), if any."""
     lines = text.splitlines()
@@ -99,7 +98,8 @@ def _header_lines(text: str) -> tuple[list[str], int | None]:
 
 
 def tempo_qpm(abc: str) -> float | None:
-    """Quarter notes per minute written in the tune's header `Q:` field (None when absent)."""
+    """Quarter notes per minute written in the tune's header `Q:` field (None when absent or
+    unreadable); the Q: value is read by `abc.parse_tempo`, the one tempo parser."""
     lines, k = _header_lines(abc)
     header = lines[: k if k is not None else len(lines)]
     unit = Fraction(1, 8)
@@ -107,23 +107,13 @@ def tempo_qpm(abc: str) -> float | None:
     for line in header:
         if line.startswith("L:"):
             try:
-                unit = Fraction(line[2:].split("%")[0].strip())
-            except (ValueError, ZeroDivisionError):
+                unit = abc_lib.parse_fraction(line[2:].split("%")[0])
+            except abc_lib.ABCError:
                 pass
         elif line.startswith("Q:") and q_value is None:
-            q_value = re.sub(r'"[^"]*"', " ", line[2:].split("%")[0]).strip()
-    if not q_value:
-        return None
-    m = _Q_BEATS.search(q_value)
-    try:
-        if m:  # "1/4=120", "3/8=40", "1/4 3/8=40" (the beat is the sum)
-            beat = sum(Fraction(b) for b in m.group(1).split())
-            return float(beat * 4 * Fraction(m.group(2)))
-        if re.fullmatch(r"\d+(?:\.\d+)?", q_value):  # legacy "Q:120": unit lengths a minute
-            return float(unit * 4 * Fraction(q_value))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
+            q_value = line[2:]
+    qpm = None if q_value is None else abc_lib.parse_tempo(q_value, unit)
+    return None if qpm is None else float(qpm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +221,6 @@ def _renderable(abc: str, qpm: float | None) -> str:
     lines, k = _header_lines(text)
     if k is None and re.search(r"(^|\s)K:", text):
         # The one-line form "X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...": the abc module unfolds it.
-        from imelodist_lib import abc as abc_lib
-
         try:
             text = abc_lib.normalize(text)
         except abc_lib.ABCError as err:
@@ -604,8 +592,6 @@ class Player:
         return self.error is None
 
     def _validate(self) -> None:
-        from imelodist_lib import abc as abc_lib
-
         try:
             tunes = abc_lib.split_tunes(self.abc)
         except Exception:  # validate below reports what is wrong with the text
