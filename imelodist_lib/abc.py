@@ -405,13 +405,22 @@ def _split_one_line(line: str) -> tuple[list[tuple[str, str]], str] | None:
     return None
 
 
+def _check_size(text: str) -> None:
+    """ABCError for text over MAX_TUNE_CHARS: every reader here is linear, but not free."""
+    if len(text) > MAX_TUNE_CHARS:
+        raise ABCError(f"tune text is {len(text):,} characters, over the {MAX_TUNE_CHARS:,} this "
+                       "parser reads (abc.MAX_TUNE_CHARS): split it into tunes (split_tunes)")
+
+
 def parse_tune(text: str) -> Tune:
     """Parse one tune (multi-line, or the one-line `X:1 L:1/8 M:4/4 K:Emin |: ...` form)."""
     if not isinstance(text, str):
         raise ABCError(f"expected ABC text (str), got {type(text).__name__}")
+    _check_size(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
     lines = text.split("\n")
     fields: list[tuple[str, str]] = []
+    continued: dict[int, list[str]] = {}  # field index -> its +: continuation values
     body_lines: list[str] = []
     first_body_line = 0
     i = 0
@@ -436,7 +445,7 @@ def parse_tune(text: str) -> Tune:
             name, value = m.group(1), _strip_comment(m.group(2)).strip()
             if name == "+":
                 if fields:
-                    fields[-1] = (fields[-1][0], fields[-1][1] + " " + value)
+                    continued.setdefault(len(fields) - 1, []).append(value)
             else:
                 fields.append((name, value))
             i += 1
@@ -444,6 +453,8 @@ def parse_tune(text: str) -> Tune:
                 break
             continue
         i += 1  # stray free text in the header: dropped
+    for index, more in continued.items():  # joined once: += per line would be quadratic
+        fields[index] = (fields[index][0], " ".join([fields[index][1], *more]))
     if not fields or fields[-1][0] != "K":
         raise ABCError("no K: field (the key line ends the header, e.g. K:G)", None, None)
     if not first_body_line:
@@ -546,7 +557,7 @@ _MAX_LEN = 4096  # longer note lengths are typos or noise, not music
 
 def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
     """Length multiplier of a note: "" 1, "2" 2, "/" 1/2, "//" 1/4, "3/2", "3/" 3/2."""
-    if len(num) > 4 or len(den) > 4:
+    if len(num) > 4 or len(den) > 4 or len(slashes) > 12:
         raise ABCError(f"note length {num}{slashes}{den} is too long", line, col)
     n = int(num) if num else 1
     if slashes:
@@ -789,7 +800,7 @@ class _Voice:
 
     __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
                  "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
-                 "expected", "pending_break", "tuplet_open", "repeat_open")
+                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar")
 
     def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
         self.name = name
@@ -810,6 +821,7 @@ class _Voice:
         self.pending_break = False
         self.tuplet_open: tuple[int, int] | None = None
         self.repeat_open: tuple[int, int] | None = None
+        self.last_bar: Bar | None = None  # the voice's latest closed bar
 
 
 class _Scan:
@@ -831,6 +843,7 @@ _BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fractio
 def _scan(tune: Tune) -> _Scan:
     """Read the body once (cached on the Tune): events in written order and bars per voice."""
     key_ = (tune.body, tuple(tune.fields))
+    _check_size(tune.body)
     if tune._cache is not None and tune._cache[0] == key_:
         return tune._cache[1]
     scan = _Scanner(tune).run()
@@ -858,8 +871,7 @@ class _Scanner:
         v = self.voices.get(name)
         if v is None:
             base = self.voices.get("")
-            if base is not None and not base.bar_events and not any(
-                    b.voice == "" for b in self.scan.bars) and name:
+            if base is not None and not base.bar_events and base.last_bar is None and name:
                 # the default voice was never used: the first V: takes its place
                 del self.voices[""]
                 base.name = name
@@ -897,10 +909,8 @@ class _Scanner:
             raise ABCError(f"field {name}:{value}: {err.message}", line, col) from None
 
     def _mark_break_before(self, v: _Voice) -> None:
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.break_after = True
-                break
+        if v.last_bar is not None:
+            v.last_bar.break_after = True
 
     # -- the body
     def run(self) -> _Scan:
@@ -1037,10 +1047,8 @@ class _Scanner:
         return self.scan
 
     def _mark_line_end(self, v: _Voice) -> None:
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.line_end = True
-                break
+        if v.last_bar is not None:
+            v.last_bar.line_end = True
 
     def _pitch(self, v: _Voice, data: tuple) -> int:
         acc, letter, octs, _ = data
@@ -1082,7 +1090,9 @@ class _Scanner:
         v.last_event = ev
 
     def _adjust_bar(self, v: _Voice, ev: list, delta: Fraction) -> None:
-        if ev in v.bar_events:
+        # `ev` is the voice's last event: in the open bar it is that bar's last (an identity
+        # test; `ev in v.bar_events` compared lists and made long bars quadratic)
+        if v.bar_events and v.bar_events[-1] is ev:
             v.bar_dur += delta
         elif ev[2] >= 0:  # broken rhythm across a barline: fix the closed bar
             self.scan.bars[ev[2]].duration += delta
@@ -1096,11 +1106,10 @@ class _Scanner:
             self._close_bar(v, token, line_end=at_line_end)
             return
         # no notes since the last barline ("|\n|:"): this barline belongs to the bar before
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.break_after = b.break_after or _is_section_bar(token)
-                b.line_end = b.line_end or at_line_end
-                break
+        b = v.last_bar
+        if b is not None:
+            b.break_after = b.break_after or _is_section_bar(token)
+            b.line_end = b.line_end or at_line_end
         if not v.bar_left or _is_section_bar(token):
             v.bar_left = token
         v.bar_acc = {}
@@ -1126,6 +1135,7 @@ class _Scanner:
                   break_after=_is_section_bar(token) or v.pending_break)
         bar.kind = "multi_rest" if v.bar_has_mrest else "full"
         self.scan.bars.append(bar)
+        v.last_bar = bar
         v.bar_events = []
         v.bar_dur = Fraction(0)
         v.bar_start = None
