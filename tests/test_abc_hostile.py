@@ -110,3 +110,49 @@ def test_a_tune_at_the_size_cap_still_parses():
     text = HEADER + "K:G\n" + ("ABcd efga|" * 8 + "\n") * ((abc.MAX_TUNE_CHARS - 40) // 81)
     assert len(text) <= abc.MAX_TUNE_CHARS
     assert abc.validate(text).ok
+
+
+# --------------------------------------------------------------------------- corpus cleaning
+REEL = ("X:1\nT:Reel\nM:4/4\nL:1/8\nQ:{q}\nK:D\n"
+        "|:d2fd adfd|d2fd e2dc|B2gB bBgB|ABce d4:|\n|:f2af d2fd|g2bg e2ge|fgaf gfed|ABce d4:|\n")
+
+
+def test_one_bad_tempo_does_not_stop_the_corpus_build(tmp_path):
+    # failed before: the Q:\u00b9\u00b2\u2070 tune raised ValueError out of corpus.clean (via
+    # Tune.tempo), aborting the whole build without naming the tune
+    from imelodist_lib.profiles import get_profile
+
+    profile = get_profile("cpu", workdir=tmp_path)
+    records = [corpus.TuneRecord(id=f"t/{i}", abc=REEL.format(q=q).replace("|:d2fd", "|:" + first),
+                                 source="t")
+               for i, (q, first) in enumerate([("1/4=120", "d2fd"), ("¹²⁰", "e2fd"),
+                                               ("⁹⁶", "f2fd")])]
+    kept, report = corpus.clean(records, profile)
+    assert report.is_balanced() and report.n_in == 3
+    assert [r.id for r in kept] == ["t/0", "t/1", "t/2"]  # unreadable Q: is no tempo, not a crash
+    assert [corpus.quarter_bpm(r.tempo) for r in kept] == [120, None, None]
+
+
+def test_clean_counts_a_crashing_record_and_names_it(tmp_path):
+    from imelodist_lib.profiles import get_profile
+
+    profile = get_profile("cpu", workdir=tmp_path)
+    good = corpus.TuneRecord(id="t/good", abc=REEL.format(q="1/4=120"), source="t")
+    # a loader bug: bytes where text belongs; the analysis raises TypeError, not ABCError
+    broken = corpus.TuneRecord(id="t/bytes", abc=REEL.format(q="1/4=96").encode(), source="t")
+    with pytest.warns(UserWarning, match="t/bytes"):
+        kept, report = corpus.clean([good, broken], profile)
+    assert [r.id for r in kept] == ["t/good"]
+    assert report.dropped == {"analysis failed: TypeError": 1}
+    assert report.examples["analysis failed: TypeError"] == "t/bytes"
+
+
+def test_clean_applies_the_length_cap_before_parsing(tmp_path):
+    from imelodist_lib.profiles import get_profile
+
+    profile = get_profile("cpu", workdir=tmp_path)
+    huge = corpus.TuneRecord(id="t/huge", abc=REEL.format(q="1/4=120") + "A>B" * 300_000,
+                             source="t")
+    with finishes_within(2):
+        kept, report = corpus.clean([huge], profile)
+    assert kept == [] and report.dropped == {"too_long": 1}
