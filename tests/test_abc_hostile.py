@@ -156,3 +156,46 @@ def test_clean_applies_the_length_cap_before_parsing(tmp_path):
     with finishes_within(2):
         kept, report = corpus.clean([huge], profile)
     assert kept == [] and report.dropped == {"too_long": 1}
+
+
+# --------------------------------------------------------------------------- answers and streams
+GOOD = "X:1\nT:Ok\nM:4/4\nL:1/8\nK:G\nGABc dedB|c2e2 d4|]\n"
+
+
+@pytest.mark.parametrize("hostile", [
+    "```" + " " * 200_000,  # failed before: 20,000 spaces took 2.2 s, quadratic
+    "X:1\nM:4/4\nK:G\n" + "[A:" * 60_000,  # failed before: quadratic in _looks_like_music
+    "`" * 300_000 + "\n" + GOOD,
+])
+def test_extract_abc_is_linear_on_hostile_answers(hostile):
+    with finishes_within(3):
+        found = inference.extract_abc(hostile)
+    assert found == [] or found == [abc.normalize(GOOD)]
+
+
+def test_extract_abc_still_reads_fences_and_caps_its_input():
+    assert inference.extract_abc("Here:\n```abc \t\n" + GOOD + "```\nEnjoy") == [abc.normalize(GOOD)]
+    assert inference.extract_abc("```\n" + GOOD) == [abc.normalize(GOOD)]  # unclosed fence
+    with pytest.raises(ABCError, match="MAX_ANSWER_CHARS"):
+        inference.extract_abc(GOOD + " " * inference.MAX_ANSWER_CHARS)
+
+
+def test_first_bar_seconds_reads_each_piece_once():
+    # failed before: every piece re-joined and re-searched the whole text (quadratic), and
+    # `[A-Ga-gz][^|]*\|` rescanned a bar-less body from every note
+    pieces = ["X:1\nM:4/4\n", "K:G\n"] + ["A"] * 200_000 + ["|", "B"]
+    with finishes_within(3):
+        seconds, text = inference.first_bar_seconds(iter(pieces))
+    assert seconds is not None and text == "".join(pieces)
+    assert inference.first_bar_seconds(iter(["K:G\nABc|"]))[0] is None  # no line before K:
+    assert inference.first_bar_seconds(iter(["X:1\nK:G", "\n|", "A", "B|"]))[0] is not None
+
+
+def test_parse_answer_raises_only_abc_error_on_hostile_text():
+    for text in ["Q:" + "1/" + "120/" * 40, GOOD + "z" * abc.MAX_TUNE_CHARS,
+                 "\x00\ud800\u2028\u202e" * 1000]:
+        with finishes_within(4), pytest.raises(ABCError):
+            evaluation.parse_answer(text)
+    with finishes_within(8):  # one long last bar of broken rhythms: valid, and linear
+        assert evaluation.parse_answer(GOOD + "A>B" * 8000).bar_errors == 1
+    assert evaluation.parse_answer(GOOD.replace("K:G", "Q:1/4=¹²⁰\nK:G")).tempo is None
