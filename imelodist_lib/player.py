@@ -12,7 +12,8 @@
   knobs, a Compose button, results in players, a history exported as ABC and JSONL).
 
 Safety: ABC from a model is data, never markup. Everything we embed is escaped; verovio's SVG
-is checked for active content before it is embedded; malformed ABC shows an error panel naming
+is re-written from an allowlist of SVG elements and attributes (`sanitize_svg`) and only the
+re-written text is embedded; malformed ABC shows an error panel naming
 the line. Verovio runs in a helper process because some inputs crash it (segfault or C++
 abort), which would otherwise kill the notebook kernel; implicit start-repeats, the commonest
 crash on real folk tunes, are written out before it sees them (`explicit_repeats`).
@@ -362,35 +363,105 @@ class _VerovioProcess:
 _VEROVIO = _VerovioProcess()
 atexit.register(_VEROVIO.stop)
 
-_UNSAFE_TAGS = {"script", "foreignobject", "iframe", "object", "embed", "audio", "video", "img",
-                "image", "animate", "set", "handler"}
+_SVG_NS, _XLINK_NS = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
+# What verovio 6.4 draws (element -> attributes), and a few plain shapes of the same family.
+# Everything else is refused: the browser parses the embedded SVG as HTML, so a blocklist over
+# an XML parse (the check this replaces) let a processing instruction smuggle an <img onerror>.
+_GEOMETRY = {"transform", "class", "id", "data-id", "data-class", "data-related"}
+_PAINT = {"fill", "fill-opacity", "stroke", "stroke-width", "stroke-linecap", "stroke-linejoin",
+          "stroke-dasharray", "stroke-opacity", "opacity", "color"}
+_FONT = {"font-family", "font-size", "font-style", "font-weight", "font-variant", "text-anchor",
+         "letter-spacing"}
+SVG_ALLOWED = {
+    "svg": _GEOMETRY | _PAINT | _FONT | {"viewBox", "version", "overflow", "width", "height",
+                                         "preserveAspectRatio", "x", "y"},
+    "g": _GEOMETRY | _PAINT | _FONT,
+    "defs": set(), "desc": set(), "title": set(), "style": {"type"},
+    "path": _GEOMETRY | _PAINT | {"d"},
+    "polygon": _GEOMETRY | _PAINT | {"points"}, "polyline": _GEOMETRY | _PAINT | {"points"},
+    "ellipse": _GEOMETRY | _PAINT | {"cx", "cy", "rx", "ry"},
+    "circle": _GEOMETRY | _PAINT | {"cx", "cy", "r"},
+    "rect": _GEOMETRY | _PAINT | {"x", "y", "width", "height", "rx", "ry"},
+    "line": _GEOMETRY | _PAINT | {"x1", "y1", "x2", "y2"},
+    "text": _GEOMETRY | _PAINT | _FONT | {"x", "y", "dx", "dy"},
+    "tspan": _GEOMETRY | _PAINT | _FONT | {"x", "y", "dx", "dy"},
+    "use": _GEOMETRY | _PAINT | {"x", "y", "width", "height", "href"},  # href: "#id" only
+}
+_STYLE_TEXT = re.compile(r"[A-Za-z0-9#.,:;{}\s_%-]*")  # verovio's CSS: selectors and plain values
+# ... and the one @font-face it embeds for its music font (an inline base64 WOFF2, no fetch)
+_FONT_FACE = re.compile(r"@font-face \{\s*font-family: '[A-Za-z]+';\s*src: url\(data:application/"
+                        r"font-woff2;charset=utf-8;base64,[A-Za-z0-9+/=]+\) format\('woff2'\);\s*"
+                        r"font-weight: normal;\s*font-style: normal;\s*\}\s*")
+_XML_DECLARATION = re.compile(r'^\s*<\?xml version="1\.[0-9]"(?: encoding="[A-Za-z0-9_-]+")?\s*\?>')
+
+
+def _attr_name(name: str) -> str:
+    """"href" for xlink:href (the only namespaced attribute kept), else the plain name."""
+    if name == f"{{{_XLINK_NS}}}href":
+        return "href"
+    return name if not name.startswith("{") else ""
+
+
+def sanitize_svg(svg: str) -> str:
+    """Verovio's SVG pages re-written from an allowlist; RenderError naming what was refused.
+
+    The text is parsed as XML (no DOCTYPE, entity, comment, CDATA or processing instruction is
+    accepted), every element and attribute must be in `SVG_ALLOWED`, links must point inside
+    the document ("#id"), <style> may hold only plain CSS (no url(), @import or escapes) or verovio's
+own inline @font-face, and
+    the result is serialised anew with every text and attribute escaped. The caller embeds
+    this output, never the input.
+    """
+    pages = [_XML_DECLARATION.sub("", page) for page in re.split(r"(?=<svg\b)", svg) if page.strip()]
+    text = "".join(pages)
+    if "<!" in text or "<?" in text:
+        what = "a comment, DOCTYPE or CDATA section" if "<!" in text else "a processing instruction"
+        raise RenderError(f"refusing SVG with {what}")
+    try:
+        root = ET.fromstring(f'<pages xmlns="{_SVG_NS}">{text}</pages>')
+    except ET.ParseError as err:
+        raise RenderError(f"the renderer produced invalid SVG ({err})") from None
+    out: list[str] = []
+    for page in root:
+        _write_svg_element(page, out, top=True)
+    return "\n".join(out)
+
+
+def _write_svg_element(el: ET.Element, out: list[str], top: bool = False) -> None:
+    """Append the allowlisted, escaped serialisation of `el` and its subtree to `out`."""
+    ns, _, tag = el.tag.rpartition("}")
+    if ns != "{" + _SVG_NS or tag not in SVG_ALLOWED or (top and tag != "svg"):
+        raise RenderError(f"refusing SVG with a <{tag}> element")
+    attrs = [f'xmlns="{_SVG_NS}" xmlns:xlink="{_XLINK_NS}"'] if top else []
+    for name, value in el.attrib.items():
+        local = _attr_name(name)
+        if local not in SVG_ALLOWED[tag]:
+            raise RenderError(f"refusing SVG with attribute {name.rsplit('}', 1)[-1]}="
+                              f"{value[:40]!r} on <{tag}>")
+        if local == "href" and not re.fullmatch(r"#[A-Za-z0-9_.:-]+", value):
+            raise RenderError(f"refusing SVG with a link outside the score: href={value[:40]!r}")
+        if re.search(r"(?i)javascript:|url\(|expression\(", value):
+            raise RenderError(f"refusing SVG with attribute {local}={value[:40]!r}")
+        attrs.append(f'{"xlink:href" if local == "href" else local}="{html.escape(value, quote=True)}"')
+    if tag == "style" and not (_STYLE_TEXT.fullmatch(el.text or "")
+                               or _FONT_FACE.fullmatch(el.text or "")):
+        raise RenderError("refusing SVG with a <style> holding more than plain CSS")
+    out.append("<" + " ".join([tag, *attrs]) + ">" + html.escape(el.text or "", quote=False))
+    for child in el:
+        _write_svg_element(child, out)
+        out.append(html.escape(child.tail or "", quote=False))
+    out.append(f"</{tag}>")
 
 
 def _check_svg(svg: str) -> None:
-    """Refuse SVG holding active content (scripts, event handlers, external links).
-
-    Verovio escapes text it writes (titles, chord names, lyrics); this is the second lock on
-    the door, so a renderer bug cannot turn a model's title into script.
-    """
-    try:
-        root = ET.fromstring(svg)
-    except ET.ParseError as err:
-        raise RenderError(f"the renderer produced invalid SVG ({err})") from None
-    for el in root.iter():
-        tag = el.tag.rsplit("}", 1)[-1].lower()
-        if tag in _UNSAFE_TAGS:
-            raise RenderError(f"refusing SVG with a <{tag}> element")
-        for name, value in el.attrib.items():
-            local = name.rsplit("}", 1)[-1].lower()
-            if local.startswith("on") or (local == "href" and not value.startswith("#")):
-                raise RenderError(f"refusing SVG with attribute {local}={value[:40]!r}")
+    """RenderError when `svg` holds anything `sanitize_svg` refuses (scripts, handlers, links)."""
+    sanitize_svg(svg)
 
 
 @functools.lru_cache(maxsize=64)
 def _render_cached(text: str, transpose: int, qpm: float) -> Rendering:
     reply = _VEROVIO.render(text, transpose)
-    svg = "\n".join(reply["pages"])
-    _check_svg("<div>" + "".join(re.sub(r"^<\?xml[^>]*\?>", "", p) for p in reply["pages"]) + "</div>")
+    svg = sanitize_svg("".join(reply["pages"]))  # what we embed: the re-written text only
     return Rendering(svg=svg, pages=len(reply["pages"]), midi=base64.b64decode(reply["midi"]),
                      timemap=tuple(reply["timemap"]), measures=count_measures(svg), qpm=qpm,
                      log=_quiet(reply["log"]))

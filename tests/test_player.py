@@ -118,6 +118,51 @@ def test_svg_with_active_content_is_refused():
     player._check_svg(player.render_svg(JIG))  # verovio's own output passes
 
 
+SVG_OPEN = '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+
+
+@pytest.mark.parametrize("payload", [
+    # failed before: the XML parse saw one processing instruction, the browser's HTML parser an
+    # <img onerror>; the blocklist passed it and the page ran the script
+    '<?x ><img src=x onerror=alert(1)>?>',
+    "<!-- --><img src=x onerror=alert(1)> -->",
+    '<foreignObject><body xmlns="http://www.w3.org/1999/xhtml" onload="alert(1)"/></foreignObject>',
+    '<a xlink:href="javascript:alert(1)"><text>x</text></a>',
+    '<use href="data:image/svg+xml;base64,PHN2Zz48L3N2Zz4="/>',
+    '<use xlink:href="javascript:alert(1)"/>',
+    '<animate attributeName="href" to="javascript:alert(1)"/>',
+    '<set attributeName="onmouseover" to="alert(1)"/>',
+    '<style>@import url(http://evil/x.css);</style>',
+    '<style>g { background: url(javascript:alert(1)) }</style>',
+    '<g style="background:url(javascript:alert(1))"/>',
+    '<path d="M0 0" fill="url(http://evil/#p)"/>',
+    '<image href="x" onerror="alert(1)"/>',
+    '<script xmlns="http://www.w3.org/1999/xhtml">alert(1)</script>',
+    '<![CDATA[<img src=x onerror=alert(1)>]]>',
+])
+def test_svg_outside_the_allowlist_is_refused(payload):
+    with pytest.raises(player.RenderError, match="refusing|invalid"):
+        player.sanitize_svg(SVG_OPEN + payload + "</svg>")
+    with pytest.raises(player.RenderError):
+        player.sanitize_svg('<!DOCTYPE svg [<!ENTITY x "y">]>' + SVG_OPEN + "&x;</svg>")
+
+
+def test_sanitized_svg_escapes_text_and_keeps_verovio_output_unchanged_in_appearance():
+    out = player.sanitize_svg(SVG_OPEN + "<text>&lt;img src=x onerror=alert(1)&gt; &amp;</text></svg>")
+    assert "<img" not in out and "&lt;img src=x onerror=alert(1)&gt; &amp;" in out
+    import xml.etree.ElementTree as ET
+
+    tunes = abc.split_tunes(REEL) + [JIG, HOSTILE] + abc.split_tunes(
+        (MUSIC21_CORPUS / "oneills1850" / "0001-0050.abc").read_text("latin-1"))[:3]
+    for text in tunes:
+        pages = player._VEROVIO.render(player._renderable(text, None), 3)["pages"]
+        clean = player.sanitize_svg("".join(pages))
+        before = [(el.tag, el.attrib, (el.text or "").strip()) for p in pages for el in ET.fromstring(p).iter()]
+        after = [(el.tag, el.attrib, (el.text or "").strip())
+                 for el in ET.fromstring(f"<r>{clean}</r>").iter()][1:]
+        assert len(after) == len(before) > 100 and after == before
+
+
 def test_malformed_abc_shows_an_error_panel_naming_the_line():
     bad = "X:1\nT:broken\nM:4/4\nL:1/8\nK:G\nGABc dedB|\nGA[Bc d2|]\n"
     p = player.Player(bad)
