@@ -50,6 +50,14 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 DEFAULT_QPM = 120  # what verovio and abc2midi assume when a tune has no Q:
 RENDER_TIMEOUT_S = 30.0
+MUSICXML_TIMEOUT_S = 60.0  # music21 in its helper process (its first request imports music21)
+# Output caps: a hostile or mistaken tune must not ask for hours of audio or a huge notebook.
+# Past a cap the player renders what fits and says, in the player, what it left out.
+MIN_QPM, MAX_QPM = 10, 600  # tempo range played; a Q: outside it is played at the nearest end
+MAX_AUDIO_SECONDS = 600  # longest audio synthesised (10 min; ~19 MB of WAV at SAMPLE_RATE)
+MAX_REST_BARS = 32  # a longer multi-bar rest (Z99) is played and drawn as this many bars
+MAX_EMBED_BYTES = 24_000_000  # score + audio + downloads embedded in one player, raw bytes
+MAX_LISTING_CHARS = 20_000  # ABC shown in the error panel
 SAMPLE_RATE = 16000  # mono 16-bit: ~1.9 MB a minute (saved notebooks stay small), fine for GM piano
 
 # Verovio layout: a page as wide as a notebook cell (pageWidth * scale% ~ 840 px) and tall
@@ -218,6 +226,9 @@ def _renderable(abc: str, qpm: float | None) -> str:
     """
     if not isinstance(abc, str):
         raise RenderError(f"expected ABC text (str), got {type(abc).__name__}")
+    if len(abc) > abc_lib.MAX_TUNE_CHARS:
+        raise RenderError(f"tune text is {len(abc):,} characters, over the "
+                          f"{abc_lib.MAX_TUNE_CHARS:,} the player reads (abc.MAX_TUNE_CHARS)")
     text = abc.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
     lines, k = _header_lines(text)
     if k is None and re.search(r"(^|\s)K:", text):
@@ -234,8 +245,9 @@ def _renderable(abc: str, qpm: float | None) -> str:
         lines.insert(0, "X:1")
         k += 1
     qpm = qpm if qpm is not None else tempo_qpm("\n".join(lines))
+    qpm = min(max(qpm or DEFAULT_QPM, MIN_QPM), MAX_QPM)
     header = [ln for ln in lines[:k] if not ln.startswith("Q:")]
-    header.append(f"Q:1/4={round(qpm or DEFAULT_QPM)}")
+    header.append(f"Q:1/4={round(qpm)}")
     return "\n".join(header + lines[k:k + 1]) + "\n" + explicit_repeats("\n".join(lines[k + 1:])) + "\n"
 
 
@@ -295,23 +307,41 @@ def _verovio_worker() -> None:
         raise
 
 
-class _VerovioProcess:
-    """One long-lived helper process; restarted after a crash or a timeout.
+def _musicxml_worker() -> None:
+    """Helper-process loop: ABC text in, music21's MusicXML (or why not) out, until stdin closes."""
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # music21's prints must not corrupt the channel
+    from music21 import converter
+    from music21.musicxml.m21ToXml import GeneralObjectExporter
+
+    while (message := _read_frame(sys.stdin.buffer)) is not None:
+        try:
+            score = converter.parse(message[0], format="abc")
+            reply = {"xml": GeneralObjectExporter(score).parse().decode("utf-8")}
+        except Exception as err:  # music21 raises many types on odd input; one message here
+            reply = {"error": f"music21 could not convert this ABC to MusicXML: {err}"}
+        _write_frame(channel, reply)
+
+
+class _HelperProcess:
+    """One long-lived helper process running `worker`; restarted after a crash or a timeout.
 
     A plain subprocess (not multiprocessing) so scripts without an `if __name__ == "__main__"`
-    guard work too.
+    guard work too. Verovio (which can segfault) and music21 (which has no time limit of its
+    own) each run in one, so neither can take the notebook kernel down or hang it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str, what: str, timeout_s: float) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self.worker, self.what, self.timeout_s = worker, what, timeout_s
 
     def _start(self) -> None:
         env = dict(os.environ)
         # the child must import this very package, wherever it was imported from
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from imelodist_lib.player import _verovio_worker; _verovio_worker()"],
+            [sys.executable, "-c", f"from imelodist_lib.player import {self.worker}; {self.worker}()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
     def stop(self) -> None:
@@ -330,29 +360,30 @@ class _VerovioProcess:
             proc.kill()
             proc.wait(timeout=2)
 
-    def render(self, text: str, transpose: int) -> dict:
-        """Send one tune, wait for pages, MIDI and timemap; RenderError on crash/timeout."""
+    def ask(self, message: list) -> dict:
+        """Send one request, wait for the reply; RenderError on an error reply, crash or timeout."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             proc = self._proc
+            timed_out = False
             try:
-                _write_frame(proc.stdin, [text, transpose])
-                if os.name == "posix":  # a hung renderer must not hang the notebook
-                    ready, _, _ = select.select([proc.stdout], [], [], RENDER_TIMEOUT_S)
-                    if not ready:
-                        proc.kill()
-                        self.stop()
-                        raise RenderError(f"the score renderer (verovio) took over "
-                                          f"{RENDER_TIMEOUT_S:.0f} s on this ABC and was stopped; "
-                                          "the text is probably malformed")
-                reply = _read_frame(proc.stdout)
+                _write_frame(proc.stdin, message)
+                if os.name == "posix":  # a hung helper must not hang the notebook
+                    ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+                    timed_out = not ready
+                reply = None if timed_out else _read_frame(proc.stdout)
             except (BrokenPipeError, ConnectionResetError, ValueError):
                 reply = None
+            if timed_out:  # (raised out here: RenderError is a ValueError, caught just above)
+                proc.kill()
+                self.stop()
+                raise RenderError(f"{self.what} took over {self.timeout_s:g} s on this ABC and "
+                                  "was stopped; the text is probably malformed")
             if reply is None:
                 code = proc.wait(timeout=5)
                 self.stop()
-                raise RenderError(f"the score renderer (verovio) crashed on this ABC (exit code "
+                raise RenderError(f"{self.what} crashed on this ABC (exit code "
                                   f"{code}); the text is probably malformed: check it with "
                                   "imelodist_lib.abc.validate")
         if "error" in reply:
@@ -360,8 +391,10 @@ class _VerovioProcess:
         return reply
 
 
-_VEROVIO = _VerovioProcess()
+_VEROVIO = _HelperProcess("_verovio_worker", "the score renderer (verovio)", RENDER_TIMEOUT_S)
+_MUSIC21 = _HelperProcess("_musicxml_worker", "the MusicXML export (music21)", MUSICXML_TIMEOUT_S)
 atexit.register(_VEROVIO.stop)
+atexit.register(_MUSIC21.stop)
 
 _SVG_NS, _XLINK_NS = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
 # What verovio 6.4 draws (element -> attributes), and a few plain shapes of the same family.
@@ -460,7 +493,7 @@ def _check_svg(svg: str) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _render_cached(text: str, transpose: int, qpm: float) -> Rendering:
-    reply = _VEROVIO.render(text, transpose)
+    reply = _VEROVIO.ask([text, transpose])
     svg = sanitize_svg("".join(reply["pages"]))  # what we embed: the re-written text only
     return Rendering(svg=svg, pages=len(reply["pages"]), midi=base64.b64decode(reply["midi"]),
                      timemap=tuple(reply["timemap"]), measures=count_measures(svg), qpm=qpm,
@@ -485,8 +518,8 @@ def render(abc: str, tempo: float | None = None, transpose: int = 0) -> Renderin
     """
     if not isinstance(transpose, int) or not -24 <= transpose <= 24:
         raise ValueError(f"transpose must be a whole number of semitones in -24..24, got {transpose!r}")
-    if tempo is not None and not 10 <= tempo <= 600:
-        raise ValueError(f"tempo must be 10..600 quarter notes per minute, got {tempo!r}")
+    if tempo is not None and not MIN_QPM <= tempo <= MAX_QPM:
+        raise ValueError(f"tempo must be {MIN_QPM}..{MAX_QPM} quarter notes per minute, got {tempo!r}")
     text = _renderable(abc, tempo)
     qpm = tempo if tempo is not None else (tempo_qpm(text) or DEFAULT_QPM)
     return _render_cached(text, transpose, float(qpm))
@@ -528,20 +561,39 @@ SINE_NOTE = ("sine-wave fallback: the FluidSynth library is missing, so notes pl
              "conda: conda install -c conda-forge fluidsynth)")
 
 
-def midi_to_wav(midi: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Synthesise MIDI bytes to a mono 16-bit WAV (FluidSynth, or sine tones as a fallback)."""
-    import numpy as np
+def _read_midi(midi: bytes) -> Any:
     import pretty_midi
 
     with warnings.catch_warnings():
         # verovio puts the tempo on track 1; pretty_midi warns but reads it correctly
         warnings.filterwarnings("ignore", message="Tempo, Key or Time signature change")
-        pm = pretty_midi.PrettyMIDI(io.BytesIO(midi))
+        return pretty_midi.PrettyMIDI(io.BytesIO(midi))
+
+
+def midi_seconds(midi: bytes) -> float:
+    """How long the MIDI plays, in seconds (to its last note or event)."""
+    return float(_read_midi(midi).get_end_time())
+
+
+def midi_to_wav(midi: bytes, sample_rate: int = SAMPLE_RATE,
+                max_seconds: float = MAX_AUDIO_SECONDS) -> bytes:
+    """Synthesise MIDI bytes to a mono 16-bit WAV (FluidSynth, or sine tones as a fallback).
+
+    At most `max_seconds` are synthesised: later notes are left out, held ones cut there."""
+    import numpy as np
+
+    pm = _read_midi(midi)
+    for inst in pm.instruments:
+        inst.notes = [n for n in inst.notes if n.start < max_seconds]
+        for n in inst.notes:
+            n.end = min(n.end, max_seconds)
+        inst.control_changes = [c for c in inst.control_changes if c.time < max_seconds]
+        inst.pitch_bends = [b for b in inst.pitch_bends if b.time < max_seconds]
     if audio_backend() == "fluidsynth":
         audio = pm.fluidsynth(fs=sample_rate, sf2_path=str(soundfont_path()))
     else:
         audio = pm.synthesize(fs=sample_rate)
-    audio = np.asarray(audio, dtype=np.float64)
+    audio = np.asarray(audio, dtype=np.float64)[: int(max_seconds * sample_rate)]
     if audio.size == 0:
         audio = np.zeros(sample_rate // 10)
     peak = float(np.max(np.abs(audio))) or 1.0
@@ -562,16 +614,11 @@ def to_wav(abc: str, tempo: float | None = None, transpose: int = 0,
 
 
 def to_musicxml(abc: str) -> str:
-    """The tune as MusicXML text, via music21's ABC reader (for MuseScore, Finale, Sibelius)."""
-    from music21 import converter
-    from music21.musicxml.m21ToXml import GeneralObjectExporter
+    """The tune as MusicXML text, via music21's ABC reader (for MuseScore, Finale, Sibelius).
 
-    text = _renderable(abc, None)
-    try:
-        score = converter.parse(text, format="abc")
-        return GeneralObjectExporter(score).parse().decode("utf-8")
-    except Exception as err:  # music21 raises many types on odd input; one clear error here
-        raise RenderError(f"music21 could not convert this ABC to MusicXML: {err}") from None
+    music21 runs in a helper process stopped after MUSICXML_TIMEOUT_S; RenderError says why
+    when it fails, crashes or takes too long."""
+    return _MUSIC21.ask([_renderable(abc, None)])["xml"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,12 +666,42 @@ def _slug(text: str | None) -> str:
 
 
 def _source_listing(text: str, bad_line: int | None) -> str:
-    """The ABC as numbered, escaped lines, the offending one highlighted."""
+    """The ABC as numbered, escaped lines, the offending one highlighted (the first
+    MAX_LISTING_CHARS characters; the rest is counted, not shown)."""
     rows = []
-    for n, line in enumerate(text.splitlines() or [""], start=1):
+    shown, hidden = text[:MAX_LISTING_CHARS], len(text) - MAX_LISTING_CHARS
+    for n, line in enumerate(shown.splitlines() or [""], start=1):
         row = f"{n:>3}  {html.escape(line)}"
         rows.append(f'<span class="imp-badline">{row}</span>' if n == bad_line else row)
+    if hidden > 0:
+        rows.append(f"... {hidden:,} more characters not shown (player.MAX_LISTING_CHARS)")
     return '<pre class="imp-source">' + "\n".join(rows) + "</pre>"
+
+
+def _clock(seconds: float) -> str:
+    """"1:05:09" / "10:00" for a duration in seconds."""
+    whole = int(seconds)
+    h, m, sec = whole // 3600, whole // 60 % 60, whole % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+_MEASURE_REST = re.compile(r"([ZX])([0-9]+)")
+
+
+def _capped_rests(text: str) -> tuple[str, int]:
+    """`text` with every multi-bar rest over MAX_REST_BARS shortened to it, and how many were."""
+    try:
+        rests = [e for e in abc_lib.events(text) if e.kind == "measure_rest"]
+    except abc_lib.ABCError:
+        return text, 0
+    lines, capped = text.split("\n"), 0
+    for ev in reversed(rests):  # right to left: earlier columns stay valid
+        line = lines[ev.line - 1]
+        m = _MEASURE_REST.match(line, ev.col - 1)
+        if m and int(m.group(2)) > MAX_REST_BARS:
+            lines[ev.line - 1] = line[:m.start()] + f"{m.group(1)}{MAX_REST_BARS}" + line[m.end():]
+            capped += 1
+    return "\n".join(lines), capped
 
 
 class Player:
@@ -654,7 +731,11 @@ class Player:
         self._text = self.abc  # what we render: the normalised tune once validated
         self.notes: list[str] = []  # warnings shown above the score
         self._validate()
-        self.tempo = tempo if tempo is not None else (tempo_qpm(self._text) or DEFAULT_QPM)
+        written = tempo_qpm(self._text)
+        self.tempo = tempo if tempo is not None else min(max(written or DEFAULT_QPM, MIN_QPM), MAX_QPM)
+        if tempo is None and written is not None and written != self.tempo:
+            self.notes.append(f"the tune's Q: asks for {written:g} quarter notes a minute; played at "
+                              f"{self.tempo:g}, the nearest the player allows ({MIN_QPM}..{MAX_QPM})")
         self._html = self._build()
 
     @property
@@ -686,13 +767,36 @@ class Player:
             self._text = abc_lib.normalize(self.report.tune)
         except Exception:  # validated text normalises; if not, render what we were given
             self._text = text
+        self._text, capped = _capped_rests(self._text)
+        if capped:
+            self.notes.append(f"{capped} multi-bar rest(s) longer than {MAX_REST_BARS} bars are "
+                              f"played and drawn as {MAX_REST_BARS} bars (player.MAX_REST_BARS)")
+
+    def _fits(self, what: str, size: int) -> bool:
+        """Take `size` bytes from this player's embedding budget; False (and a note) if over."""
+        if size <= self._budget:
+            self._budget -= size
+            return True
+        self._left_out.append(f"{what} left out ({size / 1e6:.1f} MB; a player embeds at most "
+                              f"{MAX_EMBED_BYTES / 1e6:.0f} MB, player.MAX_EMBED_BYTES)")
+        return False
 
     def _build(self) -> str:
         """The whole player as one self-contained HTML string (never raises)."""
+        self._budget, self._left_out = MAX_EMBED_BYTES, []
         if self.error is None:
             try:
                 self.rendering = render(self._text, tempo=self.tempo, transpose=self.transpose)
+                seconds = midi_seconds(self.rendering.midi)
+                if seconds > MAX_AUDIO_SECONDS:
+                    self._left_out.append(
+                        f"audio stops at {_clock(MAX_AUDIO_SECONDS)} of {_clock(seconds)} (a slow "
+                        "tempo or long rests; player.MAX_AUDIO_SECONDS); the score shows it all")
                 self.wav = midi_to_wav(self.rendering.midi, self.sample_rate)
+                if not self._fits("the score", len(self.rendering.svg.encode())):
+                    raise RenderError(self._left_out.pop())
+                if not self._fits("the audio", len(self.wav)):
+                    self.wav = None
             except Exception as err:  # RenderError, or an audio failure: show, don't raise
                 self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
         parts = [f'<div class="imelodist-player" id="{self.id}">',
@@ -704,23 +808,29 @@ class Player:
             parts.append(f'<div class="imp-error"><b>Cannot show this tune{where}:</b> '
                          f"{html.escape(self.error)}</div>")
             parts.append(_source_listing(self.abc, self.error_line))
-            parts.append(self._links(with_media=False))
+            links = self._links(with_media=False)
+            parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>' for note in self._left_out)
+            parts.append(links)
             parts.append("</div>")
             return "\n".join(parts)
-        parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>' for note in self.notes)
+        links = self._links(with_media=True)  # spends the budget; notes what it left out
+        parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>'
+                     for note in self.notes + self._left_out)
         parts.extend(self._bar_warnings())
         parts.append(f'<div class="imp-score">{self.rendering.svg}</div>')
+        audio = (f'<audio controls preload="auto" src="{_data_uri("audio/wav", self.wav)}"></audio>'
+                 if self.wav is not None else "")
         parts.append(
             '<div class="imp-transport">'
             '<button type="button" data-act="play">&#9654; Play</button>'
             '<button type="button" data-act="stop">&#9632; Stop</button>'
-            f'<audio controls preload="auto" src="{_data_uri("audio/wav", self.wav)}"></audio>'
+            f'{audio}'
             f'<span class="imp-note">&#9833; = {round(self.tempo)}'
             f'{f", transposed {self.transpose:+d}" if self.transpose else ""}'
             f" &middot; {self.rendering.measures} bars</span></div>")
         if audio_backend() != "fluidsynth":
             parts.append(f'<div class="imp-note">{html.escape(SINE_NOTE)}</div>')
-        parts.append(self._links(with_media=True))
+        parts.append(links)
         parts.append(f'<script type="application/json" class="imp-timemap">'
                      f"{_json_for_script(cursor_table(self.rendering.timemap))}</script>")
         parts.append(f"<script>{_asset('player.js').replace('__IMP_ROOT_ID__', self.id)}</script>")
@@ -740,20 +850,24 @@ class Player:
     def _links(self, with_media: bool) -> str:
         stem = html.escape(_slug(self.title or (self.report.tune.title if getattr(self.report, "tune", None)
                                                  else None)), quote=True)
-        links = [(f"{stem}.abc", _data_uri("text/plain;charset=utf-8", self.abc), ".abc")]
+        links = []
+        payloads: list[tuple[str, str, Any]] = [(".abc", "text/plain;charset=utf-8", self.abc)]
         if with_media and self.rendering is not None:
-            links.append((f"{stem}.mid", _data_uri("audio/midi", self.rendering.midi), ".mid"))
-            links.append((f"{stem}.svg", _data_uri("image/svg+xml", self.rendering.svg), ".svg"))
+            payloads += [(".mid", "audio/midi", self.rendering.midi),
+                         (".svg", "image/svg+xml", self.rendering.svg)]
             if self.musicxml:
                 try:
-                    xml = to_musicxml(self._text)
-                    links.append((f"{stem}.musicxml",
-                                  _data_uri("application/vnd.recordare.musicxml+xml", xml), ".musicxml"))
-                except Exception:  # MusicXML is a bonus; the player stands without it
-                    pass
+                    payloads.append((".musicxml", "application/vnd.recordare.musicxml+xml",
+                                     to_musicxml(self._text)))
+                except Exception as err:  # MusicXML is a bonus: the player stands without it
+                    self._left_out.append(f"no .musicxml download: {err}")
+        for label, mime, data in payloads:
+            raw = data.encode("utf-8") if isinstance(data, str) else data
+            if self._fits(f"the {label} download", len(raw)):
+                links.append((f"{stem}{label}", _data_uri(mime, raw), label))
         out = ['<div class="imp-links imp-note">Download:']
         out += [f'<a download="{name}" href="{uri}">{label}</a>' for name, uri, label in links]
-        if with_media:  # href filled by player.js from the <audio> source (no second copy)
+        if with_media and self.wav is not None:  # href filled by player.js from the <audio> source
             out.append(f'<a class="imp-wav" download="{stem}.wav" style="display:none">.wav</a>')
         out.append("</div>")
         return " ".join(out)

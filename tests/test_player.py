@@ -155,7 +155,7 @@ def test_sanitized_svg_escapes_text_and_keeps_verovio_output_unchanged_in_appear
     tunes = abc.split_tunes(REEL) + [JIG, HOSTILE] + abc.split_tunes(
         (MUSIC21_CORPUS / "oneills1850" / "0001-0050.abc").read_text("latin-1"))[:3]
     for text in tunes:
-        pages = player._VEROVIO.render(player._renderable(text, None), 3)["pages"]
+        pages = player._VEROVIO.ask([player._renderable(text, None), 3])["pages"]
         clean = player.sanitize_svg("".join(pages))
         before = [(el.tag, el.attrib, (el.text or "").strip()) for p in pages for el in ET.fromstring(p).iter()]
         after = [(el.tag, el.attrib, (el.text or "").strip())
@@ -272,3 +272,62 @@ def test_playground_click_reports_bad_form_instead_of_raising(tiny_composer, tmp
     pg.compose_button.click()
     assert "seed_abc" in pg.status.value and not pg.history
     assert not pg.compose_button.disabled
+
+
+# ------------------------------------------------------------------------------ output caps
+def _wav_seconds(data: bytes) -> float:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+def test_long_multibar_rest_is_capped_and_said():
+    # failed before: Z9999 asked the synthesiser for 20,002 s (5.6 h) of audio, all embedded
+    p = player.Player("X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|Z9999|c8|]\n")
+    assert p.ok and _wav_seconds(p.wav) <= (2 + player.MAX_REST_BARS) * 2 + 1
+    assert f"played and drawn as {player.MAX_REST_BARS} bars" in p.html()
+
+
+def test_tiny_tempo_is_played_at_the_slowest_allowed_and_said():
+    # failed before: Q:1/4=1 played 16 minutes for 4 bars; Q:1/64=1 was written as Q:1/4=0
+    p = player.Player("X:1\nM:4/4\nL:1/8\nQ:1/4=1\nK:G\nGABc dedB|c8|]\n")
+    assert p.ok and p.tempo == player.MIN_QPM
+    assert "asks for 1 quarter notes a minute; played at 10" in p.html()
+    assert _wav_seconds(p.wav) == pytest.approx(8 * 60 / player.MIN_QPM, abs=2)
+
+
+def test_audio_longer_than_the_cap_stops_there_and_says_so():
+    p = player.Player("X:1\nM:4/4\nL:1/8\nQ:1/4=10\nK:G\n" + "c8|" * 27 + "]\n", musicxml=False)
+    assert p.ok and _wav_seconds(p.wav) == pytest.approx(player.MAX_AUDIO_SECONDS, abs=0.01)
+    assert "audio stops at 10:00 of 10:47" in p.html() and p.rendering.measures == 27
+
+
+def test_embedding_budget_leaves_out_what_does_not_fit_and_says_so(monkeypatch):
+    full = player.Player(JIG, musicxml=False)
+    budget = len(full.rendering.svg.encode()) + len(full.wav) + 100
+    monkeypatch.setattr(player, "MAX_EMBED_BYTES", budget)
+    p = player.Player(JIG, musicxml=False)
+    page = p.html()
+    assert p.ok and "<audio" in page and 'download="Little_Jig.svg"' not in page
+    assert "the .svg download left out" in page and "player.MAX_EMBED_BYTES" in page
+
+
+def test_musicxml_export_runs_with_a_time_limit_and_its_failure_is_shown(monkeypatch):
+    # failed before: music21 ran in the kernel with no time limit; any failure vanished
+    monkeypatch.setattr(player._MUSIC21, "timeout_s", 0.01)
+    try:
+        p = player.Player(JIG)
+        assert p.ok and ".musicxml</a>" not in p.html()
+        assert "no .musicxml download: the MusicXML export (music21) took over" in p.html()
+    finally:
+        player._MUSIC21.stop()
+    monkeypatch.undo()
+    assert ".musicxml</a>" in player.Player(JIG).html()  # a fresh helper process serves again
+
+
+def test_huge_text_shows_a_short_error_panel():
+    text = JIG + "GAB cBA|" * 40_000
+    p = player.Player(text)
+    assert not p.ok and "MAX_TUNE_CHARS" in p.error
+    assert "more characters not shown" in p.html()
+    with pytest.raises(player.RenderError, match="MAX_TUNE_CHARS"):
+        player.render(text)
