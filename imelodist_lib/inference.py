@@ -98,7 +98,7 @@ class _Sampling:
 
 # ------------------------------------------------------------------------------ ABC extraction
 
-MAX_ANSWER_CHARS = 1_000_000  # longest answer extract_abc reads (ten times any model answer)
+MAX_ANSWER_CHARS = 300_000  # longest answer extract_abc reads (~100x a model answer; ~10 s worst)
 _FENCE_INFO = re.compile(r"[A-Za-z0-9_-]*")  # a fence's language word ("abc", "", "text")
 _FIELD_LINE = re.compile(r"^\s*[A-Za-z]:")
 _INLINE_FIELD = re.compile(r"(?<!\S)([A-Za-z]):")

@@ -99,7 +99,8 @@ class Rendering:
 # --------------------------------------------------------------------------------------------
 def _header_lines(text: str) -> tuple[list[str], int | None]:
     """Lines of the tune and the index of its first K: line (the header's end), if any."""
-    lines = text.splitlines()
+    # split at "\n" only, as the abc module does (splitlines() also splits at U+2028, U+0085...)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for i, line in enumerate(lines):
         if line.startswith("K:"):
             return lines, i
@@ -670,7 +671,8 @@ def _source_listing(text: str, bad_line: int | None) -> str:
     MAX_LISTING_CHARS characters; the rest is counted, not shown)."""
     rows = []
     shown, hidden = text[:MAX_LISTING_CHARS], len(text) - MAX_LISTING_CHARS
-    for n, line in enumerate(shown.splitlines() or [""], start=1):
+    lines = shown.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # numbered as abc does
+    for n, line in enumerate(lines, start=1):
         row = f"{n:>3}  {html.escape(line)}"
         rows.append(f'<span class="imp-badline">{row}</span>' if n == bad_line else row)
     if hidden > 0:
@@ -715,6 +717,8 @@ class Player:
     def __init__(self, abc: str, title: str | None = None, tempo: float | None = None,
                  transpose: int = 0, sample_rate: int = SAMPLE_RATE, musicxml: bool = True) -> None:
         self.abc = abc if isinstance(abc, str) else repr(abc)
+        # lone surrogates (possible in a Python str) cannot be written as UTF-8: shown as "?"
+        self.abc = self.abc.encode("utf-8", "replace").decode("utf-8")
         self.title = title
         self.transpose = transpose
         self.sample_rate = sample_rate
