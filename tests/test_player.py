@@ -331,3 +331,18 @@ def test_huge_text_shows_a_short_error_panel():
     assert "more characters not shown" in p.html()
     with pytest.raises(player.RenderError, match="MAX_TUNE_CHARS"):
         player.render(text)
+
+
+@pytest.mark.parametrize("text", [
+    "X:1\nM:4/4\nL:1/8\nQ:1/" + "120/" * 40 + "\nK:G\nGABc dedB|c8|]\n",  # failed before: hung
+    "X:1\nM:4/4\nL:1/8\nQ:¹²⁰\nK:G\nGABc dedB|c8|]\n",
+    "X:1\nT:a\u2028K:C\u2028b\nM:4/4\nL:1/8\nK:G\nGABc dedB|c8|]\n",
+    "X:1\nT:\ud800\x00\u202e\nM:4/4\nL:1/8\nK:G\nGABc dedB|c8|]\n",  # failed before: UnicodeEncodeError
+    "X:1\nM:4/4\nL:1/8\nK:G\n" + "A>B" * 3000 + "|\n",
+])
+def test_player_on_hostile_text_answers_with_a_player_or_a_panel(text):
+    p = player.Player(text, musicxml=False)
+    page = p.html()
+    assert page.startswith('<div class="imelodist-player"')
+    page.encode("utf-8")  # writable into the notebook
+    assert p.ok or "Cannot show this tune" in page
