@@ -486,6 +486,7 @@ def _check_header(tune: Tune) -> None:
 
 def _as_tune(tune_or_text: Tune | str) -> Tune:
     if isinstance(tune_or_text, Tune):
+        _check_size(tune_or_text.body)  # a Tune built by hand meets the same cap
         return tune_or_text
     return parse_tune(tune_or_text)
 
