@@ -183,6 +183,7 @@ def explicit_repeats(body: str) -> str:
     prefix = False
     open_repeat = False
     section_start = None  # None: the start of the body
+    previous = None
     for tok in tokens:
         text = tok[3]
         ends, starts = text.startswith(":"), text.endswith(":")
@@ -202,8 +203,12 @@ def explicit_repeats(body: str) -> str:
         if not open_repeat and (ends or text.strip(":") in ("||", "|]", "[|", "[|]")):
             section_start = tok
         elif not open_repeat and section_start is not None and text == "|" \
-                and _only_space_between(lines, section_start, tok):
-            section_start = tok  # ":|\n| A..." : the new section starts at the second bar line
+                and previous is section_start and _only_space_between(lines, section_start, tok):
+            # ":|\n| A..." : the new section starts at the second bar line. (Only the token
+            # right after section_start can have nothing between: checking that one keeps this
+            # linear; comparing every later "|" with section_start was quadratic.)
+            section_start = tok
+        previous = tok
     for (li, s, e), new in sorted(edits.items(), reverse=True):
         lines[li] = lines[li][:s] + new + lines[li][e:]
     if prefix:

@@ -346,3 +346,15 @@ def test_player_on_hostile_text_answers_with_a_player_or_a_panel(text):
     assert page.startswith('<div class="imelodist-player"')
     page.encode("utf-8")  # writable into the notebook
     assert p.ok or "Cannot show this tune" in page
+
+
+def test_explicit_repeats_is_linear_after_a_section_bar():
+    # failed before: every "|" after a "||" was compared with it by slicing all the text
+    # between (20,000 bars: 0.6 s, x8 per x4; 50,000: several seconds)
+    from test_abc_hostile import finishes_within
+
+    body = "||" + "A|" * 50_000 + "B:|"
+    with finishes_within(2):
+        out = player.explicit_repeats(body)
+    assert out.startswith("|:A|A|") and out.endswith("B:|")
+    assert player.explicit_repeats("A2 B2:|\n| c2 d2 :|") == "|:A2 B2:|\n|: c2 d2 :|"
