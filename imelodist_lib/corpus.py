@@ -38,6 +38,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -569,7 +570,8 @@ def _analyse(text: str) -> _Analysis:
         return _Analysis(False, "multi_voice")
     body = text.split("\nK:", 1)[1].split("\n", 1)[-1] if "\nK:" in text else text
     music = "\n".join(l for l in body.split("\n") if not re.match(r"^\s*(%|[A-Za-z+]:)", l))
-    if len(re.findall(r"[|:\]]*\|[|:\]]*", music)) <= 1:
+    # bar-line runs holding a "|" (one run per match; `[|:\]]*\|[|:\]]*` backtracked over ":::")
+    if sum(1 for run in re.findall(r"[|:\]]+", music) if "|" in run) <= 1:
         # Unbarred music (Josquin's voices: one final bar line at most): cannot be bar-checked
         # or harmonised per bar, and is not the barred melody the composer learns.
         return _Analysis(False, "no_bar_lines")
@@ -695,8 +697,9 @@ def clean(records: Sequence[TuneRecord], profile: Profile,
           progress: bool = False) -> tuple[list[TuneRecord], CleaningReport]:
     """Validate, normalise and deduplicate tunes; every drop is counted by reason.
 
-    Drops: no ABC, multi-voice, no bar lines, unparsable (by ABCError class), no notes, too long
-    (> profile.max_tune_chars), too short (< profile.min_bars), more bar-length errors than
+    Drops: too long (> profile.max_tune_chars, checked on the raw text before parsing and again
+    on the normalised text), no ABC, multi-voice, no bar lines, unparsable (by ABCError class),
+    analysis failed (any other exception, named with the record in a warning), no notes, too short (< profile.min_bars), more bar-length errors than
     profile.max_bar_errors (None keeps them), exact duplicate.
     Near-duplicates are kept and grouped into `family` (see `near_duplicate_families`).
     """
@@ -714,7 +717,16 @@ def clean(records: Sequence[TuneRecord], profile: Profile,
         report.examples.setdefault(reason, rec.id)
 
     for rec in tqdm(records, desc="clean", disable=not progress):
-        an = _analyse(rec.abc)
+        if len(rec.abc) > profile.max_tune_chars:  # the cheap cap first: no parse of huge text
+            drop(rec, "too_long")
+            continue
+        try:
+            an = _analyse(rec.abc)
+        except Exception as err:  # noqa: BLE001 - one bad tune must not stop the build
+            drop(rec, f"analysis failed: {type(err).__name__}")
+            warnings.warn(f"cleaning dropped tune {rec.id}: {type(err).__name__}: {err}",
+                          stacklevel=2)
+            continue
         if not an.ok:
             drop(rec, an.reason)
             continue
@@ -1056,16 +1068,11 @@ _SOURCE_STYLE = {"oneills1850": "irish folk tune", "ryansMammoth": "tune", "aird
 
 
 def quarter_bpm(tempo: str) -> int | None:
-    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown."""
-    if not tempo:
-        return None
-    m = re.search(r"(?:(\d+)/(\d+)\s*=\s*)?(\d+)\s*$", re.sub(r'"[^"]*"', "", str(tempo)).strip())
-    if not m:
-        return None
-    bpm = int(m.group(3))
-    if m.group(1):
-        bpm = round(bpm * 4 * int(m.group(1)) / int(m.group(2)))
-    return bpm if 10 <= bpm <= 400 else None
+    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown
+    or outside 10..400 (`abc.parse_tempo` reads it; a bare number counts quarters here)."""
+    qpm = abc.parse_tempo(str(tempo or ""), Fraction(1, 4))
+    bpm = None if qpm is None else round(qpm)
+    return bpm if bpm is not None and 10 <= bpm <= 400 else None
 
 
 # Many transcriptions (all of Essen) write K: as a key *signature* only; the final note then
