@@ -3,17 +3,15 @@
 Two model families share one interface:
 - IMelodist-tiny: a ~5M-parameter Llama with a byte-level BPE tokenizer trained on our own
   continued-pretraining text, so the whole pipeline runs from zero on a laptop CPU.
-- InternLM2-chat-7B (IMelodist's base): loaded with its own remote code, 4-bit NF4 for QLoRA, or
-  converted once to a plain Llama checkpoint (`convert_internlm2_to_llama`) so that tools that
-  only know Llama (transformers without remote code, LMDeploy's Llama path) can serve it.
+- InternLM2-chat-7B (IMelodist's base): converted once to a plain Llama checkpoint and cached
+  (`internlm2.ensure_llama_checkpoint`), then loaded like any Llama (4-bit NF4 for QLoRA); no code
+  shipped with a checkpoint runs unless the caller passes trust_remote_code=True.
 Both use the same InternLM2 chat format (`CHAT_TEMPLATE`), so prompts are byte-identical.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -177,16 +175,6 @@ def _offline_message(name: str) -> str:
             f"set IMELODIST_BASE_MODEL=DIR")
 
 
-def _needs_remote_code(directory: Path) -> bool:
-    for name in ("config.json", "tokenizer_config.json"):
-        path = directory / name
-        if path.is_file():
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-            if "auto_map" in cfg or cfg.get("model_type") == "internlm2":
-                return True
-    return False
-
-
 def bf16_supported(device: str) -> bool:
     """True where `device` computes in bfloat16 (CUDA: the GPU says; CPU: a bf16 matmul runs,
     natively with AVX512-BF16/AMX, else emulated by torch at fp32 speed or slower)."""
@@ -233,24 +221,49 @@ def weights_kwargs(profile: Profile | None) -> dict:
     return kwargs
 
 
-def load_model(path_or_id: str | Path, profile: Profile | None = None, for_training: bool = False):
-    """Load (model, tokenizer) from a local dir or hub id, stored as the profile's device wants
-    (`weights_kwargs`: 4-bit NF4 and/or bf16 when the profile asks)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def model_source(path_or_id: str | Path, trust_remote_code: bool = False) -> tuple[str, bool]:
+    """(folder to load, whether to run its code) for a dir or hub id: InternLM2 becomes its cached Llama copy.
+
+    Anything that reloads a base model (e.g. to merge an adapter) should resolve it here too, so
+    it reads the same converted weights and never runs checkpoint code unasked.
+    """
+    from imelodist_lib import internlm2
 
     name = str(path_or_id)
     local = Path(name).expanduser()
     if local.is_dir():
-        source, remote = str(local), _needs_remote_code(local)
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{local} has no config.json: point at a saved model directory "
                                     "(the 'final' or 'merged' folder a training stage wrote)")
     elif _HUB_ID.match(name) and not name.startswith((".", "/", "~")) and not local.exists():
-        source, remote = name, True  # hub InternLM2 needs its own code
+        local = internlm2.resolve_hub_id(name)
     else:
         raise FileNotFoundError(f"model directory {name} does not exist: train it first "
                                 "(notebooks 02/03, python -m imelodist_lib.train) or pass a saved "
                                 "model directory / hub id")
+    if trust_remote_code:
+        files = internlm2.remote_code_files(local)
+        print(f"trust_remote_code=True: running code from {local}: {', '.join(files) or 'none named'}")
+        return str(local), True
+    if internlm2.is_internlm2_checkpoint(local):
+        return str(internlm2.ensure_llama_checkpoint(local)), False
+    return str(local), False  # an auto_map elsewhere is not run; transformers says if it is needed
+
+
+def load_model(path_or_id: str | Path, profile: Profile | None = None, for_training: bool = False,
+               trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a local dir or hub id, stored as the profile's device wants
+    (`weights_kwargs`: 4-bit NF4 and/or bf16 when the profile asks).
+
+    InternLM2 (model_type internlm2, local or hub) loads from its cached Llama copy
+    (`internlm2.ensure_llama_checkpoint`). Code shipped with a checkpoint (auto_map) runs only
+    when `trust_remote_code=True` is passed, which prints the files it will run.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(path_or_id)
+    local = Path(name).expanduser()
+    source, remote = model_source(name, trust_remote_code)
 
     kwargs: dict = {"trust_remote_code": remote, **weights_kwargs(profile)}
     try:
@@ -285,136 +298,14 @@ def load_model(path_or_id: str | Path, profile: Profile | None = None, for_train
 
 # ---------------------------------------------------------------- InternLM2 -> Llama
 
-_RENAMES = [
-    (re.compile(r"^model\.tok_embeddings\."), "model.embed_tokens."),
-    (re.compile(r"\.attention\.wo\."), ".self_attn.o_proj."),
-    (re.compile(r"\.feed_forward\.w1\."), ".mlp.gate_proj."),
-    (re.compile(r"\.feed_forward\.w3\."), ".mlp.up_proj."),
-    (re.compile(r"\.feed_forward\.w2\."), ".mlp.down_proj."),
-    (re.compile(r"\.attention_norm\."), ".input_layernorm."),
-    (re.compile(r"\.ffn_norm\."), ".post_attention_layernorm."),
-    (re.compile(r"^output\."), "lm_head."),
-]
+# The converter lives in `imelodist_lib.internlm2`; these names stay importable from here.
+_INTERNLM2_NAMES = {"convert_internlm2_to_llama", "convert_internlm2_state_dict",
+                    "llama_config_from_internlm2", "split_wqkv", "ensure_llama_checkpoint"}
 
 
-def llama_config_from_internlm2(cfg: dict):
-    """Map an InternLM2 config.json dict to the equivalent LlamaConfig."""
-    from transformers import LlamaConfig
+def __getattr__(name: str):
+    if name in _INTERNLM2_NAMES:
+        from imelodist_lib import internlm2
 
-    if cfg.get("bias"):
-        raise ValueError("this InternLM2 checkpoint uses biases (bias=true); the Llama layout "
-                         "converter handles the bias-free InternLM2 models only")
-    rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
-    scaling = cfg.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("type") or scaling.get("rope_type")
-        # InternLM2's "dynamic" is HF's dynamic NTK (same formula); "linear" is HF's linear
-        rope = {**rope, "rope_type": kind, "factor": float(scaling["factor"])}
-    return LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        hidden_act=cfg.get("hidden_act", "silu"),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_parameters=rope,
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2),
-        pad_token_id=cfg.get("pad_token_id"), attention_bias=False,
-        torch_dtype=cfg.get("torch_dtype", "bfloat16"))
-
-
-def split_wqkv(wqkv: torch.Tensor, num_heads: int, num_kv_heads: int,
-               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split InternLM2's fused wqkv, laid out per kv group as [q_1..q_g, k, v], into q, k, v."""
-    per_group = num_heads // num_kv_heads
-    hidden = wqkv.shape[-1]
-    w = wqkv.reshape(num_kv_heads, per_group + 2, head_dim, hidden)
-    q = w[:, :per_group].reshape(num_heads * head_dim, hidden)
-    k = w[:, -2].reshape(num_kv_heads * head_dim, hidden)
-    v = w[:, -1].reshape(num_kv_heads * head_dim, hidden)
-    return q.contiguous(), k.contiguous(), v.contiguous()
-
-
-def _weight_shards(src: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = src / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [src / f for f in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (src / single).is_file():
-            return [src / single]
-    raise FileNotFoundError(f"{src} has no weights (model.safetensors[.index.json] or "
-                            "pytorch_model.bin[.index.json]): pass an InternLM2 checkpoint directory")
-
-
-def _load_shard(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def convert_internlm2_state_dict(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
-    """Rename InternLM2 tensors to Llama names and split each fused wqkv into q/k/v projections."""
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg["hidden_size"] // heads
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key.endswith("attention.wqkv.weight"):
-            prefix = key[: -len("attention.wqkv.weight")]
-            q, k, v = split_wqkv(tensor, heads, kv, head_dim)
-            out[prefix + "self_attn.q_proj.weight"] = q
-            out[prefix + "self_attn.k_proj.weight"] = k
-            out[prefix + "self_attn.v_proj.weight"] = v
-            continue
-        if "rotary_emb.inv_freq" in key:
-            continue  # recomputed by Llama from rope_theta
-        new = key
-        for pattern, repl in _RENAMES:
-            new = pattern.sub(repl, new)
-        out[new] = tensor.contiguous()
-    return out
-
-
-def convert_internlm2_to_llama(src_dir: str | Path, dst_dir: str | Path) -> Path:
-    """Convert an InternLM2 checkpoint into a plain Llama one (config, safetensors shards, tokenizer)."""
-    from safetensors.torch import save_file
-
-    src, dst = Path(src_dir), Path(dst_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} has no config.json: pass an InternLM2 checkpoint directory")
-    cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if "wqkv" not in json.dumps(cfg) and cfg.get("model_type") != "internlm2":
-        raise ValueError(f"{src}/config.json is not an InternLM2 config (model_type="
-                         f"{cfg.get('model_type')!r}); nothing to convert")
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    total = 0
-    shards = _weight_shards(src)
-    for i, shard in enumerate(shards, start=1):
-        converted = convert_internlm2_state_dict(_load_shard(shard), cfg)
-        if cfg.get("tie_word_embeddings"):
-            converted.pop("lm_head.weight", None)
-        name = ("model.safetensors" if len(shards) == 1
-                else f"model-{i:05d}-of-{len(shards):05d}.safetensors")
-        save_file(converted, str(dst / name), metadata={"format": "pt"})
-        for key, tensor in converted.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
-        del converted
-    if len(shards) > 1:
-        (dst / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    llama = llama_config_from_internlm2(cfg)
-    llama.architectures = ["LlamaForCausalLM"]
-    llama.save_pretrained(dst)
-    for path in src.iterdir():
-        # the tokenizer keeps InternLM2's own (remote-code) classes; generation config carries over
-        if path.is_file() and (path.name.startswith(("tokenizer", "tokenization_"))
-                               or path.name in ("special_tokens_map.json", "generation_config.json",
-                                                "added_tokens.json")):
-            shutil.copy2(path, dst / path.name)
-    return dst
+        return getattr(internlm2, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,3 +19,28 @@ def tiny():
     torch.set_num_threads(1)
     yield model, tokenizer
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def internlm2_checkpoint(tmp_path_factory):
+    """A tiny random InternLM2 in the hub's exact layout (2 safetensors shards, remote-code files that
+    raise if imported), with a SentencePiece tokenizer.model trained on our zh/en/ABC text."""
+    from internlm2_reference import knowledge_texts, oneills_tunes
+
+    from imelodist_lib.internlm2 import train_sentencepiece_model, write_internlm2_checkpoint
+
+    root = tmp_path_factory.mktemp("internlm2")
+    # character_coverage below 1 leaves rare characters to byte fallback, as in the real vocabulary
+    model = train_sentencepiece_model(knowledge_texts() + oneills_tunes()[:300], root / "tokenizer.model",
+                                      vocab_size=2000, character_coverage=0.98)
+    return write_internlm2_checkpoint(root / "internlm2-tiny", model, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                      shards=2)
+
+
+@pytest.fixture(scope="session")
+def internlm2_converted(internlm2_checkpoint, tmp_path_factory):
+    """The fixture InternLM2 converted once into a plain Llama folder (fast tokenizer, no auto_map)."""
+    from imelodist_lib.internlm2 import ensure_llama_checkpoint
+
+    return ensure_llama_checkpoint(internlm2_checkpoint, cache_dir=tmp_path_factory.mktemp("converted"))

@@ -16,6 +16,7 @@ from jinja2 import Template
 from safetensors.torch import save_file
 
 from imelodist_lib import models
+from imelodist_lib.internlm2 import random_internlm2_state
 from imelodist_lib.models import (
     CHAT_TEMPLATE,
     IM_END,
@@ -27,6 +28,7 @@ from imelodist_lib.models import (
     train_tokenizer,
 )
 from imelodist_lib.profiles import SYSTEM_PROMPT
+from internlm2_reference import internlm2_reference_logits
 
 # InternLM2-chat-7b's own chat template (tokenizer_config.json of internlm/internlm2-chat-7b)
 INTERNLM2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] "
@@ -173,63 +175,6 @@ CFG = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vo
        "rope_theta": 1000000.0, "rope_scaling": None, "bias": False, "tie_word_embeddings": False,
        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"}, "torch_dtype": "float32"}
-
-
-def random_internlm2_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    h, inter, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], \
-        cfg["num_key_value_heads"]
-    d = h // heads
-
-    def w(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
-
-    state = {"model.tok_embeddings.weight": w(cfg["vocab_size"], h),
-             "model.norm.weight": 1 + w(h), "output.weight": w(cfg["vocab_size"], h)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        state.update({p + "attention.wqkv.weight": w((heads + 2 * kv) * d, h),
-                      p + "attention.wo.weight": w(h, heads * d),
-                      p + "feed_forward.w1.weight": w(inter, h), p + "feed_forward.w3.weight": w(inter, h),
-                      p + "feed_forward.w2.weight": w(h, inter),
-                      p + "attention_norm.weight": 1 + w(h), p + "ffn_norm.weight": 1 + w(h)})
-    return state
-
-
-def internlm2_reference_logits(state: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
-    """InternLM2's forward pass from its equations, reading the fused wqkv the way InternLM2 does."""
-    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d, groups, eps = h // heads, heads // kv, cfg["rms_norm_eps"]
-    T = ids.shape[1]
-
-    def rms(x, weight):
-        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, d, 2).float() / d)
-    freqs = torch.outer(torch.arange(T).float(), inv_freq)
-    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
-
-    def rotate(x):  # rotate_half convention, as InternLM2's modeling code
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    x = state["model.tok_embeddings.weight"][ids]
-    causal = torch.full((T, T), float("-inf")).triu(1)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        a = rms(x, state[p + "attention_norm.weight"])
-        qkv = (a @ state[p + "attention.wqkv.weight"].T).view(1, T, kv, groups + 2, d)
-        q = qkv[..., :groups, :].reshape(1, T, heads, d).transpose(1, 2)
-        k = qkv[..., -2, :].transpose(1, 2).repeat_interleave(groups, dim=1)
-        v = qkv[..., -1, :].transpose(1, 2).repeat_interleave(groups, dim=1)
-        q, k = rotate(q), rotate(k)
-        att = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + causal, dim=-1)
-        out = (att @ v).transpose(1, 2).reshape(1, T, heads * d)
-        x = x + out @ state[p + "attention.wo.weight"].T
-        f = rms(x, state[p + "ffn_norm.weight"])
-        gate = torch.nn.functional.silu(f @ state[p + "feed_forward.w1.weight"].T)
-        x = x + (gate * (f @ state[p + "feed_forward.w3.weight"].T)) @ state[p + "feed_forward.w2.weight"].T
-    return rms(x, state["model.norm.weight"]) @ state["output.weight"].T
 
 
 @pytest.fixture()
