@@ -12,6 +12,8 @@ Command line (the same functions):
     python -m imelodist_lib.train --stage sft --profile cpu --base runs/cpu/pt/final
 Several GPUs: `accelerate launch --config_file configs/accelerate_multi_gpu.yaml -m imelodist_lib.train ...`
 (or configs/accelerate_deepspeed_zero2.yaml); keep batch_size x grad_accum x GPUs = 128.
+A second run into the same --output refuses (--resume continues it, --overwrite replaces it).
+IMELODIST_DEVICE=cpu runs the gpu profile's branches on a CPU (tests/test_gpu_rehearsal.py).
 """
 from __future__ import annotations
 

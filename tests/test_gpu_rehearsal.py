@@ -271,7 +271,7 @@ def test_instruction_tuning_rehearsal_merges_and_composes_a_valid_tune(profile, 
 
 def test_accelerate_launch_runs_the_gpu_profile_cli_to_a_merged_model(rehearsal_base, converted_cache,
                                                                        tmp_path, monkeypatch):
-    """README's GPU command, with one CPU process instead of four GPUs (`--num_processes 1
+    """README's GPU commands, with one CPU process instead of four GPUs (`--num_processes 1
     --cpu`) and IMELODIST_DEVICE=cpu; the CLI reads its datasets the library's own way
     (instructions.load_datasets under IMELODIST_RUNS), built here from 16 O'Neill tunes."""
     from imelodist_lib import corpus, instructions
@@ -304,3 +304,9 @@ def test_accelerate_launch_runs_the_gpu_profile_cli_to_a_merged_model(rehearsal_
     merged, base = weights(out / "final"), weights(converted_cache)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"].float(),
                            base["model.layers.0.self_attn.q_proj.weight"].float())
+    # README's second command, its defaults included (--base runs/gpu/pt/final, --output
+    # runs/gpu/sft), in this process: the launcher around it was just proven
+    monkeypatch.setenv("IMELODIST_DEVICE", "cpu")
+    assert train.main(["--stage", "sft", "--profile", "gpu", "--max-steps", "1", "--no-progress", *sets]) == 0
+    sft = json.loads((runs / "gpu" / "sft" / "train_result.json").read_text())
+    assert sft["steps"] == 1 and (runs / "gpu" / "sft" / "merged" / "model.safetensors").is_file()
