@@ -224,6 +224,9 @@ def test_adapter_and_merged_model_saved_and_merged_weights_moved(profile, pt_run
         moved = not torch.allclose(merged[key].float(), tensor.float(), atol=1e-2)
         # LoRA changes exactly the seven projections; embeddings and norms stay the base's
         assert moved == (key.split(".")[-2] in SEVEN), key
+    # notebook 02's closing cells on this result: the loss plot and a raw continuation
+    assert len(train.plot_losses(result).axes[0].lines) == 2
+    assert train.sample_continuation(result.model_dir, "X:1\nT:", max_new_tokens=8).startswith("X:1\nT:")
 
 
 def test_merged_logits_equal_the_adapter_on_the_unquantized_reload(profile, pt_run):
@@ -251,7 +254,7 @@ def test_merged_logits_equal_the_adapter_on_the_unquantized_reload(profile, pt_r
 
 # ------------------------------------------------------------------ stage 2 and composing
 
-def test_instruction_tuning_rehearsal_merges_and_composes_a_valid_tune(profile, sft_run):
+def test_instruction_tuning_rehearsal_merges_and_composes_a_valid_tune(profile, pt_run, sft_run):
     from imelodist_lib.inference import Composer
 
     result, facts = sft_run
@@ -259,10 +262,16 @@ def test_instruction_tuning_rehearsal_merges_and_composes_a_valid_tune(profile, 
     assert facts["trainable"] == sum(64 * (i + o) for i, o in facts["lora_shapes"].values())
     assert result.steps == SFT_STEPS and (result.output_dir / "adapter").is_dir()
     assert (result.model_dir / "model.safetensors").is_file()
+    # notebook 03's cells on this result: the loss mask on the stage-1 tokenizer, before/after answers
+    _, tokenizer = models.load_model(pt_run[0].model_dir)
+    chat = [{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": "X:1\nK:G\nGAB|"}]
+    assert train.loss_mask_preview(tokenizer, chat).endswith("⟦X:1\nK:G\nGAB|<|im_end|>⟧\n")
+    request = ComposeRequest("emotion", emotion="欢快", style="jig", meter="6/8", key="G", bars=4)
+    [pair] = train.sample_before_after(pt_run[0].model_dir, result.model_dir, [request], max_new_tokens=8)
+    assert pair.task == "emotion" and isinstance(pair.before, str) and isinstance(pair.after, str)
     # the GPU profile's composer: the merged model, loaded as the profile says (4-bit NF4 here)
     composer = Composer(model=result.model_dir, backend="transformers", profile=profile)
     assert composer.engine.model.is_loaded_in_4bit
-    request = ComposeRequest("emotion", emotion="欢快", style="jig", meter="6/8", key="G", bars=4)
     [tune] = composer.compose(request, seed=3, constrained=True)
     assert tune.constrained and tune.ok and tune.bar_errors == 0, tune.text
 
@@ -310,3 +319,4 @@ def test_accelerate_launch_runs_the_gpu_profile_cli_to_a_merged_model(rehearsal_
     assert train.main(["--stage", "sft", "--profile", "gpu", "--max-steps", "1", "--no-progress", *sets]) == 0
     sft = json.loads((runs / "gpu" / "sft" / "train_result.json").read_text())
     assert sft["steps"] == 1 and (runs / "gpu" / "sft" / "merged" / "model.safetensors").is_file()
+    assert sft["final_val_loss"] < 20  # a number, not NaN (no chat lost all its answer tokens)
