@@ -175,6 +175,52 @@ def _offline_message(name: str) -> str:
             f"set IMELODIST_BASE_MODEL=DIR")
 
 
+def bf16_supported(device: str) -> bool:
+    """True where `device` computes in bfloat16 (CUDA: the GPU says; CPU: a bf16 matmul runs,
+    natively with AVX512-BF16/AMX, else emulated by torch at fp32 speed or slower)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from transformers.utils import is_torch_bf16_available_on_device
+
+    return is_torch_bf16_available_on_device(device)
+
+
+def check_device(profile: Profile) -> None:
+    """Refuse a CUDA profile on a machine without CUDA, naming the CPU rehearsal instead."""
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"profile {profile.name!r} runs on device 'cuda' but this machine has no "
+                           "CUDA GPU: set IMELODIST_DEVICE=cpu (or --set device=cpu) to rehearse the "
+                           "same recipe on the CPU, or use the cpu profile")
+
+
+def weights_kwargs(profile: Profile | None) -> dict:
+    """from_pretrained's quantization, dtype and placement for the profile's device (no profile: {}).
+
+    4-bit NF4 with double quantization and bf16 compute (QLoRA), through bitsandbytes on CUDA or
+    on its CPU backend; bf16 weights where the device computes in bf16, else the checkpoint's."""
+    if profile is None:
+        return {}
+    check_device(profile)
+    bf16 = profile.bf16 and bf16_supported(profile.device)
+    kwargs: dict = {}
+    if profile.load_in_4bit:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("4-bit loading needs bitsandbytes: pip install bitsandbytes "
+                              "(or use a profile with load_in_4bit=False)") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        # one full 4-bit copy per process: under `accelerate launch` each rank takes its own GPU
+        kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if profile.is_gpu
+                                else {"": profile.device})
+    if bf16:
+        kwargs["dtype"] = torch.bfloat16
+    return kwargs
+
+
 def model_source(path_or_id: str | Path, trust_remote_code: bool = False) -> tuple[str, bool]:
     """(folder to load, whether to run its code) for a dir or hub id: InternLM2 becomes its cached Llama copy.
 
@@ -206,7 +252,8 @@ def model_source(path_or_id: str | Path, trust_remote_code: bool = False) -> tup
 
 def load_model(path_or_id: str | Path, profile: Profile | None = None, for_training: bool = False,
                trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a local dir or hub id; 4-bit NF4 when the profile asks and CUDA is here.
+    """Load (model, tokenizer) from a local dir or hub id, stored as the profile's device wants
+    (`weights_kwargs`: 4-bit NF4 and/or bf16 when the profile asks).
 
     InternLM2 (model_type internlm2, local or hub) loads from its cached Llama copy
     (`internlm2.ensure_llama_checkpoint`). Code shipped with a checkpoint (auto_map) runs only
@@ -218,22 +265,7 @@ def load_model(path_or_id: str | Path, profile: Profile | None = None, for_train
     local = Path(name).expanduser()
     source, remote = model_source(name, trust_remote_code)
 
-    cuda = torch.cuda.is_available()
-    kwargs: dict = {"trust_remote_code": remote}
-    if profile is not None and profile.load_in_4bit and cuda:
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise ImportError("4-bit loading needs bitsandbytes: pip install bitsandbytes "
-                              "(or use a profile with load_in_4bit=False)") from err
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        # one full 4-bit copy per process: under `accelerate launch` each rank takes its own GPU
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    if profile is not None and profile.bf16 and cuda:
-        kwargs["dtype"] = torch.bfloat16
+    kwargs: dict = {"trust_remote_code": remote, **weights_kwargs(profile)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -4,6 +4,10 @@
 `gpu` is IMelodist's published recipe (InternLM2-chat-7B, QLoRA, full data).
 The switch is `IMELODIST_PROFILE=cpu|gpu`; unset, it is `gpu` when CUDA is present, else `cpu`.
 Anything can be overridden per call: `get_profile("cpu", pt_max_steps=50)`.
+The device is a field like any other, and it alone decides where weights live and how they are
+stored: `IMELODIST_DEVICE=cpu` (or `get_profile("gpu", device="cpu")`) runs the GPU recipe's own
+branches (4-bit NF4 QLoRA, bf16, gradient checkpointing, packing) on a CPU, which is how CI
+rehearses it (tests/test_gpu_rehearsal.py).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROFILE_ENV = "IMELODIST_PROFILE"
+DEVICE_ENV = "IMELODIST_DEVICE"
+DEVICES = ("cpu", "cuda")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 KNOWLEDGE_DIR = DATA_DIR / "knowledge"
@@ -25,7 +31,7 @@ class Profile:
     """Every size the pipeline needs, for one machine class."""
 
     name: str
-    device: str
+    device: str  # "cpu" | "cuda": where the weights live (models.load_model, train._sft_config)
     # --- data (notebook 01) ---
     corpus_sources: tuple[str, ...] = ("music21",)
     max_tunes: int | None = None  # cap on tunes kept after cleaning (None: all)
@@ -151,7 +157,8 @@ def default_profile_name() -> str:
 
 
 def get_profile(name: str | None = None, **overrides) -> Profile:
-    """Resolve the size switch, then apply per-call overrides (unknown keys are an error)."""
+    """Resolve the size switch, then apply `IMELODIST_DEVICE` and per-call overrides (unknown keys
+    are an error; an explicit `device=` wins over the environment)."""
     name = (name or default_profile_name()).lower()
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} "
@@ -159,4 +166,10 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise TypeError(f"Profile has no field(s) {sorted(unknown)}")
+    device = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if device and "device" not in overrides:
+        overrides["device"] = device
+    if overrides.get("device", PROFILES[name].device) not in DEVICES:
+        raise ValueError(f"unknown device {overrides['device']!r}: choose one of {list(DEVICES)} "
+                         f"(device= or {DEVICE_ENV})")
     return dataclasses.replace(PROFILES[name], **overrides)

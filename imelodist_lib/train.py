@@ -12,13 +12,17 @@ Command line (the same functions):
     python -m imelodist_lib.train --stage sft --profile cpu --base runs/cpu/pt/final
 Several GPUs: `accelerate launch --config_file configs/accelerate_multi_gpu.yaml -m imelodist_lib.train ...`
 (or configs/accelerate_deepspeed_zero2.yaml); keep batch_size x grad_accum x GPUs = 128.
+A second run into the same --output refuses (--resume continues it, --overwrite replaces it).
+IMELODIST_DEVICE=cpu runs the gpu profile's branches on a CPU (tests/test_gpu_rehearsal.py).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 from imelodist_lib.models import (
     CHAT_TEMPLATE,
     IM_END,
+    bf16_supported,
     load_model,
     new_tiny_model,
     save_model,
@@ -69,6 +74,34 @@ class TrainResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
+# what a stage writes into its output folder; overwrite=True removes exactly these
+_RUN_FILES = ("final", "adapter", "merged", "tokenizer", "train_result.json")
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """Create the output folder; refuse a fresh run over an older run's checkpoint-* folders
+    (checkpoint rotation or a later resume would mix the two runs) unless told which to do:
+    resume=True continues the old run, overwrite=True first removes what the old run wrote."""
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run in the output folder and overwrite=True "
+                         "deletes it: choose one")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(output_dir.glob("checkpoint-*"))
+    if resume or not old:
+        return output_dir
+    if not overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds a training run ({', '.join(p.name for p in old[-2:])}): "
+            "continue it with resume=True (CLI --resume), replace it with overwrite=True (CLI "
+            "--overwrite), or write elsewhere (another output_dir / --output, or delete the folder)")
+    for path in old + [output_dir / name for name in _RUN_FILES]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)  # ignore: another rank may be removing it too
+        else:
+            path.unlink(missing_ok=True)
+    return output_dir
+
+
 def _latest_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -79,7 +112,6 @@ def _sft_config(profile: Profile, output_dir: Path, stage: str, max_steps: int |
                 progress: bool, has_eval: bool, is_peft: bool, flash_attention: bool = False):
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
     if max_steps is None:
         max_steps = profile.pt_max_steps if stage == "pt" else profile.sft_max_steps
     epochs = profile.pt_epochs if stage == "pt" else profile.sft_epochs
@@ -113,9 +145,10 @@ def _sft_config(profile: Profile, output_dir: Path, stage: str, max_steps: int |
         save_strategy="steps",
         save_steps=profile.save_steps,
         save_total_limit=2,
-        # TRL defaults bf16=True; CPU training stays in fp32
-        bf16=bool(profile.bf16 and cuda),
-        use_cpu=not cuda,
+        # the device decides (TRL defaults bf16=True): mixed precision is torch.autocast to bf16 on
+        # CUDA or on the CPU (Trainer accepts bf16 with use_cpu); the cpu profile stays in fp32
+        bf16=bool(profile.bf16 and bf16_supported(profile.device)),
+        use_cpu=not profile.is_gpu,
         # transformers 5 renamed gradient_checkpointing; TRL reads the mirrored old name
         activation_checkpointing=profile.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if profile.gradient_checkpointing else None,
@@ -165,25 +198,30 @@ def _collect(trainer, stage: str, output_dir: Path, model_dir: Path, seconds: fl
         steps=int(trainer.state.global_step), seconds=seconds, resumed_from=resumed_from)
 
 
+def reload_unquantized(base: str, profile: Profile):
+    """The training base again, unquantized, through load_model (no remote code; bf16 where the
+    device computes in it, else the checkpoint's dtype; in CPU memory): a 4-bit base cannot
+    absorb an adapter, so QLoRA merges into this copy."""
+    model, _ = load_model(base, dataclasses.replace(profile, load_in_4bit=False))
+    return model
+
+
 def _save_trained(trainer, tokenizer, profile: Profile, base: str, target: Path) -> Path:
-    """Write the trained weights as one plain model: LoRA adapters are merged first."""
+    """Write the trained weights as one plain model: LoRA adapters are saved (target/../adapter),
+    then merged; a 4-bit base is reloaded unquantized first and the adapter merged there."""
     from peft import PeftModel
 
     model = trainer.model
+    if not trainer.is_world_process_zero():
+        return target  # under `accelerate launch` rank 0 writes the model, once
     if isinstance(model, PeftModel):
         adapter_dir = target.parent / "adapter"
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         if getattr(model, "is_loaded_in_4bit", False) or profile.load_in_4bit:
-            # a 4-bit base cannot absorb the adapter: reload it in bf16 and merge there
             del trainer.model, model
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            from transformers import AutoModelForCausalLM
-
-            full = AutoModelForCausalLM.from_pretrained(
-                base, dtype=torch.bfloat16, trust_remote_code=True,
-                device_map={"": 0} if torch.cuda.is_available() else None)
-            model = PeftModel.from_pretrained(full, adapter_dir)
+            model = PeftModel.from_pretrained(reload_unquantized(base, profile), adapter_dir)
         model = model.merge_and_unload()
     model.config.use_cache = True
     return save_model(model, tokenizer, target)
@@ -248,11 +286,13 @@ def _stage_data(profile: Profile, datasets, stage: str, column: str, progress: b
 def continued_pretraining(profile: Profile | None = None, output_dir: str | Path | None = None,
                           max_steps: int | None = None, resume: bool = False,
                           progress: bool = True, datasets=None, callbacks: list | None = None,
-                          tiny_sizes: dict | None = None) -> TrainResult:
-    """Stage 1: next-token training on the {"text"} records (packed); writes output_dir/final."""
+                          tiny_sizes: dict | None = None, overwrite: bool = False) -> TrainResult:
+    """Stage 1: next-token training on the {"text"} records (packed); writes output_dir/final.
+
+    An output_dir holding an older run's checkpoints needs resume=True or overwrite=True."""
     profile = profile or get_profile()
-    output_dir = Path(output_dir) if output_dir else profile.run_dir / "pt"
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(Path(output_dir) if output_dir else profile.run_dir / "pt",
+                                    resume, overwrite)
     data = _stage_data(profile, datasets, "pt", "text", progress)
     from transformers import PreTrainedTokenizerFast, set_seed
 
@@ -279,15 +319,17 @@ def continued_pretraining(profile: Profile | None = None, output_dir: str | Path
 def instruction_tuning(profile: Profile | None = None, base_dir: str | Path | None = None,
                        output_dir: str | Path | None = None, max_steps: int | None = None,
                        resume: bool = False, progress: bool = True, datasets=None,
-                       callbacks: list | None = None) -> TrainResult:
-    """Stage 2: SFT on the {"messages"} chats, loss on assistant tokens only; writes output_dir/merged."""
+                       callbacks: list | None = None, overwrite: bool = False) -> TrainResult:
+    """Stage 2: SFT on the {"messages"} chats, loss on assistant tokens only; writes output_dir/merged.
+
+    An output_dir holding an older run's checkpoints needs resume=True or overwrite=True."""
     profile = profile or get_profile()
     base_dir = Path(base_dir) if base_dir else profile.run_dir / "pt" / "final"
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"no stage-1 model at {base_dir}: run continued pretraining first "
                                 "(notebook 02 or python -m imelodist_lib.train --stage pt) or pass base_dir")
-    output_dir = Path(output_dir) if output_dir else profile.run_dir / "sft"
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(Path(output_dir) if output_dir else profile.run_dir / "sft",
+                                    resume, overwrite)
     data = _stage_data(profile, datasets, "sft", "messages", progress)
     from transformers import set_seed
 
@@ -405,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="output dir (default runs/<profile>/pt|sft)")
     parser.add_argument("--base", default=None, help="sft: the stage-1 model dir (default runs/<profile>/pt/final)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an older run in --output (its checkpoints, final/merged model)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a profile field, e.g. --set eval_steps=200 --set batch_size=16")
     parser.add_argument("--no-progress", action="store_true")
@@ -418,10 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     profile = get_profile(args.profile, **overrides)
     if args.stage == "pt":
-        result = continued_pretraining(profile, args.output, args.max_steps, args.resume, not args.no_progress)
+        result = continued_pretraining(profile, args.output, args.max_steps, args.resume,
+                                       not args.no_progress, overwrite=args.overwrite)
     else:
         result = instruction_tuning(profile, args.base, args.output, args.max_steps, args.resume,
-                                    not args.no_progress)
+                                    not args.no_progress, overwrite=args.overwrite)
     print(json.dumps(result.summary(), indent=1, ensure_ascii=False))
     return 0
 

@@ -6,7 +6,9 @@ directory loads back with models.load_model and generates.
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import music21
@@ -139,3 +141,27 @@ def test_cli_parses_profile_overrides(profile, data, monkeypatch, tmp_path):
     with pytest.raises(TypeError, match="no field"):
         train.main(["--stage", "pt", "--profile", "cpu", "--set", "not_a_field=1",
                     "--output", str(tmp_path)])
+
+
+def test_fresh_run_into_an_older_runs_folder_refuses_unless_told(profile, data, pt_result, tmp_path):
+    """Issue 12: a non-resume run over an older run's checkpoints would let checkpoint rotation
+    or a later resume mix the two runs; it refuses, saying how to resume or where to write."""
+    old = tmp_path / "old"
+    shutil.copytree(pt_result.output_dir, old)
+    before = sorted(p.name for p in old.glob("checkpoint-*"))
+    assert before == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(FileExistsError, match=r"resume=True \(CLI --resume\).*overwrite=True.*--output"):
+        train.continued_pretraining(profile, old, max_steps=2, progress=False, datasets=data,
+                                    tiny_sizes=SMALL)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.main(["--stage", "sft", "--profile", "cpu", "--base", str(pt_result.model_dir),
+                    "--output", str(old), "--no-progress"])
+    with pytest.raises(ValueError, match="choose one"):
+        train.continued_pretraining(profile, old, resume=True, overwrite=True, datasets=data)
+    assert sorted(p.name for p in old.glob("checkpoint-*")) == before  # refused: nothing touched
+    result = train.continued_pretraining(profile, old, max_steps=2, progress=False, datasets=data,
+                                         tiny_sizes=SMALL, overwrite=True)
+    # the old run's checkpoint-4 is gone, not rotated in beside the new run's checkpoint-2
+    assert result.steps == 2 and sorted(p.name for p in old.glob("checkpoint-*")) == ["checkpoint-2"]
+    state = json.loads((old / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (old / "final" / "config.json").is_file()
