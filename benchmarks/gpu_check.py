@@ -192,8 +192,11 @@ def training_data(workdir: Path | None, tunes: int):
 
     profile = get_profile("cpu") if workdir is None else get_profile("cpu", max_tunes=tunes, workdir=workdir)
     data = load_datasets(profile, progress=False)
-    for kind in data:  # a few validation rows: the check times training, not evaluation
-        data[kind]["validation"] = data[kind]["validation"].select(range(min(16, len(data[kind]["validation"]))))
+    # the check times training, not tokenising or evaluating: 400 training rows (enough for its
+    # steps; the trainer goes round again if not) and 16 validation rows of each kind
+    for kind in data:
+        for split, rows in (("train", 400), ("validation", 16)):
+            data[kind][split] = data[kind][split].select(range(min(rows, len(data[kind][split]))))
     return data
 
 
@@ -208,7 +211,7 @@ def run(args) -> int:
     shape = FIXTURE if args.dry_run else INTERNLM2_7B
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imelodist-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    report = Report(Path(args.out), "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]))
+    report = Report(Path(args.out), "python benchmarks/gpu_check.py " + " ".join(args.argv))
     report.data.update(versions=versions(), dry_run=args.dry_run, shape=shape, workdir=str(work))
     report.write()
 
@@ -322,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.prepare_data:
         data = training_data(Path(args.prepare_data), args.tunes)
         print({kind: {split: len(rows) for split, rows in d.items()} for kind, d in data.items()})
