@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--novelty-queries", type=int, default=200)
     ap.add_argument("--model", default=None, help="default: profile.composer_model")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--answers-dir", type=Path, default=None,
+                    help="keep each model answer in DIR/<model>__<system>.jsonl as it arrives and "
+                         "reuse them on a rerun (a crash or timeout loses nothing; timings then "
+                         "cover only the new answers)")
     args = ap.parse_args(argv)
     profile = get_profile("cpu")
     temperatures = ([float(t) for t in args.temperatures.split(",")] if args.temperatures
@@ -119,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
             [(f"tiny valid-mode T={temperatures[0]:g}", True, temperatures[0])]
         for name, constrained, temperature in runs:
             t0 = time.perf_counter()
+            answers = None if args.answers_dir is None else args.answers_dir / re.sub(
+                r"[^A-Za-z0-9_.=-]+", "_", f"{Path(model_name).name}__{name}.jsonl")
             systems[name] = ev.collect_answers(composer, requests, n=args.samples, constrained=constrained,
-                                               temperature=temperature)
+                                               temperature=temperature, results_path=answers)
             timings[f"{name.replace(' ', '_')}_compose_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         perplexity = ev.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)

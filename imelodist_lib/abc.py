@@ -32,8 +32,11 @@ __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
 ]
+
+MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
+MAX_FIELD_CHARS = 1_000  # longest header field value (a Q:, K:, M: or T: line)
 
 
 # --------------------------------------------------------------------------- errors
@@ -287,25 +290,48 @@ class Tune:
     def tempo(self) -> int | None:
         """Q: as quarter notes per minute, or None when absent or unreadable."""
         value = self._last("Q")
-        return None if value is None else _tempo_qpm(value, self.unit_length)
+        qpm = None if value is None else parse_tempo(value, self.unit_length)
+        return None if qpm is None else round(qpm)
 
 
-_TEMPO_RE = re.compile(r"((?:[0-9]+/[0-9]+\s*)+)=\s*([0-9]+)")
+_QUOTED_RE = re.compile(r'"[^"\n]*"')
+_BPM_RE = re.compile(r"\s*([0-9]{1,6}(?:\.[0-9]{1,6})?)(?![0-9.])")
+_DIGITS_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{1,6})?")
 
 
-def _tempo_qpm(value: str, unit: Fraction) -> int | None:
-    text = re.sub(r'"[^"]*"', "", _strip_comment(value)).strip()
-    m = _TEMPO_RE.search(text)
-    try:
-        if m:
-            beat = sum(parse_fraction(f) for f in m.group(1).split())
-            return round(int(m.group(2)) * beat * 4)
-        if re.fullmatch(r"C\s*=\s*[0-9]+", text):
-            return round(int(text.split("=")[1]) * unit * 4)
-        if text.isdigit():  # old ABC: unit notes per minute
-            return round(int(text) * unit * 4)
-    except (ABCError, ZeroDivisionError):
+def parse_tempo(value: str, unit: Fraction = Fraction(1, 8)) -> Fraction | None:
+    """Quarter notes per minute from a Q: value; None when it names no tempo we can read.
+
+    Reads "1/4=120", "3/8=80" (a dotted quarter: 120), "1/4 3/8=40" (the beat is the sum),
+    '"Allegro" 1/4=120' (quoted text is ignored), "C=120" and the legacy "120" (unit notes a
+    minute, `unit` being the tune's L:). Numbers have at most 6 ASCII digits (a bpm may have a
+    decimal part); anything else ("fast", "1/4=\u00b9\u00b2\u2070", 5,000 digits) is None, never an
+    exception. Linear time: the value is split at "=" and each piece is checked once.
+    """
+    text = _QUOTED_RE.sub(" ", _strip_comment(value)).strip()
+    if len(text) > MAX_FIELD_CHARS:
         return None
+    pieces = text.split("=")
+    for left, right in zip(pieces, pieces[1:]):
+        m = _BPM_RE.match(right)
+        if m is None:
+            continue
+        bpm = Fraction(m.group(1))
+        words = left.split()
+        if words == ["C"]:  # ABC 1.6 "C=120": unit notes a minute
+            beat = unit
+        else:
+            beats = []
+            for word in reversed(words):  # the run of fractions just before "="
+                if "/" not in word or _FRACTION_RE.match(word) is None:
+                    break
+                beats.append(parse_fraction(word))
+            if not beats:
+                continue
+            beat = sum(beats, Fraction(0))
+        return bpm * beat * 4
+    if len(pieces) == 1 and _DIGITS_RE.fullmatch(text):  # old ABC: unit notes per minute
+        return Fraction(text) * unit * 4
     return None
 
 
@@ -379,13 +405,22 @@ def _split_one_line(line: str) -> tuple[list[tuple[str, str]], str] | None:
     return None
 
 
+def _check_size(text: str) -> None:
+    """ABCError for text over MAX_TUNE_CHARS: every reader here is linear, but not free."""
+    if len(text) > MAX_TUNE_CHARS:
+        raise ABCError(f"tune text is {len(text):,} characters, over the {MAX_TUNE_CHARS:,} this "
+                       "parser reads (abc.MAX_TUNE_CHARS): split it into tunes (split_tunes)")
+
+
 def parse_tune(text: str) -> Tune:
     """Parse one tune (multi-line, or the one-line `X:1 L:1/8 M:4/4 K:Emin |: ...` form)."""
     if not isinstance(text, str):
         raise ABCError(f"expected ABC text (str), got {type(text).__name__}")
+    _check_size(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
     lines = text.split("\n")
     fields: list[tuple[str, str]] = []
+    continued: dict[int, list[str]] = {}  # field index -> its +: continuation values
     body_lines: list[str] = []
     first_body_line = 0
     i = 0
@@ -410,7 +445,7 @@ def parse_tune(text: str) -> Tune:
             name, value = m.group(1), _strip_comment(m.group(2)).strip()
             if name == "+":
                 if fields:
-                    fields[-1] = (fields[-1][0], fields[-1][1] + " " + value)
+                    continued.setdefault(len(fields) - 1, []).append(value)
             else:
                 fields.append((name, value))
             i += 1
@@ -418,6 +453,8 @@ def parse_tune(text: str) -> Tune:
                 break
             continue
         i += 1  # stray free text in the header: dropped
+    for index, more in continued.items():  # joined once: += per line would be quadratic
+        fields[index] = (fields[index][0], " ".join([fields[index][1], *more]))
     if not fields or fields[-1][0] != "K":
         raise ABCError("no K: field (the key line ends the header, e.g. K:G)", None, None)
     if not first_body_line:
@@ -449,6 +486,7 @@ def _check_header(tune: Tune) -> None:
 
 def _as_tune(tune_or_text: Tune | str) -> Tune:
     if isinstance(tune_or_text, Tune):
+        _check_size(tune_or_text.body)  # a Tune built by hand meets the same cap
         return tune_or_text
     return parse_tune(tune_or_text)
 
@@ -520,7 +558,7 @@ _MAX_LEN = 4096  # longer note lengths are typos or noise, not music
 
 def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
     """Length multiplier of a note: "" 1, "2" 2, "/" 1/2, "//" 1/4, "3/2", "3/" 3/2."""
-    if len(num) > 4 or len(den) > 4:
+    if len(num) > 4 or len(den) > 4 or len(slashes) > 12:
         raise ABCError(f"note length {num}{slashes}{den} is too long", line, col)
     n = int(num) if num else 1
     if slashes:
@@ -763,7 +801,7 @@ class _Voice:
 
     __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
                  "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
-                 "expected", "pending_break", "tuplet_open", "repeat_open")
+                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar")
 
     def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
         self.name = name
@@ -784,6 +822,7 @@ class _Voice:
         self.pending_break = False
         self.tuplet_open: tuple[int, int] | None = None
         self.repeat_open: tuple[int, int] | None = None
+        self.last_bar: Bar | None = None  # the voice's latest closed bar
 
 
 class _Scan:
@@ -805,6 +844,7 @@ _BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fractio
 def _scan(tune: Tune) -> _Scan:
     """Read the body once (cached on the Tune): events in written order and bars per voice."""
     key_ = (tune.body, tuple(tune.fields))
+    _check_size(tune.body)
     if tune._cache is not None and tune._cache[0] == key_:
         return tune._cache[1]
     scan = _Scanner(tune).run()
@@ -832,8 +872,7 @@ class _Scanner:
         v = self.voices.get(name)
         if v is None:
             base = self.voices.get("")
-            if base is not None and not base.bar_events and not any(
-                    b.voice == "" for b in self.scan.bars) and name:
+            if base is not None and not base.bar_events and base.last_bar is None and name:
                 # the default voice was never used: the first V: takes its place
                 del self.voices[""]
                 base.name = name
@@ -871,10 +910,8 @@ class _Scanner:
             raise ABCError(f"field {name}:{value}: {err.message}", line, col) from None
 
     def _mark_break_before(self, v: _Voice) -> None:
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.break_after = True
-                break
+        if v.last_bar is not None:
+            v.last_bar.break_after = True
 
     # -- the body
     def run(self) -> _Scan:
@@ -1011,10 +1048,8 @@ class _Scanner:
         return self.scan
 
     def _mark_line_end(self, v: _Voice) -> None:
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.line_end = True
-                break
+        if v.last_bar is not None:
+            v.last_bar.line_end = True
 
     def _pitch(self, v: _Voice, data: tuple) -> int:
         acc, letter, octs, _ = data
@@ -1056,7 +1091,9 @@ class _Scanner:
         v.last_event = ev
 
     def _adjust_bar(self, v: _Voice, ev: list, delta: Fraction) -> None:
-        if ev in v.bar_events:
+        # `ev` is the voice's last event: in the open bar it is that bar's last (an identity
+        # test; `ev in v.bar_events` compared lists and made long bars quadratic)
+        if v.bar_events and v.bar_events[-1] is ev:
             v.bar_dur += delta
         elif ev[2] >= 0:  # broken rhythm across a barline: fix the closed bar
             self.scan.bars[ev[2]].duration += delta
@@ -1070,11 +1107,10 @@ class _Scanner:
             self._close_bar(v, token, line_end=at_line_end)
             return
         # no notes since the last barline ("|\n|:"): this barline belongs to the bar before
-        for b in reversed(self.scan.bars):
-            if b.voice == v.name:
-                b.break_after = b.break_after or _is_section_bar(token)
-                b.line_end = b.line_end or at_line_end
-                break
+        b = v.last_bar
+        if b is not None:
+            b.break_after = b.break_after or _is_section_bar(token)
+            b.line_end = b.line_end or at_line_end
         if not v.bar_left or _is_section_bar(token):
             v.bar_left = token
         v.bar_acc = {}
@@ -1100,6 +1136,7 @@ class _Scanner:
                   break_after=_is_section_bar(token) or v.pending_break)
         bar.kind = "multi_rest" if v.bar_has_mrest else "full"
         self.scan.bars.append(bar)
+        v.last_bar = bar
         v.bar_events = []
         v.bar_dur = Fraction(0)
         v.bar_start = None

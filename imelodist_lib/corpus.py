@@ -33,10 +33,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
 import time
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -45,8 +47,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlparse
 
-from imelodist_lib import abc
+from imelodist_lib import abc, jsonl
 from imelodist_lib.profiles import Profile
+
+_log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 CORPUS_FORMAT_VERSION = 1  # bump when the record layout or any cleaning rule changes
@@ -130,10 +134,7 @@ def _dumps(obj: Any) -> str:
 def write_jsonl(records: Iterable[TuneRecord], path: str | Path) -> Path:
     """Write records one JSON object per line (UTF-8, sorted keys: byte-reproducible)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            f.write(_dumps(r.to_dict()) + "\n")
+    jsonl.write_jsonl((r.to_dict() for r in records), path, sort_keys=True, compact=True)
     return path
 
 
@@ -143,13 +144,11 @@ def read_jsonl(path: str | Path) -> list[TuneRecord]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run notebook 01 (corpus.assemble_corpus) first")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(TuneRecord.from_dict(json.loads(line)))
-                except (json.JSONDecodeError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}:{n}: not a TuneRecord line ({e})") from None
+    for n, row in enumerate(jsonl.read_jsonl(path), 1):
+        try:
+            out.append(TuneRecord.from_dict(row))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: row {n}: not a TuneRecord ({e})") from None
     return out
 
 
@@ -196,6 +195,28 @@ def _records_from_text(text: str, source: str, file: str, licence: str) -> list[
     return out
 
 
+def unreadable_record(rid: str, cause: str, source: str, file: str, licence: str) -> TuneRecord:
+    """A record standing for a file or row that could not be read: empty ABC, so `clean`
+    counts it as a drop ("no_abc", this id as its example), the cause kept in
+    labels["load_error"] and logged, so nothing is lost silently or aborts a build."""
+    _log.warning("counted as a drop, not loaded: %s (%s)", rid, cause)
+    return TuneRecord(id=rid, abc="", source=source, file=file, licence=licence,
+                      labels={"load_error": cause})
+
+
+def _records_from_file(path: Path, source: str, file: str, licence: str) -> list[TuneRecord]:
+    """The tunes of one .abc file; a file that can't be read or holds no tune is one
+    `unreadable_record` naming it and the cause."""
+    try:
+        records = _records_from_text(_read_text(path), source, file, licence)
+    except (OSError, ValueError) as e:  # a broken link, a folder named x.abc, no permission
+        return [unreadable_record(f"{file}#unreadable", f"{type(e).__name__}: {e}", source, file, licence)]
+    if not records:
+        return [unreadable_record(f"{file}#unreadable", "no tune in the file (no X: or K: field)",
+                                  source, file, licence)]
+    return records
+
+
 def load_music21_corpus(collections: Sequence[str] | None = None,
                         limit: int | None = None) -> list[TuneRecord]:
     """Every tune of the ABC collections bundled with music21 (all of them when None)."""
@@ -210,7 +231,7 @@ def load_music21_corpus(collections: Sequence[str] | None = None,
         licence = LICENCES.get(coll, "see " + MUSIC21_CORPUS_NOTE)
         for path in sorted((root / coll).rglob("*.abc")):
             rel = path.relative_to(root).as_posix()
-            out.extend(_records_from_text(_read_text(path), coll, rel, licence))
+            out.extend(_records_from_file(path, coll, rel, licence))
             if limit is not None and len(out) >= limit:
                 return out[:limit]
     return out
@@ -218,7 +239,8 @@ def load_music21_corpus(collections: Sequence[str] | None = None,
 
 def load_abc_folder(path: str | Path, licence: str = "unknown: state it in DATA_CARD.md",
                     source: str | None = None) -> list[TuneRecord]:
-    """Every tune in the `.abc` files under a folder (recursively), one record per tune."""
+    """Every tune in the `.abc` files under a folder (recursively), one record per tune; a file
+    that can't be read is one counted drop naming it (`unreadable_record`), not an abort."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"ABC folder {path} does not exist: pass a folder holding .abc files")
@@ -228,8 +250,7 @@ def load_abc_folder(path: str | Path, licence: str = "unknown: state it in DATA_
         raise FileNotFoundError(f"no .abc files under {path}")
     out: list[TuneRecord] = []
     for f in files:
-        out.extend(_records_from_text(_read_text(f), source, f"{source}/{f.relative_to(path).as_posix()}",
-                                      licence))
+        out.extend(_records_from_file(f, source, f"{source}/{f.relative_to(path).as_posix()}", licence))
     return out
 
 
@@ -283,16 +304,41 @@ def _rows_from_local(path: Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: no save_to_disk folder and no .json/.jsonl/.parquet/.csv files")
     rows: list[dict] = []
     for f in files:
-        if f.suffix in (".json", ".jsonl"):
-            text = _read_text(f).strip()
-            # A JSON array (XTuner writes one) or JSON lines; datasets' json loader chokes on
-            # nested lists of dicts with varying keys, so read these directly.
-            data = (json.loads(text) if text.startswith("[")
-                    else [json.loads(line) for line in text.splitlines() if line.strip()])
-            rows.extend(dict(r, _split=f.name) for r in data)
-        else:
-            ds = datasets.load_dataset(f.suffix.lstrip("."), data_files=str(f), split="train")
-            rows.extend(dict(r, _split=f.name) for r in ds)
+        try:
+            if f.suffix in (".json", ".jsonl"):
+                rows.extend(_json_rows(f))
+            else:
+                ds = datasets.load_dataset(f.suffix.lstrip("."), data_files=str(f), split="train")
+                rows.extend(dict(r, _split=f.name) for r in ds)
+        except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a bad file
+            rows.append({_LOAD_ERROR: f"{f.name}: {type(e).__name__}: {str(e)[:200]}", "_split": f.name})
+    return rows
+
+
+_LOAD_ERROR = "_load_error"  # a row key: this row could not be read, and why
+
+
+def _json_rows(f: Path) -> list[dict]:
+    """Rows of a .json array (XTuner writes one) or JSON-lines file, read directly (datasets'
+    json loader chokes on nested lists of dicts with varying keys); a line that is no JSON
+    object becomes a row carrying its error, so it is counted instead of aborting the file."""
+    text = _read_text(f).strip()
+    if text.startswith("["):
+        data = json.loads(text)
+        return [dict(r, _split=f.name) if isinstance(r, dict) else
+                {_LOAD_ERROR: f"{f.name}: item {n}: not a JSON object", "_split": f.name}
+                for n, r in enumerate(data, 1)]
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            rows.append(dict(row, _split=f.name))
+        except ValueError as e:
+            rows.append({_LOAD_ERROR: f"{f.name}:{n}: {type(e).__name__}: {e}", "_split": f.name})
     return rows
 
 
@@ -367,7 +413,9 @@ def load_hub_dataset(name_or_path: str | Path, schema: str = "auto", split: str 
     Schemas: "irishman" (`abc notation`, `control code`), "sft" (instruction/input/output or
     chat `messages`, as MusicPile-sft / ChatMusician), "xtuner" (IMelodist's
     `{"conversation": [{"system","input","output"}]}`), "musicpile"/"text" (ABC inside `text`).
-    Rows with no ABC become records with empty `abc`, so `clean` counts them ("no_abc").
+    Rows with no ABC become records with empty `abc`, so `clean` counts them ("no_abc"); so do
+    rows or files that can't be read (a bad JSON line, an unknown schema, ABC that is not text),
+    with the cause in labels["load_error"] (`unreadable_record`).
     """
     if schema != "auto" and schema not in HUB_SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}: choose 'auto' or one of {list(HUB_SCHEMAS)}")
@@ -406,16 +454,33 @@ def load_hub_dataset(name_or_path: str | Path, schema: str = "auto", split: str 
         rows = rows[:limit]
     licence = licence or HUB_LICENCES.get(str(name_or_path), "unknown: check the dataset card")
     out: list[TuneRecord] = []
+    undetected: list[str] = []
     for n, row in enumerate(rows):
-        row_schema = _detect_schema(row) if schema == "auto" else schema
-        texts, extra = _row_texts(row, row_schema)
         base = f"{source}/{row.get('_split', 'train')}#{n}"
+        try:
+            if _LOAD_ERROR in row:
+                raise ValueError(row[_LOAD_ERROR])
+            try:
+                row_schema = _detect_schema(row) if schema == "auto" else schema
+            except ValueError as e:
+                undetected.append(str(e))
+                raise
+            texts, extra = _row_texts(row, row_schema)
+            if not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"ABC is {type(next(t for t in texts if not isinstance(t, str))).__name__}, "
+                                "not text")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            out.append(unreadable_record(base, f"{type(e).__name__}: {e}", source,
+                                         str(row.get("_split", "")), licence))
+            continue
         for k, t in enumerate(texts or [""]):  # no ABC: keep an empty record, counted in clean
             rec = TuneRecord(id=base if k == 0 else f"{base}.{k}", abc=t, source=source,
                              file=str(row.get("_split", "")), licence=licence)
             if extra:
                 rec.labels = {"given": dict(extra)}
             out.append(rec)
+    if rows and len(undetected) == len(rows):  # a whole dataset in another schema: say so
+        raise ValueError(undetected[0])
     return out
 
 
@@ -505,7 +570,8 @@ def _analyse(text: str) -> _Analysis:
         return _Analysis(False, "multi_voice")
     body = text.split("\nK:", 1)[1].split("\n", 1)[-1] if "\nK:" in text else text
     music = "\n".join(l for l in body.split("\n") if not re.match(r"^\s*(%|[A-Za-z+]:)", l))
-    if len(re.findall(r"[|:\]]*\|[|:\]]*", music)) <= 1:
+    # bar-line runs holding a "|" (one run per match; `[|:\]]*\|[|:\]]*` backtracked over ":::")
+    if sum(1 for run in re.findall(r"[|:\]]+", music) if "|" in run) <= 1:
         # Unbarred music (Josquin's voices: one final bar line at most): cannot be bar-checked
         # or harmonised per bar, and is not the barred melody the composer learns.
         return _Analysis(False, "no_bar_lines")
@@ -631,8 +697,9 @@ def clean(records: Sequence[TuneRecord], profile: Profile,
           progress: bool = False) -> tuple[list[TuneRecord], CleaningReport]:
     """Validate, normalise and deduplicate tunes; every drop is counted by reason.
 
-    Drops: no ABC, multi-voice, no bar lines, unparsable (by ABCError class), no notes, too long
-    (> profile.max_tune_chars), too short (< profile.min_bars), more bar-length errors than
+    Drops: too long (> profile.max_tune_chars, checked on the raw text before parsing and again
+    on the normalised text), no ABC, multi-voice, no bar lines, unparsable (by ABCError class),
+    analysis failed (any other exception, named with the record in a warning), no notes, too short (< profile.min_bars), more bar-length errors than
     profile.max_bar_errors (None keeps them), exact duplicate.
     Near-duplicates are kept and grouped into `family` (see `near_duplicate_families`).
     """
@@ -650,7 +717,16 @@ def clean(records: Sequence[TuneRecord], profile: Profile,
         report.examples.setdefault(reason, rec.id)
 
     for rec in tqdm(records, desc="clean", disable=not progress):
-        an = _analyse(rec.abc)
+        if len(rec.abc) > profile.max_tune_chars:  # the cheap cap first: no parse of huge text
+            drop(rec, "too_long")
+            continue
+        try:
+            an = _analyse(rec.abc)
+        except Exception as err:  # noqa: BLE001 - one bad tune must not stop the build
+            drop(rec, f"analysis failed: {type(err).__name__}")
+            warnings.warn(f"cleaning dropped tune {rec.id}: {type(err).__name__}: {err}",
+                          stacklevel=2)
+            continue
         if not an.ok:
             drop(rec, an.reason)
             continue
@@ -992,16 +1068,11 @@ _SOURCE_STYLE = {"oneills1850": "irish folk tune", "ryansMammoth": "tune", "aird
 
 
 def quarter_bpm(tempo: str) -> int | None:
-    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown."""
-    if not tempo:
-        return None
-    m = re.search(r"(?:(\d+)/(\d+)\s*=\s*)?(\d+)\s*$", re.sub(r'"[^"]*"', "", str(tempo)).strip())
-    if not m:
-        return None
-    bpm = int(m.group(3))
-    if m.group(1):
-        bpm = round(bpm * 4 * int(m.group(1)) / int(m.group(2)))
-    return bpm if 10 <= bpm <= 400 else None
+    """Quarter notes per minute from a Q: value ("1/4=120", "3/8=80", "120"); None if unknown
+    or outside 10..400 (`abc.parse_tempo` reads it; a bare number counts quarters here)."""
+    qpm = abc.parse_tempo(str(tempo or ""), Fraction(1, 4))
+    bpm = None if qpm is None else round(qpm)
+    return bpm if bpm is not None and 10 <= bpm <= 400 else None
 
 
 # Many transcriptions (all of Essen) write K: as a key *signature* only; the final note then
@@ -1235,19 +1306,29 @@ def _settings(profile: Profile) -> dict:
 
 
 def _cached(out: Path, fingerprint: str) -> CorpusResult | None:
-    """The previous build in `out` when it was made from the same inputs and is intact."""
+    """The previous build in `out` when it was made from the same inputs and is intact; when
+    there is one that can't be reused, a logged line says why."""
     paths = {"tunes": out / "tunes.jsonl", "manifest": out / "manifest.json",
              "cleaning_report": out / "cleaning_report.json", "dir": out}
+    if not paths["manifest"].exists():
+        return None
     try:
         manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
         if manifest.get("input_fingerprint") != fingerprint:
-            return None
-        if _sha256(paths["tunes"]) != manifest["files"]["tunes.jsonl"]["sha256"]:
-            return None
+            return None  # other settings, sources or code: an ordinary rebuild
+        for name in ("tunes.jsonl", "cleaning_report.json"):
+            want = manifest["files"][name]["sha256"]
+            have = _sha256(out / name) if (out / name).exists() else "missing"
+            if have != want:
+                _log.warning("rebuilding the corpus in %s: %s changed since it was built "
+                             "(sha256 %s on disk, %s in manifest.json)", out, name, have[:12], want[:12])
+                return None
         report = CleaningReport.from_dict(json.loads(paths["cleaning_report"].read_text(encoding="utf-8")))
-    except (OSError, KeyError, ValueError):
+        return CorpusResult(read_jsonl(paths["tunes"]), report, manifest, paths)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        _log.warning("rebuilding the corpus in %s: its files are unreadable (%s: %s)", out,
+                     type(e).__name__, e)
         return None
-    return CorpusResult(read_jsonl(paths["tunes"]), report, manifest, paths)
 
 
 def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[TuneRecord] | None = None,
@@ -1256,9 +1337,17 @@ def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[T
     and cleaning_report.json under `profile.run_dir/"data"` (or `out_dir`).
 
     Same inputs and profile give byte-identical files. When the files there were built from the
-    same inputs (`input_fingerprint`), they are read back instead of rebuilt (`use_cache=False`
-    forces a rebuild). `records` replaces loading (tests, a hand-picked subset; never cached)."""
+    same inputs (`input_fingerprint`) and still match their sha256 in manifest.json, they are
+    read back instead of rebuilt (`use_cache=False` forces a rebuild). `records` replaces loading
+    (tests, a hand-picked subset; never cached). Files are written atomically, manifest last, and
+    builds of one folder take turns (a lock file in it), so a second build waits and reuses."""
     out = Path(out_dir) if out_dir is not None else profile.run_dir / "data"
+    with jsonl.folder_lock(out):
+        return _assemble_corpus(profile, progress, records, out, use_cache)
+
+
+def _assemble_corpus(profile: Profile, progress: bool, records: Sequence[TuneRecord] | None,
+                     out: Path, use_cache: bool) -> CorpusResult:
     timings: dict[str, float] = {}
     fingerprint = input_fingerprint(profile) if records is None else ""
     if use_cache and fingerprint:
@@ -1295,16 +1384,16 @@ def assemble_corpus(profile: Profile, progress: bool = True, records: Sequence[T
     out.mkdir(parents=True, exist_ok=True)
     tunes_path = write_jsonl(final, out / "tunes.jsonl")
     report_path = out / "cleaning_report.json"
-    report_path.write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                           encoding="utf-8")
+    jsonl.write_text_atomic(report_path, json.dumps(report.to_dict(), ensure_ascii=False, indent=2,
+                                                    sort_keys=True) + "\n")
     manifest = build_manifest(final, report, profile, raw_count=len(raw), selected=len(selected),
                               augmentation=dict(sorted(aug_counts.items())))
     manifest["input_fingerprint"] = fingerprint
     manifest["files"] = {"tunes.jsonl": {"sha256": _sha256(tunes_path), "records": len(final)},
                          "cleaning_report.json": {"sha256": _sha256(report_path)}}
     manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2, sort_keys=True) + "\n",
-                             encoding="utf-8")
+    jsonl.write_text_atomic(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2,
+                                                      sort_keys=True) + "\n")
     return CorpusResult(final, report, manifest,
                         {"tunes": tunes_path, "manifest": manifest_path, "cleaning_report": report_path,
                          "dir": out}, timings)

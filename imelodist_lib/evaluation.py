@@ -17,6 +17,7 @@ bootstrap for means and pooled ratios).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -31,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from imelodist_lib import abc
+from imelodist_lib import abc, jsonl
 from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest,
                                         request_from_tune, target_for)
 from imelodist_lib.profiles import Profile
@@ -1100,20 +1101,63 @@ def evaluate_systems(systems: Mapping[str, Sequence[Pair]], train_index: Novelty
 
 
 def collect_answers(composer: Any, requests: Sequence[ComposeRequest], n: int = 1, seed: int = 0,
-                    **kwargs: Any) -> list[Pair]:
+                    results_path: str | Path | None = None, **kwargs: Any) -> list[Pair]:
     """Ask a composer for `n` answers per request: an NGramComposer, an `inference.Composer`
     (keyword arguments such as constrained=True pass through), or any callable
-    (request, n, seed) -> list of texts. Answers that are not ABC stay as text (scored invalid)."""
+    (request, n, seed) -> list of texts. Answers that are not ABC stay as text (scored invalid).
+
+    With `results_path` (one .jsonl file per system), each answer is appended there, scored, as
+    soon as it arrives, and a rerun reuses every answer already in the file for the same request,
+    sample index and settings (seed, n, composer, keyword arguments): a server timeout at request
+    k loses nothing made before it, and the rerun asks only for the rest."""
+    done: dict[tuple[str, int, str], str] = {}
+    if results_path is not None:
+        rows, bad = jsonl.read_jsonl_tolerant(results_path)
+        if bad:
+            print(f"{results_path}: skipped {bad} unreadable line(s) (cut short by a crash); "
+                  "their answers are asked for again")
+        for row in rows:
+            if isinstance(row, dict) and {"request_id", "sample", "settings", "answer"} <= set(row):
+                done[row["request_id"], row["sample"], _settings_key(row["settings"])] = row["answer"]
     pairs: list[Pair] = []
     for i, request in enumerate(requests):
+        request_id = _request_id(request)
+        settings = {"seed": seed + i, "n": n, "composer": _composer_name(composer),
+                    **{k: kwargs[k] for k in sorted(kwargs)}}
+        keys = [(request_id, k, _settings_key(settings)) for k in range(n)]
+        if results_path is not None and all(key in done for key in keys):
+            pairs.extend((request, done[key]) for key in keys)
+            continue
         if hasattr(composer, "compose"):
             outputs = composer.compose(request, n=n, seed=seed + i, **kwargs)
         else:
             outputs = composer(request, n, seed + i)
-        for out in outputs:
+        for k, out in enumerate(outputs):
             text = out if isinstance(out, str) else (getattr(out, "abc", None) or getattr(out, "text", ""))
+            key = (request_id, k, _settings_key(settings))
+            if results_path is not None and key not in done:
+                score = _clean(score_answer(request, text or "")) if request.task != "describe" else {}
+                jsonl.append_jsonl({"request_id": request_id, "sample": k, "settings": settings,
+                                    "request": request.to_dict(), "answer": text or "",
+                                    "score": score}, results_path)
+                done[key] = text or ""
             pairs.append((request, text or ""))
     return pairs
+
+
+def _request_id(request: ComposeRequest) -> str:
+    """A short stable id of a request's content (every field)."""
+    return hashlib.sha256(_request_key(request).encode("utf-8")).hexdigest()[:16]
+
+
+def _settings_key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _composer_name(composer: Any) -> str:
+    """Which kind of composer answered (a function's name, else the class): one file per system
+    keeps different models apart."""
+    return getattr(composer, "__name__", None) or type(composer).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ def abc_grammar(meter: str, unit_length: str | Fraction, key: str, title: str | 
     for name, value in (("meter", meter), ("key", key), ("unit_length", str(unit_length))):
         if not str(value).strip() or "\n" in str(value):
             raise ValueError(f"{name} {value!r} must be a one-line ABC header value")
+    if title and re.search("[\x00-\x1f\x7f\x85\u2028\u2029]", title):  # would add header lines
+        raise ValueError(f"title {title!r} holds a line break or control character: give one line of text")
     if chord_symbols is not None:
         if not chord_symbols:
             raise ValueError("chord_symbols is empty: give one chord symbol per bar, e.g. ['G','C','D','G']")
@@ -442,3 +444,21 @@ def vllm_structured_outputs(grammar: str) -> dict:
     with xgrammar's `compile_grammar`; vLLM before `structured_outputs` took `{"guided_grammar": g}`,
     a field it removed in 0.12)."""
     return {"structured_outputs": {"grammar": grammar}}
+
+
+# --- public building blocks for grammars over part of a tune (imelodist_lib.editing) ---
+def bar_fill_rules(plan: BarPlan, chords_inside: bool = False) -> list[str]:
+    """The rule lines for bar contents: `fill{k}` writes exactly k steps of notes and rests
+    (chord symbols inside only when `chords_inside`); `chordsym` is any chord symbol."""
+    element_lines, elements = _element_rules(plan)
+    return element_lines + _bar_rules(plan, elements, chords_inside) + [f"chordsym ::= {_chord_symbol_rule(None)}"]
+
+
+def ebnf_literal(text: str) -> str:
+    """An EBNF string literal for `text` (as the tune grammar writes its fixed parts)."""
+    return _literal(text)
+
+
+def reachable_rules(rules: list[str], root: str = "root") -> list[str]:
+    """Only the rules reachable from `root` (xgrammar rejects unused or undefined ones)."""
+    return _reachable(rules, root)

@@ -36,7 +36,8 @@ from imelodist_lib import abc
 from imelodist_lib.grammar import (check_against_grammar, grammar_for_request, grammar_logits_processor,
                                    lmdeploy_response_format, stop_token_ids, token_budget,
                                    vllm_structured_outputs)
-from imelodist_lib.instructions import ComposeRequest, render_prompt
+from imelodist_lib.instructions import (ComposeRequest, neutralize_special_tokens, render_prompt,
+                                        user_turns_as_data)
 from imelodist_lib.profiles import SYSTEM_PROMPT, Profile, get_profile
 
 BACKENDS = ("auto", "transformers", "lmdeploy", "openai")
@@ -114,7 +115,8 @@ class _Sampling:
 
 # ------------------------------------------------------------------------------ ABC extraction
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+MAX_ANSWER_CHARS = 300_000  # longest answer extract_abc reads (~100x a model answer; ~10 s worst)
+_FENCE_INFO = re.compile(r"[A-Za-z0-9_-]*")  # a fence's language word ("abc", "", "text")
 _FIELD_LINE = re.compile(r"^\s*[A-Za-z]:")
 _INLINE_FIELD = re.compile(r"(?<!\S)([A-Za-z]):")
 
@@ -151,7 +153,8 @@ def _looks_like_music(line: str) -> bool:
     if "|" in stripped or _FIELD_LINE.match(stripped) or stripped.startswith("%"):
         return True
     # chord symbols, annotations, !decorations! and inline fields may hold any letters
-    clean = re.sub(r'"[^"]*"|![^!]*!|\+[^+]*\+|\[[A-Za-z]:[^\]]*\]', " ", stripped)
+    # (an inline field stops at the next "[": "[A:[A:[A:..." with no "]" stays linear)
+    clean = re.sub(r'"[^"]*"|![^!]*!|\+[^+]*\+|\[[A-Za-z]:[^\]\[]*\]', " ", stripped)
     prose = [w for w in re.findall(r"[A-Za-z]{2,}", clean) if len(re.findall(r"[H-WYh-wy]", w)) >= 2]
     return not prose and bool(re.search(r"[A-Ga-gz]", clean))
 
@@ -195,10 +198,42 @@ def _tune_candidates(block: str) -> list[str]:
     return texts
 
 
+def _fenced_blocks(text: str) -> list[str]:
+    """The contents of ```-fenced blocks (an unclosed fence runs to the end), in one pass.
+
+    A fence opens with three backticks, an optional language word and a line break; it closes
+    at the next three backticks. (The regex this replaces was quadratic on a fence followed by
+    a long run of spaces.)
+    """
+    blocks: list[str] = []
+    pos = 0
+    while (start := text.find("```", pos)) >= 0:
+        run_end = start + 3
+        while run_end < len(text) and text[run_end] == "`":
+            run_end += 1  # in a longer run of backticks only the last three can open a fence
+        line_end = text.find("\n", run_end)
+        if line_end < 0:
+            break
+        if _FENCE_INFO.fullmatch(text[run_end:line_end].strip(" \t")) is None:
+            pos = run_end
+            continue
+        close = text.find("```", line_end + 1)
+        blocks.append(text[line_end + 1:] if close < 0 else text[line_end + 1:close])
+        pos = len(text) if close < 0 else close + 3
+    return blocks
+
+
 def extract_abc(text: str) -> list[str]:
     """Every parseable ABC tune in a free-form answer, normalised (code fences, several tunes,
-    prose around them, the one-line 'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' form)."""
-    blocks = [m.group(2) for m in _FENCE.finditer(text)] or [text]
+    prose around them, the one-line 'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' form).
+
+    Linear in the text; abc.ABCError for text over MAX_ANSWER_CHARS."""
+    if not isinstance(text, str):
+        raise abc.ABCError(f"expected the answer as text (str), got {type(text).__name__}")
+    if len(text) > MAX_ANSWER_CHARS:
+        raise abc.ABCError(f"answer is {len(text):,} characters, over the {MAX_ANSWER_CHARS:,} "
+                           "extract_abc reads (inference.MAX_ANSWER_CHARS)")
+    blocks = _fenced_blocks(text) or [text]
     found = []
     for block in blocks:
         for candidate in _tune_candidates(block):
@@ -686,6 +721,7 @@ class Composer:
     def messages_for(self, request: ComposeRequest | str, template_index: int | None = None) -> list[dict]:
         """The chat (system + user) a request is sent as."""
         user = request if isinstance(request, str) else render_prompt(request, template_index)
+        user = neutralize_special_tokens(user)  # request fields are data, never chat markers
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
     def _sampling(self, temperature, top_p, top_k, max_new_tokens, seed) -> _Sampling:
@@ -702,12 +738,16 @@ class Composer:
 
         An answer cut off by the token limit that keeps to the grammar so far is let through
         (it comes back with finish_reason "length" and `.ok` False)."""
-        answer = text.strip()
+        answer = text
         if finish_reason == "length":  # a cut can split a character's bytes: drop the half
             answer = answer.rstrip("\ufffd")
+        # the text as it came, then without the white space a server may pad it with (a grammar
+        # can end in its own, such as a harmonised melody's closing line break)
+        for candidate in dict.fromkeys([answer, answer.strip()]):
+            check = check_against_grammar(grammar, candidate)
+            if check.accepted or (check.refused_at is None and finish_reason == "length"):
+                return
         check = check_against_grammar(grammar, answer)
-        if check.accepted or (check.refused_at is None and finish_reason == "length"):
-            return
         label = getattr(self.engine, "label", self.backend)
         if check.refused_at is None:
             where = f"it stops after {len(answer)} characters, before the tune is complete"
@@ -852,21 +892,36 @@ class Composer:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         if messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, *messages]
-        return list(messages)
+        return user_turns_as_data(messages)
+
+
+_NOTE_LETTERS = frozenset("ABCDEFGabcdefgz")
 
 
 def first_bar_seconds(pieces: Iterator[str]) -> tuple[float | None, str]:
     """Consume a stream; return the seconds until the first complete bar of music was on screen
-    (the first bar line after the K: line) and the whole text."""
-    start, text, seen = time.perf_counter(), "", None
+    (a note, then a bar line, after the line that holds the K: field) and the whole text.
+
+    Each piece is read once (a small state machine), so a long stream stays linear."""
+    start, parts, seen = time.perf_counter(), [], None
+    state, matched = "key", 0  # key: looking for "\nK:"; eol: its line end; note; bar
     for piece in pieces:
-        text += piece
-        if seen is None:
-            _, _, body = text.partition("\nK:")
-            body = body.partition("\n")[2] if "\n" in body else ""
-            if re.search(r"[A-Ga-gz][^|]*\|", body):
+        parts.append(piece)
+        if seen is not None:
+            continue
+        for ch in piece:
+            if state == "key":
+                matched = matched + 1 if ch == "\nK:"[matched] else (1 if ch == "\n" else 0)
+                if matched == 3:
+                    state = "eol"
+            elif state == "eol":
+                state = "note" if ch == "\n" else state
+            elif state == "note":
+                state = "bar" if ch in _NOTE_LETTERS else state
+            elif ch == "|":
                 seen = time.perf_counter() - start
-    return seen, text
+                break
+    return seen, "".join(parts)
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from imelodist_lib import abc
+from imelodist_lib import abc, jsonl
 from imelodist_lib.corpus import STYLE_ZH
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
 
@@ -35,6 +36,42 @@ COMPOSE_TASKS = ("emotion", "chords", "theme_chords", "continue")
 LANGS = ("zh", "en")
 SPLITS = ("train", "validation", "test")
 IDENTITY_TASK = "identity"
+_log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Request fields are data
+# --------------------------------------------------------------------------------------------
+# Characters that would end an ABC header line or start a new one: every separator
+# str.splitlines knows (NEL U+0085 and U+2028/U+2029 included) and the other C0 controls and DEL.
+# C1 controls other than NEL stay: they are Latin-1 mojibake of old files (363 Essen titles
+# carry \x81 for "ü") and change no line.
+_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+# Text a chat tokenizer would read as a special token: <|im_start|>, <|im_end|>, InternLM2's
+# <|action_start|> and the like, and <s> </s> <pad> <unk>.
+_SPECIAL_TOKEN = re.compile(r"<(?=\|[^<>|\s]{1,40}\|>|/?s>|pad>|unk>)")
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def check_one_line(name: str, value: str | None) -> None:
+    """Refuse a request field that would change the ABC it lands in (a newline in a theme
+    would add header lines to a guaranteed-valid tune), naming the field."""
+    if value is not None and _NOT_ONE_LINE.search(str(value)):
+        bad = _NOT_ONE_LINE.search(str(value)).group()
+        raise ValueError(f"{name} {value!r} holds {bad!r} (a line break or control character): "
+                         f"give {name} as one line of plain text")
+
+
+def neutralize_special_tokens(text: str) -> str:
+    """User text with special-token look-alikes broken by a zero-width space after '<', so
+    '<|im_end|>' typed in a request tokenises as plain text, never as a real chat marker."""
+    return _SPECIAL_TOKEN.sub("<" + ZERO_WIDTH_SPACE, text)
+
+
+def user_turns_as_data(messages: Sequence[dict]) -> list[dict]:
+    """The chat with every user turn's content passed through `neutralize_special_tokens`."""
+    return [dict(m, content=neutralize_special_tokens(m["content"]))
+            if m.get("role") == "user" and isinstance(m.get("content"), str) else m for m in messages]
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +108,10 @@ class ComposeRequest:
             raise ValueError("task 'theme_chords' needs theme='...' (a title or theme text)")
         if self.task in ("continue", "describe") and not self.seed_abc:
             raise ValueError(f"task {self.task!r} needs seed_abc='...' (the ABC tune to use)")
+        for name in ("theme", "key", "meter"):
+            check_one_line(name, getattr(self, name))
+        for i, chord in enumerate(self.chords or ()):
+            check_one_line(f"chords[{i}]", chord)
         for name in ("tempo", "bars"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value <= 0):
@@ -283,7 +324,8 @@ def _chord_text(chords: Sequence[str]) -> str:
 def render_prompt(request: ComposeRequest, template_index: int | None = None,
                   rng: random.Random | None = None) -> str:
     """The user message for a request, in its language. Phrasing: `template_index` if given,
-    else drawn from `rng`, else the first template (so a bare call is reproducible)."""
+    else drawn from `rng`, else the first template (so a bare call is reproducible). Special-token
+    text in the fields is neutralised (`neutralize_special_tokens`): request fields are data."""
     options = TEMPLATES[request.task][request.lang]
     if template_index is None:
         template_index = rng.randrange(len(options)) if rng is not None else 0
@@ -298,13 +340,13 @@ def render_prompt(request: ComposeRequest, template_index: int | None = None,
         include = ("key", "meter", "tempo")  # the chords already fix the length
     else:
         include = ("key", "meter", "tempo", "bars")
-    return options[template_index].format(
+    return neutralize_special_tokens(options[template_index].format(
         desc=_desc(request) if request.task == "emotion" else "",
         constraints=_constraints(request, clause_rng, include),
         chords=_chord_text(request.chords or []),
         theme=request.theme or "",
         seed=(request.seed_abc or "").strip(),
-    )
+    ))
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,12 +898,9 @@ def read_identity(knowledge_dir: Path = KNOWLEDGE_DIR) -> list[dict[str, str]]:
     if not path.exists():
         return []
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in enumerate(jsonl.read_jsonl(path), 1):
         if not {"lang", "question", "answer"} <= set(row):
-            raise ValueError(f"{path}:{n}: identity rows need lang, question and answer")
+            raise ValueError(f"{path}: row {n}: identity rows need lang, question and answer")
         pairs.append({"lang": row["lang"], "question": row["question"], "answer": row["answer"]})
     return pairs
 
@@ -1096,21 +1135,6 @@ def to_xtuner(chat_records: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def _write_jsonl(rows: Iterable[dict], path: Path) -> int:
-    """Write rows as UTF-8 JSON lines (key order kept, no ASCII escaping); returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -1205,20 +1229,30 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                    knowledge_dir: Path | str = KNOWLEDGE_DIR) -> DatasetFiles:
     """Write both training sets under `profile.run_dir/"data"`: pt_{split}.jsonl (knowledge in
     train only), sft_{split}.jsonl (identity Q&A in train only), xtuner_sft_train.jsonl and
-    datasets_manifest.json (counts, sha256 per file, settings). Same inputs, same bytes."""
+    datasets_manifest.json (counts, sha256 per file, settings). Same inputs, same bytes. Each
+    file is written atomically, the manifest last, and builds of one folder take turns (a lock
+    file in it), so two notebooks building at once never truncate each other's files."""
     records = list(getattr(corpus_result, "records", corpus_result))
     unknown = sorted({r.split for r in records} - set(SPLITS))
     if unknown:
         raise ValueError(f"records with split {unknown}: run corpus.split_by_family first "
                          "(or corpus.assemble_corpus, which does)")
     files = DatasetFiles.under(profile.run_dir / "data")
+    with jsonl.folder_lock(files.data_dir):
+        _write_datasets(profile, records, files, progress, knowledge_dir)
+    return files
+
+
+def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progress: bool,
+                    knowledge_dir: Path | str) -> None:
+    """build_datasets' work, under its folder lock: each file atomically, the manifest last."""
     by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
     knowledge = load_knowledge(knowledge_dir)
     identity = read_identity(Path(knowledge_dir))
     counts: dict[str, Any] = {"pt": {}, "sft": {}}
     for split in SPLITS:
         pt_rows = build_pretraining_records(by_split[split], knowledge if split == "train" else ())
-        counts["pt"][split] = {"records": _write_jsonl(pt_rows, getattr(files, f"pt_{split}")),
+        counts["pt"][split] = {"records": jsonl.write_jsonl(pt_rows, getattr(files, f"pt_{split}")),
                                "tunes": len(by_split[split]),
                                "knowledge_docs": len(knowledge) if split == "train" else 0}
         sft_rows = build_instruction_records(
@@ -1228,7 +1262,7 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
         phrases = phrase_records(by_split[split], profile, random.Random(f"{profile.seed}/phrase")) \
             if split == "train" else []
         sft_rows += phrases
-        _write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
+        jsonl.write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
         counts["sft"][split] = summarize(sft_rows)
         # Nothing vanishes uncounted: tunes that could serve no task kind at all.
         made = sum(r["task"] not in (IDENTITY_TASK, PHRASE_TASK) for r in sft_rows)
@@ -1238,7 +1272,7 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
             counts["sft"][split]["phrase_skipped"] = (
                 len(by_split[split]) * profile.phrase_chats_per_tune - len(phrases))
         if split == "train":
-            counts["xtuner_sft_train"] = _write_jsonl(to_xtuner(sft_rows), files.xtuner_sft_train)
+            counts["xtuner_sft_train"] = jsonl.write_jsonl(to_xtuner(sft_rows), files.xtuner_sft_train)
     manifest = {
         "settings": _settings(profile, Path(knowledge_dir)),
         "corpus_sha256": corpus_digest(records),
@@ -1249,8 +1283,7 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                   for name, p in files.as_dict().items() if name not in ("data_dir", "manifest")},
         "xtuner_format": "conversation: [{system, input, output}] (XTuner custom dataset, dataset_map_fn=None)",
     }
-    files.manifest.write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return files
+    jsonl.write_text_atomic(files.manifest, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
 
 
 def load_datasets(profile: Profile, build_if_missing: bool = True, progress: bool = True) -> dict:
@@ -1261,20 +1294,22 @@ def load_datasets(profile: Profile, build_if_missing: bool = True, progress: boo
     from datasets import Dataset, DatasetDict
 
     files = DatasetFiles.under(profile.run_dir / "data")
-    stale = _stale_reason(profile, files)
-    if stale:
-        if not build_if_missing:
-            raise FileNotFoundError(f"datasets under {files.data_dir}: {stale}; run notebook 01 "
-                                    "(or load_datasets(profile, build_if_missing=True))")
-        from imelodist_lib import corpus
+    with jsonl.folder_lock(files.data_dir):  # a build in another process finishes first
+        stale = _stale_reason(profile, files)
+        if stale:
+            if not build_if_missing:
+                raise FileNotFoundError(f"datasets under {files.data_dir}: {stale}; run notebook 01 "
+                                        "(or load_datasets(profile, build_if_missing=True))")
+            from imelodist_lib import corpus
 
-        build_datasets(profile, corpus.assemble_corpus(profile, progress=progress), progress=progress,
-                       knowledge_dir=KNOWLEDGE_DIR)
-    out = {}
-    for kind in ("pt", "sft"):
-        out[kind] = DatasetDict({split: Dataset.from_list(_read_jsonl(getattr(files, f"{kind}_{split}")))
-                                 for split in SPLITS})
-    return out
+            _log.warning("%s the datasets in %s: %s", "building" if stale.startswith("missing")
+                         else "rebuilding", files.data_dir, stale)
+            build_datasets(profile, corpus.assemble_corpus(profile, progress=progress), progress=progress,
+                           knowledge_dir=KNOWLEDGE_DIR)
+        rows = {(kind, split): jsonl.read_jsonl(getattr(files, f"{kind}_{split}"))
+                for kind in ("pt", "sft") for split in SPLITS}
+    return {kind: DatasetDict({split: Dataset.from_list(rows[kind, split]) for split in SPLITS})
+            for kind in ("pt", "sft")}
 
 
 def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
@@ -1282,7 +1317,16 @@ def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
     missing = [Path(p).name for n, p in files.as_dict().items() if n != "data_dir" and not Path(p).exists()]
     if missing:
         return f"missing {', '.join(missing)}"
-    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+        recorded = {entry["path"]: entry["sha256"] for entry in manifest["files"].values()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{files.manifest.name} is unreadable ({type(e).__name__}: {e})"
+    for name, want in sorted(recorded.items()):
+        have = _sha256(files.data_dir / name) if (files.data_dir / name).exists() else "missing"
+        if have != want:
+            return (f"{name} changed since it was built (sha256 {have[:12]} on disk, {want[:12]} "
+                    f"in {files.manifest.name})")
     if manifest.get("settings") != _settings(profile, KNOWLEDGE_DIR):
         return "built with other profile settings"
     if KNOWLEDGE_DIR.is_dir() and knowledge_digest(KNOWLEDGE_DIR) != manifest.get("knowledge_sha256"):

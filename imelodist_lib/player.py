@@ -12,7 +12,8 @@
   knobs, a Compose button, results in players, a history exported as ABC and JSONL).
 
 Safety: ABC from a model is data, never markup. Everything we embed is escaped; verovio's SVG
-is checked for active content before it is embedded; malformed ABC shows an error panel naming
+is re-written from an allowlist of SVG elements and attributes (`sanitize_svg`) and only the
+re-written text is embedded; malformed ABC shows an error panel naming
 the line. Verovio runs in a helper process because some inputs crash it (segfault or C++
 abort), which would otherwise kill the notebook kernel; implicit start-repeats, the commonest
 crash on real folk tunes, are written out before it sees them (`explicit_repeats`).
@@ -43,10 +44,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from imelodist_lib import abc as abc_lib
+
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 DEFAULT_QPM = 120  # what verovio and abc2midi assume when a tune has no Q:
 RENDER_TIMEOUT_S = 30.0
+MUSICXML_TIMEOUT_S = 60.0  # music21 in its helper process (its first request imports music21)
+# Output caps: a hostile or mistaken tune must not ask for hours of audio or a huge notebook.
+# Past a cap the player renders what fits and says, in the player, what it left out.
+MIN_QPM, MAX_QPM = 10, 600  # tempo range played; a Q: outside it is played at the nearest end
+MAX_AUDIO_SECONDS = 600  # longest audio synthesised (10 min; ~19 MB of WAV at SAMPLE_RATE)
+MAX_REST_BARS = 32  # a longer multi-bar rest (Z99) is played and drawn as this many bars
+MAX_EMBED_BYTES = 24_000_000  # score + audio + downloads embedded in one player, raw bytes
+MAX_LISTING_CHARS = 20_000  # ABC shown in the error panel
 SAMPLE_RATE = 16000  # mono 16-bit: ~1.9 MB a minute (saved notebooks stay small), fine for GM piano
 
 # Verovio layout: a page as wide as a notebook cell (pageWidth * scale% ~ 840 px) and tall
@@ -86,12 +97,10 @@ class Rendering:
 # Tempo: verovio reads only "Q:1/4=n" correctly (it takes "Q:3/8=60" as 60 quarters a minute
 # and ignores "Q:120"), so we compute quarter notes per minute ourselves and rewrite Q:.
 # --------------------------------------------------------------------------------------------
-_Q_BEATS = re.compile(r"((?:\d+/\d+\s*)+)=\s*(\d+(?:\.\d+)?)")
-
-
 def _header_lines(text: str) -> tuple[list[str], int | None]:
     """Lines of the tune and the index of its first K: line (the header's end), if any."""
-    lines = text.splitlines()
+    # split at "\n" only, as the abc module does (splitlines() also splits at U+2028, U+0085...)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for i, line in enumerate(lines):
         if line.startswith("K:"):
             return lines, i
@@ -99,7 +108,8 @@ def _header_lines(text: str) -> tuple[list[str], int | None]:
 
 
 def tempo_qpm(abc: str) -> float | None:
-    """Quarter notes per minute written in the tune's header `Q:` field (None when absent)."""
+    """Quarter notes per minute written in the tune's header `Q:` field (None when absent or
+    unreadable); the Q: value is read by `abc.parse_tempo`, the one tempo parser."""
     lines, k = _header_lines(abc)
     header = lines[: k if k is not None else len(lines)]
     unit = Fraction(1, 8)
@@ -107,23 +117,13 @@ def tempo_qpm(abc: str) -> float | None:
     for line in header:
         if line.startswith("L:"):
             try:
-                unit = Fraction(line[2:].split("%")[0].strip())
-            except (ValueError, ZeroDivisionError):
+                unit = abc_lib.parse_fraction(line[2:].split("%")[0])
+            except abc_lib.ABCError:
                 pass
         elif line.startswith("Q:") and q_value is None:
-            q_value = re.sub(r'"[^"]*"', " ", line[2:].split("%")[0]).strip()
-    if not q_value:
-        return None
-    m = _Q_BEATS.search(q_value)
-    try:
-        if m:  # "1/4=120", "3/8=40", "1/4 3/8=40" (the beat is the sum)
-            beat = sum(Fraction(b) for b in m.group(1).split())
-            return float(beat * 4 * Fraction(m.group(2)))
-        if re.fullmatch(r"\d+(?:\.\d+)?", q_value):  # legacy "Q:120": unit lengths a minute
-            return float(unit * 4 * Fraction(q_value))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return None
+            q_value = line[2:]
+    qpm = None if q_value is None else abc_lib.parse_tempo(q_value, unit)
+    return None if qpm is None else float(qpm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +183,7 @@ def explicit_repeats(body: str) -> str:
     prefix = False
     open_repeat = False
     section_start = None  # None: the start of the body
+    previous = None
     for tok in tokens:
         text = tok[3]
         ends, starts = text.startswith(":"), text.endswith(":")
@@ -202,8 +203,12 @@ def explicit_repeats(body: str) -> str:
         if not open_repeat and (ends or text.strip(":") in ("||", "|]", "[|", "[|]")):
             section_start = tok
         elif not open_repeat and section_start is not None and text == "|" \
-                and _only_space_between(lines, section_start, tok):
-            section_start = tok  # ":|\n| A..." : the new section starts at the second bar line
+                and previous is section_start and _only_space_between(lines, section_start, tok):
+            # ":|\n| A..." : the new section starts at the second bar line. (Only the token
+            # right after section_start can have nothing between: checking that one keeps this
+            # linear; comparing every later "|" with section_start was quadratic.)
+            section_start = tok
+        previous = tok
     for (li, s, e), new in sorted(edits.items(), reverse=True):
         lines[li] = lines[li][:s] + new + lines[li][e:]
     if prefix:
@@ -227,12 +232,13 @@ def _renderable(abc: str, qpm: float | None) -> str:
     """
     if not isinstance(abc, str):
         raise RenderError(f"expected ABC text (str), got {type(abc).__name__}")
+    if len(abc) > abc_lib.MAX_TUNE_CHARS:
+        raise RenderError(f"tune text is {len(abc):,} characters, over the "
+                          f"{abc_lib.MAX_TUNE_CHARS:,} the player reads (abc.MAX_TUNE_CHARS)")
     text = abc.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
     lines, k = _header_lines(text)
     if k is None and re.search(r"(^|\s)K:", text):
         # The one-line form "X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...": the abc module unfolds it.
-        from imelodist_lib import abc as abc_lib
-
         try:
             text = abc_lib.normalize(text)
         except abc_lib.ABCError as err:
@@ -245,8 +251,9 @@ def _renderable(abc: str, qpm: float | None) -> str:
         lines.insert(0, "X:1")
         k += 1
     qpm = qpm if qpm is not None else tempo_qpm("\n".join(lines))
+    qpm = min(max(qpm or DEFAULT_QPM, MIN_QPM), MAX_QPM)
     header = [ln for ln in lines[:k] if not ln.startswith("Q:")]
-    header.append(f"Q:1/4={round(qpm or DEFAULT_QPM)}")
+    header.append(f"Q:1/4={round(qpm)}")
     return "\n".join(header + lines[k:k + 1]) + "\n" + explicit_repeats("\n".join(lines[k + 1:])) + "\n"
 
 
@@ -306,23 +313,41 @@ def _verovio_worker() -> None:
         raise
 
 
-class _VerovioProcess:
-    """One long-lived helper process; restarted after a crash or a timeout.
+def _musicxml_worker() -> None:
+    """Helper-process loop: ABC text in, music21's MusicXML (or why not) out, until stdin closes."""
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # music21's prints must not corrupt the channel
+    from music21 import converter
+    from music21.musicxml.m21ToXml import GeneralObjectExporter
+
+    while (message := _read_frame(sys.stdin.buffer)) is not None:
+        try:
+            score = converter.parse(message[0], format="abc")
+            reply = {"xml": GeneralObjectExporter(score).parse().decode("utf-8")}
+        except Exception as err:  # music21 raises many types on odd input; one message here
+            reply = {"error": f"music21 could not convert this ABC to MusicXML: {err}"}
+        _write_frame(channel, reply)
+
+
+class _HelperProcess:
+    """One long-lived helper process running `worker`; restarted after a crash or a timeout.
 
     A plain subprocess (not multiprocessing) so scripts without an `if __name__ == "__main__"`
-    guard work too.
+    guard work too. Verovio (which can segfault) and music21 (which has no time limit of its
+    own) each run in one, so neither can take the notebook kernel down or hang it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str, what: str, timeout_s: float) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self.worker, self.what, self.timeout_s = worker, what, timeout_s
 
     def _start(self) -> None:
         env = dict(os.environ)
         # the child must import this very package, wherever it was imported from
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from imelodist_lib.player import _verovio_worker; _verovio_worker()"],
+            [sys.executable, "-c", f"from imelodist_lib.player import {self.worker}; {self.worker}()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
     def stop(self) -> None:
@@ -341,29 +366,30 @@ class _VerovioProcess:
             proc.kill()
             proc.wait(timeout=2)
 
-    def render(self, text: str, transpose: int) -> dict:
-        """Send one tune, wait for pages, MIDI and timemap; RenderError on crash/timeout."""
+    def ask(self, message: list) -> dict:
+        """Send one request, wait for the reply; RenderError on an error reply, crash or timeout."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             proc = self._proc
+            timed_out = False
             try:
-                _write_frame(proc.stdin, [text, transpose])
-                if os.name == "posix":  # a hung renderer must not hang the notebook
-                    ready, _, _ = select.select([proc.stdout], [], [], RENDER_TIMEOUT_S)
-                    if not ready:
-                        proc.kill()
-                        self.stop()
-                        raise RenderError(f"the score renderer (verovio) took over "
-                                          f"{RENDER_TIMEOUT_S:.0f} s on this ABC and was stopped; "
-                                          "the text is probably malformed")
-                reply = _read_frame(proc.stdout)
+                _write_frame(proc.stdin, message)
+                if os.name == "posix":  # a hung helper must not hang the notebook
+                    ready, _, _ = select.select([proc.stdout], [], [], self.timeout_s)
+                    timed_out = not ready
+                reply = None if timed_out else _read_frame(proc.stdout)
             except (BrokenPipeError, ConnectionResetError, ValueError):
                 reply = None
+            if timed_out:  # (raised out here: RenderError is a ValueError, caught just above)
+                proc.kill()
+                self.stop()
+                raise RenderError(f"{self.what} took over {self.timeout_s:g} s on this ABC and "
+                                  "was stopped; the text is probably malformed")
             if reply is None:
                 code = proc.wait(timeout=5)
                 self.stop()
-                raise RenderError(f"the score renderer (verovio) crashed on this ABC (exit code "
+                raise RenderError(f"{self.what} crashed on this ABC (exit code "
                                   f"{code}); the text is probably malformed: check it with "
                                   "imelodist_lib.abc.validate")
         if "error" in reply:
@@ -371,38 +397,110 @@ class _VerovioProcess:
         return reply
 
 
-_VEROVIO = _VerovioProcess()
+_VEROVIO = _HelperProcess("_verovio_worker", "the score renderer (verovio)", RENDER_TIMEOUT_S)
+_MUSIC21 = _HelperProcess("_musicxml_worker", "the MusicXML export (music21)", MUSICXML_TIMEOUT_S)
 atexit.register(_VEROVIO.stop)
+atexit.register(_MUSIC21.stop)
 
-_UNSAFE_TAGS = {"script", "foreignobject", "iframe", "object", "embed", "audio", "video", "img",
-                "image", "animate", "set", "handler"}
+_SVG_NS, _XLINK_NS = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
+# What verovio 6.4 draws (element -> attributes), and a few plain shapes of the same family.
+# Everything else is refused: the browser parses the embedded SVG as HTML, so a blocklist over
+# an XML parse (the check this replaces) let a processing instruction smuggle an <img onerror>.
+_GEOMETRY = {"transform", "class", "id", "data-id", "data-class", "data-related"}
+_PAINT = {"fill", "fill-opacity", "stroke", "stroke-width", "stroke-linecap", "stroke-linejoin",
+          "stroke-dasharray", "stroke-opacity", "opacity", "color"}
+_FONT = {"font-family", "font-size", "font-style", "font-weight", "font-variant", "text-anchor",
+         "letter-spacing"}
+SVG_ALLOWED = {
+    "svg": _GEOMETRY | _PAINT | _FONT | {"viewBox", "version", "overflow", "width", "height",
+                                         "preserveAspectRatio", "x", "y"},
+    "g": _GEOMETRY | _PAINT | _FONT,
+    "defs": set(), "desc": set(), "title": set(), "style": {"type"},
+    "path": _GEOMETRY | _PAINT | {"d"},
+    "polygon": _GEOMETRY | _PAINT | {"points"}, "polyline": _GEOMETRY | _PAINT | {"points"},
+    "ellipse": _GEOMETRY | _PAINT | {"cx", "cy", "rx", "ry"},
+    "circle": _GEOMETRY | _PAINT | {"cx", "cy", "r"},
+    "rect": _GEOMETRY | _PAINT | {"x", "y", "width", "height", "rx", "ry"},
+    "line": _GEOMETRY | _PAINT | {"x1", "y1", "x2", "y2"},
+    "text": _GEOMETRY | _PAINT | _FONT | {"x", "y", "dx", "dy"},
+    "tspan": _GEOMETRY | _PAINT | _FONT | {"x", "y", "dx", "dy"},
+    "use": _GEOMETRY | _PAINT | {"x", "y", "width", "height", "href"},  # href: "#id" only
+}
+_STYLE_TEXT = re.compile(r"[A-Za-z0-9#.,:;{}\s_%-]*")  # verovio's CSS: selectors and plain values
+# ... and the one @font-face it embeds for its music font (an inline base64 WOFF2, no fetch)
+_FONT_FACE = re.compile(r"@font-face \{\s*font-family: '[A-Za-z]+';\s*src: url\(data:application/"
+                        r"font-woff2;charset=utf-8;base64,[A-Za-z0-9+/=]+\) format\('woff2'\);\s*"
+                        r"font-weight: normal;\s*font-style: normal;\s*\}\s*")
+_XML_DECLARATION = re.compile(r'^\s*<\?xml version="1\.[0-9]"(?: encoding="[A-Za-z0-9_-]+")?\s*\?>')
+
+
+def _attr_name(name: str) -> str:
+    """"href" for xlink:href (the only namespaced attribute kept), else the plain name."""
+    if name == f"{{{_XLINK_NS}}}href":
+        return "href"
+    return name if not name.startswith("{") else ""
+
+
+def sanitize_svg(svg: str) -> str:
+    """Verovio's SVG pages re-written from an allowlist; RenderError naming what was refused.
+
+    The text is parsed as XML (no DOCTYPE, entity, comment, CDATA or processing instruction is
+    accepted), every element and attribute must be in `SVG_ALLOWED`, links must point inside
+    the document ("#id"), <style> may hold only plain CSS (no url(), @import or escapes) or verovio's
+own inline @font-face, and
+    the result is serialised anew with every text and attribute escaped. The caller embeds
+    this output, never the input.
+    """
+    pages = [_XML_DECLARATION.sub("", page) for page in re.split(r"(?=<svg\b)", svg) if page.strip()]
+    text = "".join(pages)
+    if "<!" in text or "<?" in text:
+        what = "a comment, DOCTYPE or CDATA section" if "<!" in text else "a processing instruction"
+        raise RenderError(f"refusing SVG with {what}")
+    try:
+        root = ET.fromstring(f'<pages xmlns="{_SVG_NS}">{text}</pages>')
+    except ET.ParseError as err:
+        raise RenderError(f"the renderer produced invalid SVG ({err})") from None
+    out: list[str] = []
+    for page in root:
+        _write_svg_element(page, out, top=True)
+    return "\n".join(out)
+
+
+def _write_svg_element(el: ET.Element, out: list[str], top: bool = False) -> None:
+    """Append the allowlisted, escaped serialisation of `el` and its subtree to `out`."""
+    ns, _, tag = el.tag.rpartition("}")
+    if ns != "{" + _SVG_NS or tag not in SVG_ALLOWED or (top and tag != "svg"):
+        raise RenderError(f"refusing SVG with a <{tag}> element")
+    attrs = [f'xmlns="{_SVG_NS}" xmlns:xlink="{_XLINK_NS}"'] if top else []
+    for name, value in el.attrib.items():
+        local = _attr_name(name)
+        if local not in SVG_ALLOWED[tag]:
+            raise RenderError(f"refusing SVG with attribute {name.rsplit('}', 1)[-1]}="
+                              f"{value[:40]!r} on <{tag}>")
+        if local == "href" and not re.fullmatch(r"#[A-Za-z0-9_.:-]+", value):
+            raise RenderError(f"refusing SVG with a link outside the score: href={value[:40]!r}")
+        if re.search(r"(?i)javascript:|url\(|expression\(", value):
+            raise RenderError(f"refusing SVG with attribute {local}={value[:40]!r}")
+        attrs.append(f'{"xlink:href" if local == "href" else local}="{html.escape(value, quote=True)}"')
+    if tag == "style" and not (_STYLE_TEXT.fullmatch(el.text or "")
+                               or _FONT_FACE.fullmatch(el.text or "")):
+        raise RenderError("refusing SVG with a <style> holding more than plain CSS")
+    out.append("<" + " ".join([tag, *attrs]) + ">" + html.escape(el.text or "", quote=False))
+    for child in el:
+        _write_svg_element(child, out)
+        out.append(html.escape(child.tail or "", quote=False))
+    out.append(f"</{tag}>")
 
 
 def _check_svg(svg: str) -> None:
-    """Refuse SVG holding active content (scripts, event handlers, external links).
-
-    Verovio escapes text it writes (titles, chord names, lyrics); this is the second lock on
-    the door, so a renderer bug cannot turn a model's title into script.
-    """
-    try:
-        root = ET.fromstring(svg)
-    except ET.ParseError as err:
-        raise RenderError(f"the renderer produced invalid SVG ({err})") from None
-    for el in root.iter():
-        tag = el.tag.rsplit("}", 1)[-1].lower()
-        if tag in _UNSAFE_TAGS:
-            raise RenderError(f"refusing SVG with a <{tag}> element")
-        for name, value in el.attrib.items():
-            local = name.rsplit("}", 1)[-1].lower()
-            if local.startswith("on") or (local == "href" and not value.startswith("#")):
-                raise RenderError(f"refusing SVG with attribute {local}={value[:40]!r}")
+    """RenderError when `svg` holds anything `sanitize_svg` refuses (scripts, handlers, links)."""
+    sanitize_svg(svg)
 
 
 @functools.lru_cache(maxsize=64)
 def _render_cached(text: str, transpose: int, qpm: float) -> Rendering:
-    reply = _VEROVIO.render(text, transpose)
-    svg = "\n".join(reply["pages"])
-    _check_svg("<div>" + "".join(re.sub(r"^<\?xml[^>]*\?>", "", p) for p in reply["pages"]) + "</div>")
+    reply = _VEROVIO.ask([text, transpose])
+    svg = sanitize_svg("".join(reply["pages"]))  # what we embed: the re-written text only
     return Rendering(svg=svg, pages=len(reply["pages"]), midi=base64.b64decode(reply["midi"]),
                      timemap=tuple(reply["timemap"]), measures=count_measures(svg), qpm=qpm,
                      log=_quiet(reply["log"]))
@@ -426,8 +524,8 @@ def render(abc: str, tempo: float | None = None, transpose: int = 0) -> Renderin
     """
     if not isinstance(transpose, int) or not -24 <= transpose <= 24:
         raise ValueError(f"transpose must be a whole number of semitones in -24..24, got {transpose!r}")
-    if tempo is not None and not 10 <= tempo <= 600:
-        raise ValueError(f"tempo must be 10..600 quarter notes per minute, got {tempo!r}")
+    if tempo is not None and not MIN_QPM <= tempo <= MAX_QPM:
+        raise ValueError(f"tempo must be {MIN_QPM}..{MAX_QPM} quarter notes per minute, got {tempo!r}")
     text = _renderable(abc, tempo)
     qpm = tempo if tempo is not None else (tempo_qpm(text) or DEFAULT_QPM)
     return _render_cached(text, transpose, float(qpm))
@@ -469,20 +567,39 @@ SINE_NOTE = ("sine-wave fallback: the FluidSynth library is missing, so notes pl
              "conda: conda install -c conda-forge fluidsynth)")
 
 
-def midi_to_wav(midi: bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """Synthesise MIDI bytes to a mono 16-bit WAV (FluidSynth, or sine tones as a fallback)."""
-    import numpy as np
+def _read_midi(midi: bytes) -> Any:
     import pretty_midi
 
     with warnings.catch_warnings():
         # verovio puts the tempo on track 1; pretty_midi warns but reads it correctly
         warnings.filterwarnings("ignore", message="Tempo, Key or Time signature change")
-        pm = pretty_midi.PrettyMIDI(io.BytesIO(midi))
+        return pretty_midi.PrettyMIDI(io.BytesIO(midi))
+
+
+def midi_seconds(midi: bytes) -> float:
+    """How long the MIDI plays, in seconds (to its last note or event)."""
+    return float(_read_midi(midi).get_end_time())
+
+
+def midi_to_wav(midi: bytes, sample_rate: int = SAMPLE_RATE,
+                max_seconds: float = MAX_AUDIO_SECONDS) -> bytes:
+    """Synthesise MIDI bytes to a mono 16-bit WAV (FluidSynth, or sine tones as a fallback).
+
+    At most `max_seconds` are synthesised: later notes are left out, held ones cut there."""
+    import numpy as np
+
+    pm = _read_midi(midi)
+    for inst in pm.instruments:
+        inst.notes = [n for n in inst.notes if n.start < max_seconds]
+        for n in inst.notes:
+            n.end = min(n.end, max_seconds)
+        inst.control_changes = [c for c in inst.control_changes if c.time < max_seconds]
+        inst.pitch_bends = [b for b in inst.pitch_bends if b.time < max_seconds]
     if audio_backend() == "fluidsynth":
         audio = pm.fluidsynth(fs=sample_rate, sf2_path=str(soundfont_path()))
     else:
         audio = pm.synthesize(fs=sample_rate)
-    audio = np.asarray(audio, dtype=np.float64)
+    audio = np.asarray(audio, dtype=np.float64)[: int(max_seconds * sample_rate)]
     if audio.size == 0:
         audio = np.zeros(sample_rate // 10)
     peak = float(np.max(np.abs(audio))) or 1.0
@@ -503,16 +620,11 @@ def to_wav(abc: str, tempo: float | None = None, transpose: int = 0,
 
 
 def to_musicxml(abc: str) -> str:
-    """The tune as MusicXML text, via music21's ABC reader (for MuseScore, Finale, Sibelius)."""
-    from music21 import converter
-    from music21.musicxml.m21ToXml import GeneralObjectExporter
+    """The tune as MusicXML text, via music21's ABC reader (for MuseScore, Finale, Sibelius).
 
-    text = _renderable(abc, None)
-    try:
-        score = converter.parse(text, format="abc")
-        return GeneralObjectExporter(score).parse().decode("utf-8")
-    except Exception as err:  # music21 raises many types on odd input; one clear error here
-        raise RenderError(f"music21 could not convert this ABC to MusicXML: {err}") from None
+    music21 runs in a helper process stopped after MUSICXML_TIMEOUT_S; RenderError says why
+    when it fails, crashes or takes too long."""
+    return _MUSIC21.ask([_renderable(abc, None)])["xml"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,12 +672,43 @@ def _slug(text: str | None) -> str:
 
 
 def _source_listing(text: str, bad_line: int | None) -> str:
-    """The ABC as numbered, escaped lines, the offending one highlighted."""
+    """The ABC as numbered, escaped lines, the offending one highlighted (the first
+    MAX_LISTING_CHARS characters; the rest is counted, not shown)."""
     rows = []
-    for n, line in enumerate(text.splitlines() or [""], start=1):
+    shown, hidden = text[:MAX_LISTING_CHARS], len(text) - MAX_LISTING_CHARS
+    lines = shown.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # numbered as abc does
+    for n, line in enumerate(lines, start=1):
         row = f"{n:>3}  {html.escape(line)}"
         rows.append(f'<span class="imp-badline">{row}</span>' if n == bad_line else row)
+    if hidden > 0:
+        rows.append(f"... {hidden:,} more characters not shown (player.MAX_LISTING_CHARS)")
     return '<pre class="imp-source">' + "\n".join(rows) + "</pre>"
+
+
+def _clock(seconds: float) -> str:
+    """"1:05:09" / "10:00" for a duration in seconds."""
+    whole = int(seconds)
+    h, m, sec = whole // 3600, whole // 60 % 60, whole % 60
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+_MEASURE_REST = re.compile(r"([ZX])([0-9]+)")
+
+
+def _capped_rests(text: str) -> tuple[str, int]:
+    """`text` with every multi-bar rest over MAX_REST_BARS shortened to it, and how many were."""
+    try:
+        rests = [e for e in abc_lib.events(text) if e.kind == "measure_rest"]
+    except abc_lib.ABCError:
+        return text, 0
+    lines, capped = text.split("\n"), 0
+    for ev in reversed(rests):  # right to left: earlier columns stay valid
+        line = lines[ev.line - 1]
+        m = _MEASURE_REST.match(line, ev.col - 1)
+        if m and int(m.group(2)) > MAX_REST_BARS:
+            lines[ev.line - 1] = line[:m.start()] + f"{m.group(1)}{MAX_REST_BARS}" + line[m.end():]
+            capped += 1
+    return "\n".join(lines), capped
 
 
 class Player:
@@ -579,6 +722,8 @@ class Player:
     def __init__(self, abc: str, title: str | None = None, tempo: float | None = None,
                  transpose: int = 0, sample_rate: int = SAMPLE_RATE, musicxml: bool = True) -> None:
         self.abc = abc if isinstance(abc, str) else repr(abc)
+        # lone surrogates (possible in a Python str) cannot be written as UTF-8: shown as "?"
+        self.abc = self.abc.encode("utf-8", "replace").decode("utf-8")
         self.title = title
         self.transpose = transpose
         self.sample_rate = sample_rate
@@ -595,7 +740,11 @@ class Player:
         self._text = self.abc  # what we render: the normalised tune once validated
         self.notes: list[str] = []  # warnings shown above the score
         self._validate()
-        self.tempo = tempo if tempo is not None else (tempo_qpm(self._text) or DEFAULT_QPM)
+        written = tempo_qpm(self._text)
+        self.tempo = tempo if tempo is not None else min(max(written or DEFAULT_QPM, MIN_QPM), MAX_QPM)
+        if tempo is None and written is not None and written != self.tempo:
+            self.notes.append(f"the tune's Q: asks for {written:g} quarter notes a minute; played at "
+                              f"{self.tempo:g}, the nearest the player allows ({MIN_QPM}..{MAX_QPM})")
         self._html = self._build()
 
     @property
@@ -604,8 +753,6 @@ class Player:
         return self.error is None
 
     def _validate(self) -> None:
-        from imelodist_lib import abc as abc_lib
-
         try:
             tunes = abc_lib.split_tunes(self.abc)
         except Exception:  # validate below reports what is wrong with the text
@@ -629,13 +776,36 @@ class Player:
             self._text = abc_lib.normalize(self.report.tune)
         except Exception:  # validated text normalises; if not, render what we were given
             self._text = text
+        self._text, capped = _capped_rests(self._text)
+        if capped:
+            self.notes.append(f"{capped} multi-bar rest(s) longer than {MAX_REST_BARS} bars are "
+                              f"played and drawn as {MAX_REST_BARS} bars (player.MAX_REST_BARS)")
+
+    def _fits(self, what: str, size: int) -> bool:
+        """Take `size` bytes from this player's embedding budget; False (and a note) if over."""
+        if size <= self._budget:
+            self._budget -= size
+            return True
+        self._left_out.append(f"{what} left out ({size / 1e6:.1f} MB; a player embeds at most "
+                              f"{MAX_EMBED_BYTES / 1e6:.0f} MB, player.MAX_EMBED_BYTES)")
+        return False
 
     def _build(self) -> str:
         """The whole player as one self-contained HTML string (never raises)."""
+        self._budget, self._left_out = MAX_EMBED_BYTES, []
         if self.error is None:
             try:
                 self.rendering = render(self._text, tempo=self.tempo, transpose=self.transpose)
+                seconds = midi_seconds(self.rendering.midi)
+                if seconds > MAX_AUDIO_SECONDS:
+                    self._left_out.append(
+                        f"audio stops at {_clock(MAX_AUDIO_SECONDS)} of {_clock(seconds)} (a slow "
+                        "tempo or long rests; player.MAX_AUDIO_SECONDS); the score shows it all")
                 self.wav = midi_to_wav(self.rendering.midi, self.sample_rate)
+                if not self._fits("the score", len(self.rendering.svg.encode())):
+                    raise RenderError(self._left_out.pop())
+                if not self._fits("the audio", len(self.wav)):
+                    self.wav = None
             except Exception as err:  # RenderError, or an audio failure: show, don't raise
                 self.error = str(err) if isinstance(err, RenderError) else f"{type(err).__name__}: {err}"
         parts = [f'<div class="imelodist-player" id="{self.id}">',
@@ -647,23 +817,29 @@ class Player:
             parts.append(f'<div class="imp-error"><b>Cannot show this tune{where}:</b> '
                          f"{html.escape(self.error)}</div>")
             parts.append(_source_listing(self.abc, self.error_line))
-            parts.append(self._links(with_media=False))
+            links = self._links(with_media=False)
+            parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>' for note in self._left_out)
+            parts.append(links)
             parts.append("</div>")
             return "\n".join(parts)
-        parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>' for note in self.notes)
+        links = self._links(with_media=True)  # spends the budget; notes what it left out
+        parts.extend(f'<div class="imp-warn">{html.escape(note)}</div>'
+                     for note in self.notes + self._left_out)
         parts.extend(self._bar_warnings())
         parts.append(f'<div class="imp-score">{self.rendering.svg}</div>')
+        audio = (f'<audio controls preload="auto" src="{_data_uri("audio/wav", self.wav)}"></audio>'
+                 if self.wav is not None else "")
         parts.append(
             '<div class="imp-transport">'
             '<button type="button" data-act="play">&#9654; Play</button>'
             '<button type="button" data-act="stop">&#9632; Stop</button>'
-            f'<audio controls preload="auto" src="{_data_uri("audio/wav", self.wav)}"></audio>'
+            f'{audio}'
             f'<span class="imp-note">&#9833; = {round(self.tempo)}'
             f'{f", transposed {self.transpose:+d}" if self.transpose else ""}'
             f" &middot; {self.rendering.measures} bars</span></div>")
         if audio_backend() != "fluidsynth":
             parts.append(f'<div class="imp-note">{html.escape(SINE_NOTE)}</div>')
-        parts.append(self._links(with_media=True))
+        parts.append(links)
         parts.append(f'<script type="application/json" class="imp-timemap">'
                      f"{_json_for_script(cursor_table(self.rendering.timemap))}</script>")
         parts.append(f"<script>{_asset('player.js').replace('__IMP_ROOT_ID__', self.id)}</script>")
@@ -683,20 +859,24 @@ class Player:
     def _links(self, with_media: bool) -> str:
         stem = html.escape(_slug(self.title or (self.report.tune.title if getattr(self.report, "tune", None)
                                                  else None)), quote=True)
-        links = [(f"{stem}.abc", _data_uri("text/plain;charset=utf-8", self.abc), ".abc")]
+        links = []
+        payloads: list[tuple[str, str, Any]] = [(".abc", "text/plain;charset=utf-8", self.abc)]
         if with_media and self.rendering is not None:
-            links.append((f"{stem}.mid", _data_uri("audio/midi", self.rendering.midi), ".mid"))
-            links.append((f"{stem}.svg", _data_uri("image/svg+xml", self.rendering.svg), ".svg"))
+            payloads += [(".mid", "audio/midi", self.rendering.midi),
+                         (".svg", "image/svg+xml", self.rendering.svg)]
             if self.musicxml:
                 try:
-                    xml = to_musicxml(self._text)
-                    links.append((f"{stem}.musicxml",
-                                  _data_uri("application/vnd.recordare.musicxml+xml", xml), ".musicxml"))
-                except Exception:  # MusicXML is a bonus; the player stands without it
-                    pass
+                    payloads.append((".musicxml", "application/vnd.recordare.musicxml+xml",
+                                     to_musicxml(self._text)))
+                except Exception as err:  # MusicXML is a bonus: the player stands without it
+                    self._left_out.append(f"no .musicxml download: {err}")
+        for label, mime, data in payloads:
+            raw = data.encode("utf-8") if isinstance(data, str) else data
+            if self._fits(f"the {label} download", len(raw)):
+                links.append((f"{stem}{label}", _data_uri(mime, raw), label))
         out = ['<div class="imp-links imp-note">Download:']
         out += [f'<a download="{name}" href="{uri}">{label}</a>' for name, uri, label in links]
-        if with_media:  # href filled by player.js from the <audio> source (no second copy)
+        if with_media and self.wav is not None:  # href filled by player.js from the <audio> source
             out.append(f'<a class="imp-wav" download="{stem}.wav" style="display:none">.wav</a>')
         out.append("</div>")
         return " ".join(out)

@@ -116,3 +116,92 @@ def test_transpose_round_trip_and_exact_shift(text, n):
 def test_normalize_idempotent_on_generated_tunes(text):
     once = abc.normalize(text, x=4)
     assert abc.normalize(once, x=4) == once
+
+
+# --------------------------------------------------------------------------- hostile input
+# Every entry point that takes text from a person or a model, on random, mutated and
+# adversarial text: it answers within the deadline (3 s for all of them together, generous: CI
+# shares 2 cores; the adversarial cases below took minutes before the linear rewrite) and
+# raises only ABCError.
+from datetime import timedelta  # noqa: E402
+
+import pytest  # noqa: E402
+from test_abc_hostile import finishes_within  # noqa: E402
+
+from imelodist_lib import evaluation, inference, player  # noqa: E402
+
+HOSTILE_SETTINGS = settings(max_examples=60, deadline=timedelta(seconds=3),
+                            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+NASTY_CHARS = ["\x00", "\ud800", "\udfff", "\u202e", "\u200f", "\u2028", "\u2029", "\x85", "\ufeff",
+               "¹", "٣", "\t", "\r"]
+
+
+def _every_entry_point(text: str) -> None:
+    """abc, extract_abc, parse_answer and the player's tempo reading: only ABCError escapes."""
+    _run_everything(text)
+    try:
+        tune = abc.parse_tune(text)
+        for prop in ("title", "meter", "key", "tempo"):
+            getattr(tune, prop)
+        tune.unit_length
+    except ABCError:
+        pass
+    try:
+        inference.extract_abc(text)
+    except ABCError:
+        pass
+    try:
+        evaluation.parse_answer(text)
+    except ABCError:
+        pass
+    player.tempo_qpm(text)
+
+
+RUN_UNITS = ["120/", "9", "[", "]", '"', "(", ")", "{", "}", "!", "+", "<", ">", "A>", "|", ":",
+             "::", "[|", "[A:", "[K:G]", "[V:2]\n", "V:1\n", "+:x\n", "Q:1/4=1\n", "```", " ", "\n",
+             "%", "\\", "Z9999", "A/////", "(3", "^", "=", "x", "-", "`", *NASTY_CHARS]
+
+
+def adversarial_texts(unit: str) -> list[str]:
+    """One construct repeated: 3,000 characters inside a tune body (the music is scanned:
+    a quadratic path there took seconds to minutes), 30,000 in a Q: or T: field, after a code
+    fence, or alone."""
+    body, field = unit * (3_000 // len(unit)), unit * (30_000 // len(unit))
+    return ["X:1\nT:t\nM:4/4\nL:1/8\nK:G\nGABc " + body + " dedB|\n",
+            f"X:1\nM:4/4\nL:1/8\nQ:1/{field}\nK:G\nGABc|\n",
+            f"X:1\nT:{field}\nM:4/4\nK:G\nGABc|\n",
+            "Here is a tune:\n```" + field + "\nX:1\nM:4/4\nK:G\nGABc|\n",
+            field]
+
+
+@pytest.mark.parametrize("unit", RUN_UNITS, ids=[repr(u) for u in RUN_UNITS])
+def test_adversarial_text_is_answered_fast_with_only_abc_error(unit):
+    for text in adversarial_texts(unit):
+        with finishes_within(3):  # failed before for "120/" (hung), "9", "A>", "٣"
+            _every_entry_point(text)
+
+
+@HOSTILE_SETTINGS
+@given(st.lists(st.one_of(ABC_ALPHABET, st.sampled_from(NASTY_CHARS), st.characters()),
+                max_size=400).map("".join))
+def test_random_text_with_nasty_characters_raises_only_abc_error(text):
+    _every_entry_point("X:1\nM:4/4\nL:1/8\nK:G\n" + text)
+    _every_entry_point(text)
+
+
+@HOSTILE_SETTINGS
+@given(st.sampled_from(REAL_TUNES), st.data())
+def test_real_tunes_with_random_byte_edits_raise_only_abc_error(tune, data):
+    raw = bytearray(tune.encode("utf-8"))
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, max(0, len(raw) - 1)))
+        raw[i] = data.draw(st.integers(0, 255))
+    _every_entry_point(raw.decode("utf-8", "surrogateescape"))  # undecodable bytes: lone surrogates
+
+
+@settings(max_examples=6, deadline=timedelta(seconds=4))
+@given(st.sampled_from(["\x00", "\ud800", "\u2028", "\u202e", "¹²⁰"]))
+def test_megabyte_lines_are_refused_at_once(ch):
+    line = ch * 1_000_000
+    for text in (line, "X:1\nM:4/4\nK:G\n" + line):
+        _every_entry_point(text)

@@ -400,3 +400,66 @@ def test_mode_from_final_note_when_k_is_only_a_signature(all_raw):
     labels = corpus.label_record(kept[0]).labels
     assert labels["mode"] == "dorian" and labels["chinese_mode"] == {"zh": "商调式", "en": "shang"}
     assert labels["methods"]["mode"].startswith("final note")
+
+
+def test_local_jsonl_rows_keep_unicode_line_separators(tmp_path, all_raw):
+    # U+0085 is what a cp1252 ellipsis (0x85) becomes through the Latin-1 fallback.
+    tune = all_raw[100].abc.strip().replace("\nM:", "\nN:a\u2028b\u2029c\u0085d\nM:", 1)
+    rows = _write(tmp_path / "irishman.jsonl", [{"abc notation": tune}, {"abc notation": "X:2"}], jsonl=True)
+    recs = corpus.load_hub_dataset(rows)
+    assert [r.abc.strip() for r in recs] == [tune, "X:2"]
+
+
+def test_corpus_jsonl_reads_back_unicode_line_separators(tmp_path, all_raw):
+    rec = dataclasses.replace(all_raw[0], title="a\u2028b\u2029c\u0085d")
+    path = corpus.write_jsonl([rec, all_raw[1]], tmp_path / "tunes.jsonl")
+    assert corpus.read_jsonl(path) == [rec, all_raw[1]]
+
+
+# ------------------------------------------------------------------ one bad file or row is a counted drop
+def test_an_unreadable_abc_file_is_a_counted_drop_not_an_abort(tmp_path, all_raw, caplog):
+    folder = tmp_path / "tunes"
+    folder.mkdir()
+    (folder / "good.abc").write_text(all_raw[100].abc, encoding="utf-8")
+    (folder / "gone.abc").symlink_to(tmp_path / "deleted.abc")  # a broken link
+    (folder / "folder.abc").mkdir()  # rglob("*.abc") finds folders too
+    (folder / "notes.abc").write_bytes(b"\x1f\x8b\x08 not a tune at all\n")  # no X:/K: field
+    with caplog.at_level("WARNING", logger="imelodist_lib.corpus"):
+        recs = corpus.load_abc_folder(folder)
+    bad = {r.id: r.labels["load_error"] for r in recs if r.abc == ""}
+    assert set(bad) == {"tunes/gone.abc#unreadable", "tunes/folder.abc#unreadable", "tunes/notes.abc#unreadable"}
+    assert "FileNotFoundError" in bad["tunes/gone.abc#unreadable"]
+    assert "IsADirectoryError" in bad["tunes/folder.abc#unreadable"]
+    assert "no tune" in bad["tunes/notes.abc#unreadable"]
+    assert "tunes/gone.abc#unreadable" in caplog.text
+    kept, report = corpus.clean(recs, get_profile("cpu"))
+    assert len(kept) == 1 and report.dropped["no_abc"] == 3 and report.is_balanced()
+
+
+def test_an_unreadable_file_in_the_music21_corpus_is_a_counted_drop(tmp_path, all_raw, monkeypatch):
+    (tmp_path / "coll").mkdir()
+    (tmp_path / "coll" / "a.abc").write_text(all_raw[100].abc, encoding="utf-8")
+    (tmp_path / "coll" / "b.abc").symlink_to(tmp_path / "deleted.abc")
+    monkeypatch.setattr(corpus, "music21_corpus_dir", lambda: tmp_path)
+    recs = corpus.load_music21_corpus(["coll"])
+    assert [r.id for r in recs][-1] == "coll/b.abc#unreadable" and len(recs) == 2
+    assert "FileNotFoundError" in recs[-1].labels["load_error"]
+
+
+def test_bad_rows_of_a_local_dataset_are_counted_drops(tmp_path, all_raw):
+    tune = all_raw[100].abc.strip()
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([json.dumps({"abc notation": tune}), '{"abc notation": "X:1\\nK:C', "[1, 2]",
+                               json.dumps({"abc notation": 42}), json.dumps({"something": "else"}),
+                               json.dumps({"abc notation": all_raw[9000].abc})]) + "\n", encoding="utf-8")
+    recs = corpus.load_hub_dataset(path)
+    assert len(recs) == 6 and [r.abc.strip() for r in recs if r.abc] == [tune, all_raw[9000].abc.strip()]
+    causes = [r.labels["load_error"] for r in recs if not r.abc]
+    assert "mixed.jsonl:2" in causes[0] and "not a JSON object" in causes[1]
+    assert "int, not text" in causes[2] and "cannot tell the schema" in causes[3]
+    kept, report = corpus.clean(recs, get_profile("cpu"))
+    assert report.dropped["no_abc"] == 4 and report.is_balanced() and len(kept) == 2
+    (tmp_path / "other").mkdir()  # a dataset wholly in an unknown schema is still a clear error
+    _write(tmp_path / "other" / "rows.jsonl", [{"something": "else"}], jsonl=True)
+    with pytest.raises(ValueError, match="cannot tell the schema"):
+        corpus.load_hub_dataset(tmp_path / "other")

@@ -436,3 +436,42 @@ def test_load_splits_holds_out_validation_or_test(real_tunes, tmp_path, monkeypa
     assert not {r.id for r in train} & ({r.id for r in val} | {r.id for r in test})
     with pytest.raises(ValueError, match="held_out"):
         ev.load_splits(profile, held_out="train")
+
+
+# ------------------------------------------------------------------ long evaluations lose nothing
+class _FlakyComposer:
+    """The real n-gram composer behind a server that times out at call `fail_at` (0-based)."""
+
+    def __init__(self, inner: ev.NGramComposer, fail_at: int | None = None) -> None:
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def compose(self, request, n=1, seed=0):
+        if self.calls == self.fail_at:
+            self.fail_at = None
+            raise TimeoutError("the server did not answer")
+        self.calls += 1
+        return self.inner.compose(request, n=n, seed=seed)
+
+
+def test_an_interrupted_evaluation_keeps_its_answers_and_resumes(real_tunes, ngram, tmp_path):
+    test = [r for r in real_tunes if r.split == "test"]
+    requests = ev.build_benchmark(test, get_profile("cpu"), n=8)
+    path = tmp_path / "answers_ngram.jsonl"
+    flaky = _FlakyComposer(ngram, fail_at=5)
+    with pytest.raises(TimeoutError):
+        ev.collect_answers(flaky, requests, n=2, seed=3, results_path=path)
+    from imelodist_lib import jsonl
+
+    kept = jsonl.read_jsonl(path)
+    assert len(kept) == 5 * 2 and {r["sample"] for r in kept} == {0, 1}  # k requests, n answers each
+    assert all("valid" in r["score"] for r in kept)
+    resumed = _FlakyComposer(ngram)
+    pairs = ev.collect_answers(resumed, requests, n=2, seed=3, results_path=path)
+    assert resumed.calls == len(requests) - 5  # only the rest was asked for
+    assert pairs == ev.collect_answers(ngram, requests, n=2, seed=3)  # same answers, same order
+    assert len(jsonl.read_jsonl(path)) == len(requests) * 2
+    again = _FlakyComposer(ngram)
+    assert ev.collect_answers(again, requests, n=2, seed=3, results_path=path) == pairs and again.calls == 0
+    other = _FlakyComposer(ngram)  # other settings are other answers: nothing reused
+    ev.collect_answers(other, requests[:2], n=2, seed=4, results_path=path)
+    assert other.calls == 2

@@ -118,6 +118,51 @@ def test_svg_with_active_content_is_refused():
     player._check_svg(player.render_svg(JIG))  # verovio's own output passes
 
 
+SVG_OPEN = '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink">'
+
+
+@pytest.mark.parametrize("payload", [
+    # failed before: the XML parse saw one processing instruction, the browser's HTML parser an
+    # <img onerror>; the blocklist passed it and the page ran the script
+    '<?x ><img src=x onerror=alert(1)>?>',
+    "<!-- --><img src=x onerror=alert(1)> -->",
+    '<foreignObject><body xmlns="http://www.w3.org/1999/xhtml" onload="alert(1)"/></foreignObject>',
+    '<a xlink:href="javascript:alert(1)"><text>x</text></a>',
+    '<use href="data:image/svg+xml;base64,PHN2Zz48L3N2Zz4="/>',
+    '<use xlink:href="javascript:alert(1)"/>',
+    '<animate attributeName="href" to="javascript:alert(1)"/>',
+    '<set attributeName="onmouseover" to="alert(1)"/>',
+    '<style>@import url(http://evil/x.css);</style>',
+    '<style>g { background: url(javascript:alert(1)) }</style>',
+    '<g style="background:url(javascript:alert(1))"/>',
+    '<path d="M0 0" fill="url(http://evil/#p)"/>',
+    '<image href="x" onerror="alert(1)"/>',
+    '<script xmlns="http://www.w3.org/1999/xhtml">alert(1)</script>',
+    '<![CDATA[<img src=x onerror=alert(1)>]]>',
+])
+def test_svg_outside_the_allowlist_is_refused(payload):
+    with pytest.raises(player.RenderError, match="refusing|invalid"):
+        player.sanitize_svg(SVG_OPEN + payload + "</svg>")
+    with pytest.raises(player.RenderError):
+        player.sanitize_svg('<!DOCTYPE svg [<!ENTITY x "y">]>' + SVG_OPEN + "&x;</svg>")
+
+
+def test_sanitized_svg_escapes_text_and_keeps_verovio_output_unchanged_in_appearance():
+    out = player.sanitize_svg(SVG_OPEN + "<text>&lt;img src=x onerror=alert(1)&gt; &amp;</text></svg>")
+    assert "<img" not in out and "&lt;img src=x onerror=alert(1)&gt; &amp;" in out
+    import xml.etree.ElementTree as ET
+
+    tunes = abc.split_tunes(REEL) + [JIG, HOSTILE] + abc.split_tunes(
+        (MUSIC21_CORPUS / "oneills1850" / "0001-0050.abc").read_text("latin-1"))[:3]
+    for text in tunes:
+        pages = player._VEROVIO.ask([player._renderable(text, None), 3])["pages"]
+        clean = player.sanitize_svg("".join(pages))
+        before = [(el.tag, el.attrib, (el.text or "").strip()) for p in pages for el in ET.fromstring(p).iter()]
+        after = [(el.tag, el.attrib, (el.text or "").strip())
+                 for el in ET.fromstring(f"<r>{clean}</r>").iter()][1:]
+        assert len(after) == len(before) > 100 and after == before
+
+
 def test_malformed_abc_shows_an_error_panel_naming_the_line():
     bad = "X:1\nT:broken\nM:4/4\nL:1/8\nK:G\nGABc dedB|\nGA[Bc d2|]\n"
     p = player.Player(bad)
@@ -227,3 +272,89 @@ def test_playground_click_reports_bad_form_instead_of_raising(tiny_composer, tmp
     pg.compose_button.click()
     assert "seed_abc" in pg.status.value and not pg.history
     assert not pg.compose_button.disabled
+
+
+# ------------------------------------------------------------------------------ output caps
+def _wav_seconds(data: bytes) -> float:
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+def test_long_multibar_rest_is_capped_and_said():
+    # failed before: Z9999 asked the synthesiser for 20,002 s (5.6 h) of audio, all embedded
+    p = player.Player("X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|Z9999|c8|]\n")
+    assert p.ok and _wav_seconds(p.wav) <= (2 + player.MAX_REST_BARS) * 2 + 1
+    assert f"played and drawn as {player.MAX_REST_BARS} bars" in p.html()
+
+
+def test_tiny_tempo_is_played_at_the_slowest_allowed_and_said():
+    # failed before: Q:1/4=1 played 16 minutes for 4 bars; Q:1/64=1 was written as Q:1/4=0
+    p = player.Player("X:1\nM:4/4\nL:1/8\nQ:1/4=1\nK:G\nGABc dedB|c8|]\n")
+    assert p.ok and p.tempo == player.MIN_QPM
+    assert "asks for 1 quarter notes a minute; played at 10" in p.html()
+    assert _wav_seconds(p.wav) == pytest.approx(8 * 60 / player.MIN_QPM, abs=2)
+
+
+def test_audio_longer_than_the_cap_stops_there_and_says_so():
+    p = player.Player("X:1\nM:4/4\nL:1/8\nQ:1/4=10\nK:G\n" + "c8|" * 27 + "]\n", musicxml=False)
+    assert p.ok and _wav_seconds(p.wav) == pytest.approx(player.MAX_AUDIO_SECONDS, abs=0.01)
+    assert "audio stops at 10:00 of 10:47" in p.html() and p.rendering.measures == 27
+
+
+def test_embedding_budget_leaves_out_what_does_not_fit_and_says_so(monkeypatch):
+    full = player.Player(JIG, musicxml=False)
+    budget = len(full.rendering.svg.encode()) + len(full.wav) + 100
+    monkeypatch.setattr(player, "MAX_EMBED_BYTES", budget)
+    p = player.Player(JIG, musicxml=False)
+    page = p.html()
+    assert p.ok and "<audio" in page and 'download="Little_Jig.svg"' not in page
+    assert "the .svg download left out" in page and "player.MAX_EMBED_BYTES" in page
+
+
+def test_musicxml_export_runs_with_a_time_limit_and_its_failure_is_shown(monkeypatch):
+    # failed before: music21 ran in the kernel with no time limit; any failure vanished
+    monkeypatch.setattr(player._MUSIC21, "timeout_s", 0.01)
+    try:
+        p = player.Player(JIG)
+        assert p.ok and ".musicxml</a>" not in p.html()
+        assert "no .musicxml download: the MusicXML export (music21) took over" in p.html()
+    finally:
+        player._MUSIC21.stop()
+    monkeypatch.undo()
+    assert ".musicxml</a>" in player.Player(JIG).html()  # a fresh helper process serves again
+
+
+def test_huge_text_shows_a_short_error_panel():
+    text = JIG + "GAB cBA|" * 40_000
+    p = player.Player(text)
+    assert not p.ok and "MAX_TUNE_CHARS" in p.error
+    assert "more characters not shown" in p.html()
+    with pytest.raises(player.RenderError, match="MAX_TUNE_CHARS"):
+        player.render(text)
+
+
+@pytest.mark.parametrize("text", [
+    "X:1\nM:4/4\nL:1/8\nQ:1/" + "120/" * 40 + "\nK:G\nGABc dedB|c8|]\n",  # failed before: hung
+    "X:1\nM:4/4\nL:1/8\nQ:¹²⁰\nK:G\nGABc dedB|c8|]\n",
+    "X:1\nT:a\u2028K:C\u2028b\nM:4/4\nL:1/8\nK:G\nGABc dedB|c8|]\n",
+    "X:1\nT:\ud800\x00\u202e\nM:4/4\nL:1/8\nK:G\nGABc dedB|c8|]\n",  # failed before: UnicodeEncodeError
+    "X:1\nM:4/4\nL:1/8\nK:G\n" + "A>B" * 3000 + "|\n",
+])
+def test_player_on_hostile_text_answers_with_a_player_or_a_panel(text):
+    p = player.Player(text, musicxml=False)
+    page = p.html()
+    assert page.startswith('<div class="imelodist-player"')
+    page.encode("utf-8")  # writable into the notebook
+    assert p.ok or "Cannot show this tune" in page
+
+
+def test_explicit_repeats_is_linear_after_a_section_bar():
+    # failed before: every "|" after a "||" was compared with it by slicing all the text
+    # between (20,000 bars: 0.6 s, 50,000: 3.1 s, x5 per x2.5; now 0.2 s at 50,000)
+    from test_abc_hostile import finishes_within
+
+    body = "||" + "A|" * 150_000 + "B:|"
+    with finishes_within(3):
+        out = player.explicit_repeats(body)
+    assert out.startswith("|:A|A|") and out.endswith("B:|")
+    assert player.explicit_repeats("A2 B2:|\n| c2 d2 :|") == "|:A2 B2:|\n|: c2 d2 :|"
