@@ -151,3 +151,20 @@ def test_models_it_cannot_run_say_so(tiny):
     with pytest.raises(ValueError, match="use model.generate"):
         LeanLlama(model)
     assert Composer(model=model, tokenizer=tiny[1], backend="transformers", profile=CPU).engine.lean is None
+
+
+def test_evaluation_collects_batched_answers_equal_to_one_at_a_time(tiny, tmp_path):
+    from imelodist_lib import evaluation as ev
+    from imelodist_lib import jsonl
+
+    model, tokenizer = tiny
+    composer = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
+    requests = [ComposeRequest("emotion", emotion="欢快", meter="6/8", key="G", bars=4),
+                ComposeRequest("chords", lang="en", chords=["G", "C", "D", "G"], meter="3/4", key="G"),
+                ComposeRequest("emotion", lang="en", emotion="calm", meter="3/4", key="D", bars=4)]
+    path = tmp_path / "answers.jsonl"
+    pairs = ev.collect_answers(composer, requests, n=2, seed=5, results_path=path, batch_requests=2,
+                               max_new_tokens=20)
+    alone = [(r, c.abc or c.text) for i, r in enumerate(requests)
+             for c in composer.compose(r, n=2, seed=5 + i, max_new_tokens=20)]
+    assert pairs == alone and len(jsonl.read_jsonl(path)) == 6
