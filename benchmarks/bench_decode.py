@@ -4,14 +4,14 @@ In one run, on the same model and the same requests and seeds (the first `--requ
 requests), free and guaranteed-valid:
 - single stream: one answer per call, `Composer(fast_decode=False)` (today's `generate`) and the
   lean path, calls interleaved so a change in the machine's load hits both alike;
-- batched: `--batch` answers (`--batch // requests` samples per request) as one `compose_many`
-  call, against the same answers made one at a time by `generate` and by the lean path;
+- batched: `--batch` answers (8 and 16: `batch // requests` samples per request) as one
+  `compose_many` call, against the same answers made one at a time by `generate` and by the lean path;
 - the lean path at 1 and 2 CPU threads, and the time to read the weights (its start-up cost).
 Figures are completion tokens per wall second and per CPU second of this process (the CPU
 figure is steadier on a shared machine); the targets are the ratios, measured in this run.
 
     python benchmarks/bench_decode.py                  # writes benchmarks/results/decode.json
-    python benchmarks/bench_decode.py --max-new-tokens 256 --batch 16
+    python benchmarks/bench_decode.py --max-new-tokens 256 --batch 8 16 32
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR))
     parser.add_argument("--requests", type=int, default=4, help="benchmark requests used")
-    parser.add_argument("--batch", type=int, default=8, help="answers in the batched call (a multiple of --requests)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16],
+                        help="answers in each batched call (multiples of --requests)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--seed", type=int, default=100)
     args = parser.parse_args()
@@ -85,7 +86,6 @@ def main() -> None:
     generate = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=profile, fast_decode=False)
     assert lean.engine.lean is not None and generate.engine.lean is None
     requests = benchmark_requests()[:args.requests]
-    samples = max(1, args.batch // len(requests))
     options = dict(max_new_tokens=args.max_new_tokens)
     for composer in (lean, generate):  # warm-up: first-call allocations, grammar compilation
         for constrained in (False, True):
@@ -114,35 +114,37 @@ def main() -> None:
                     request, seed=args.seed + i, constrained=constrained, **options))
                 texts[name] = c.text
             same += texts["generate"] == texts["lean"]
-        loops = {"generate": Tally(), "lean": Tally()}
-        loop_answers: dict[str, list] = {"generate": [], "lean": []}
-        for i, request in enumerate(requests):  # the batch's own answers, one compose per answer
-            for j in range(samples):
-                for name, tally in loops.items():
-                    composer = generate if name == "generate" else lean
-                    loop_answers[name] += tally.timed(lambda: composer.compose(
-                        request, n=1, seed=args.seed + i + j, constrained=constrained, **options))
-        batched = Tally()
-        batch_answers = batched.timed(lambda: lean.compose_many(requests, n=samples, seed=args.seed,
-                                                                constrained=constrained, **options))
-        figures = {name: t.figures() for name, t in single.items()}
-        results[mode] = {
-            "single_stream": figures,
-            "single_stream_lean_over_generate": ratio(figures["lean"], figures["generate"]),
-            "single_stream_same_text_as_generate": f"{same}/{len(requests)}",
-            "batched": {"answers": len(batch_answers), "lean_batch": batched.figures(),
-                        "lean_one_at_a_time": loops["lean"].figures(),
-                        "generate_one_at_a_time": loops["generate"].figures(),
-                        "batch_over_lean_one_at_a_time": ratio(batched.figures(), loops["lean"].figures()),
-                        "batch_over_generate_one_at_a_time": ratio(batched.figures(), loops["generate"].figures()),
-                        "same_text_as_lean_one_at_a_time": _same(batch_answers, loop_answers["lean"]),
-                        "same_text_as_generate_one_at_a_time": _same(batch_answers, loop_answers["generate"])},
-        }
+        results[mode] = {"single_stream": {name: t.figures() for name, t in single.items()}}
+        figures = results[mode]["single_stream"]
+        results[mode]["single_stream_lean_over_generate"] = ratio(figures["lean"], figures["generate"])
+        results[mode]["single_stream_same_text_as_generate"] = f"{same}/{len(requests)}"
+        for size in args.batch:
+            samples = max(1, size // len(requests))
+            loops = {"generate": Tally(), "lean": Tally()}
+            loop_answers: dict[str, list] = {"generate": [], "lean": []}
+            for i, request in enumerate(requests):  # the batch's own answers, one compose per answer
+                for j in range(samples):
+                    for name, tally in loops.items():
+                        composer = generate if name == "generate" else lean
+                        loop_answers[name] += tally.timed(lambda: composer.compose(
+                            request, n=1, seed=args.seed + i + j, constrained=constrained, **options))
+            batched = Tally()
+            batch_answers = batched.timed(lambda: lean.compose_many(requests, n=samples, seed=args.seed,
+                                                                    constrained=constrained, **options))
+            results[mode][f"batch_{len(batch_answers)}"] = {
+                "lean_batch": batched.figures(), "lean_one_at_a_time": loops["lean"].figures(),
+                "generate_one_at_a_time": loops["generate"].figures(),
+                "batch_over_lean_one_at_a_time": ratio(batched.figures(), loops["lean"].figures()),
+                "batch_over_generate_one_at_a_time": ratio(batched.figures(), loops["generate"].figures()),
+                "same_text_as_lean_one_at_a_time": _same(batch_answers, loop_answers["lean"]),
+                "same_text_as_generate_one_at_a_time": _same(batch_answers, loop_answers["generate"])}
         print(mode, json.dumps(results[mode], indent=1), flush=True)
     results["guaranteed_valid_over_free_lean_single_stream"] = ratio(
         results["guaranteed_valid"]["single_stream"]["lean"], results["free"]["single_stream"]["lean"])
-    results["guaranteed_valid_over_free_lean_batched"] = ratio(
-        results["guaranteed_valid"]["batched"]["lean_batch"], results["free"]["batched"]["lean_batch"])
+    for size in args.batch:
+        key = f"batch_{size // len(requests) * len(requests)}"
+        results[f"guaranteed_valid_over_free_lean_{key}"] = ratio(
+            results["guaranteed_valid"][key]["lean_batch"], results["free"][key]["lean_batch"])
     threads = {}
     for count in (1, 2):
         tally = Tally()
