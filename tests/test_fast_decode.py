@@ -1,0 +1,170 @@
+"""The lean decode path against transformers on a tiny real Llama: the same logits, the same greedy
+and seeded tokens as `generate`, rows independent of the batch they share, grammar rows valid."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from imelodist_lib import abc
+from imelodist_lib.fast_decode import LeanLlama, Row, Sampling, decode, iter_decode, supports
+from imelodist_lib.grammar import stop_token_ids
+from imelodist_lib.inference import Composer
+from imelodist_lib.instructions import ComposeRequest
+from imelodist_lib.profiles import get_profile
+
+CPU = get_profile("cpu", max_new_tokens=120)
+TEXTS = ["X:1\nT:Jig\nM:6/8\nL:1/8\nK:G\n", "M:3/4\nK:D\nA2 B2 c2 |", "X:2\nK:Am\n", "你是专业的音乐作曲家 请创作一首曲子"]
+HOT = Sampling(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def lean(tiny):
+    return LeanLlama(tiny[0])
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    return [tiny[1].encode(text) for text in TEXTS]
+
+
+def _generate(model, prompt, sampling: Sampling, stops, seed: int = 0) -> list[int]:
+    """transformers' answer (new tokens, through the first stop token) for one prompt."""
+    torch.manual_seed(seed)
+    options = dict(do_sample=False)
+    if sampling.temperature > 0:
+        options = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=sampling.max_new_tokens, eos_token_id=stops,
+                             pad_token_id=stops[0], **options)[0, len(prompt):].tolist()
+    stop = next((i for i, t in enumerate(out) if t in stops), None)
+    return out if stop is None else out[:stop + 1]
+
+
+def test_logits_equal_the_transformers_forward(tiny, lean, prompts):
+    model, _ = tiny
+    for prompt in prompts:
+        with torch.no_grad():
+            reference = model(torch.tensor([prompt])).logits[0]
+        cache = lean.new_cache(1, len(prompt))
+        assert torch.allclose(lean.prefill(prompt, cache, 0, all_logits=True), reference, atol=1e-4)
+        # the one-token step, position by position after a short prefill, gives the same logits
+        cache = lean.new_cache(1, len(prompt))
+        lean.prefill(prompt[:2], cache, 0)
+        with torch.inference_mode():
+            for i in range(2, len(prompt)):
+                step = lean.step(torch.tensor([prompt[i]]), torch.tensor([i]), cache, i + 1, None)[0]
+                assert torch.allclose(step, reference[i], atol=1e-4), i
+
+
+def test_greedy_and_seeded_sampling_give_generates_tokens(tiny, lean, prompts):
+    model, tokenizer = tiny
+    stops = stop_token_ids(tokenizer)
+    greedy = Sampling(0.0, 1.0, 0, 24)
+    for i, prompt in enumerate(prompts):
+        [row] = decode(lean, [Row(prompt)], greedy, stops)
+        assert row.tokens == _generate(model, prompt, greedy, stops)
+        [row] = decode(lean, [Row(prompt, seed=i)], HOT, stops)
+        assert row.tokens == _generate(model, prompt, HOT, stops, seed=i)
+
+
+def test_rows_do_not_depend_on_their_batch(lean, prompts, tiny):
+    stops = stop_token_ids(tiny[1])
+    rows = [Row(p, seed=s) for s in (1, 2) for p in prompts]  # 8 rows, 4 prompt lengths
+    alone = [decode(lean, [row], HOT, stops)[0].tokens for row in rows]
+    assert len({tuple(t) for t in alone}) > 4  # seeds and prompts matter
+    for batch_size in (8, 3):  # all at once; 3 slots refilled as rows finish, then compacted
+        together = decode(lean, rows, HOT, stops, batch_size=batch_size)
+        assert [r.tokens for r in together] == alone
+        assert all(r.finish_reason == "length" and len(r.tokens) == HOT.max_new_tokens for r in together)
+    # the same seed twice gives the same answer; a row's own limit cuts it there
+    twice = decode(lean, [Row(prompts[0], seed=7), Row(prompts[0], seed=7, max_new_tokens=5)], HOT, stops)
+    assert twice[1].tokens == twice[0].tokens[:5]
+
+
+def test_a_stop_token_ends_only_its_row(lean, prompts):
+    greedy = Sampling(0.0, 1.0, 0, 16)
+    free = decode(lean, [Row(p) for p in prompts], greedy, [0])
+    stop = free[1].tokens[5]  # make a token row 1 writes at step 6 the stop token
+    stopped = decode(lean, [Row(p) for p in prompts], greedy, [stop])
+    for before, after in zip(free, stopped):
+        cut = next((i for i, t in enumerate(before.tokens) if t == stop), None)
+        if cut is None:
+            assert after.tokens == before.tokens and after.finish_reason == "length"
+        else:
+            assert after.tokens == before.tokens[:cut + 1] and after.finish_reason == "stop"
+    assert stopped[1].finish_reason == "stop" and len(stopped[1].tokens) <= 6
+    streamed = [token for _, token in iter_decode(lean, [Row(prompts[1])], greedy, [stop])]
+    assert streamed == stopped[1].tokens
+
+
+def test_guaranteed_valid_batch_of_different_requests(tiny):
+    model, tokenizer = tiny
+    composer = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
+    assert composer.engine.lean is not None
+    requests = [ComposeRequest("emotion", emotion="欢快", meter="6/8", key="G", bars=4),
+                ComposeRequest("chords", lang="en", chords=["G", "C", "D", "G"], meter="3/4", key="G"),
+                ComposeRequest("continue", seed_abc="X:1\nT:Seed\nM:4/4\nL:1/8\nK:D\nDEFG ABcd |", bars=3)]
+    batched = composer.compose_many(requests, n=2, seed=11, constrained=True, max_new_tokens=1200)
+    for i, (request, answers) in enumerate(zip(requests, batched)):
+        assert len(answers) == 2 and answers[0].text != answers[1].text
+        for c in answers:
+            assert c.constrained and c.finish_reason == "stop" and c.ok, c.text
+            report = abc.validate(c.abc)
+            assert report.ok and not report.bars.errors
+            assert abc.parse_tune(c.abc).meter == (request.meter or "4/4")
+        alone = composer.compose(request, n=2, seed=11 + i, constrained=True, max_new_tokens=1200)
+        assert [c.text for c in alone] == [c.text for c in answers]
+
+
+def test_composer_lean_path_matches_generate_and_opts_out(tiny):
+    model, tokenizer = tiny
+    fast = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
+    slow = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU, fast_decode=False)
+    assert slow.engine.lean is None
+    request = ComposeRequest("emotion", lang="en", emotion="calm", meter="3/4", key="D")
+    for constrained in (False, True):
+        a = fast.compose(request, seed=3, constrained=constrained, max_new_tokens=60)[0]
+        b = slow.compose(request, seed=3, constrained=constrained, max_new_tokens=60)[0]
+        assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+    streamed = "".join(fast.stream(request, seed=3, constrained=True, max_new_tokens=60))
+    assert streamed == fast.compose(request, seed=3, constrained=True, max_new_tokens=60)[0].text
+
+
+def test_weights_changed_in_place_are_read_again(tiny, prompts):
+    model = copy.deepcopy(tiny[0])
+    lean = LeanLlama(model)
+    assert not lean.stale()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    assert lean.stale()
+    fresh = LeanLlama(model)
+    with torch.no_grad():
+        reference = model(torch.tensor([prompts[0]])).logits[0, -1]
+    assert torch.allclose(fresh.prefill(prompts[0], fresh.new_cache(1, 64), 0), reference, atol=1e-4)
+
+
+def test_models_it_cannot_run_say_so(tiny):
+    model = copy.deepcopy(tiny[0]).to(torch.float64)
+    assert "float32" in supports(model)
+    with pytest.raises(ValueError, match="use model.generate"):
+        LeanLlama(model)
+    assert Composer(model=model, tokenizer=tiny[1], backend="transformers", profile=CPU).engine.lean is None
+
+
+def test_evaluation_collects_batched_answers_equal_to_one_at_a_time(tiny, tmp_path):
+    from imelodist_lib import evaluation as ev
+    from imelodist_lib import jsonl
+
+    model, tokenizer = tiny
+    composer = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
+    requests = [ComposeRequest("emotion", emotion="欢快", meter="6/8", key="G", bars=4),
+                ComposeRequest("chords", lang="en", chords=["G", "C", "D", "G"], meter="3/4", key="G"),
+                ComposeRequest("emotion", lang="en", emotion="calm", meter="3/4", key="D", bars=4)]
+    path = tmp_path / "answers.jsonl"
+    pairs = ev.collect_answers(composer, requests, n=2, seed=5, results_path=path, batch_requests=2,
+                               max_new_tokens=20)
+    alone = [(r, c.abc or c.text) for i, r in enumerate(requests)
+             for c in composer.compose(r, n=2, seed=5 + i, max_new_tokens=20)]
+    assert pairs == alone and len(jsonl.read_jsonl(path)) == 6
