@@ -225,6 +225,7 @@ class _Slots:
         self.tokens = [0] * count
         self.generators: list[torch.Generator | None] = [None] * count
         self.matchers: list[Any] = [None] * count
+        self.utf8_states = [0] * count  # imelodist_lib.utf8 automaton state per slot (0: boundary)
         self.bitmask = None
         if constrained:
             import xgrammar as xgr
@@ -236,7 +237,7 @@ class _Slots:
         keep = [i for i, r in enumerate(self.row_of) if r >= 0]
         index = torch.tensor(keep)
         self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
-        for name in ("row_of", "positions", "tokens", "generators", "matchers"):
+        for name in ("row_of", "positions", "tokens", "generators", "matchers", "utf8_states"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
         if self.bitmask is not None:
@@ -244,8 +245,12 @@ class _Slots:
 
 
 def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: list[int],
-                batch_size: int = 16, results: list[RowResult] | None = None) -> Iterator[tuple[int, int]]:
+                batch_size: int = 16, results: list[RowResult] | None = None,
+                utf8=None) -> Iterator[tuple[int, int]]:
     """Decode `rows` up to `batch_size` at a time; yield (row index, token) as tokens are made.
+
+    `utf8` (an `imelodist_lib.utf8.Utf8Table`): only tokens that keep each answer valid UTF-8,
+    masked after the grammar, as `utf8.Utf8LogitsProcessor` does on the generate path.
 
     `results` (a list) receives one RowResult per row, in order. Rows with the same prompt share
     one prefill. A finished row's slot takes the next waiting row; when none waits, finished
@@ -287,6 +292,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
         slots.row_of[slot], slots.positions[slot] = index, n
         slots.generators[slot] = torch.Generator().manual_seed(row.seed)
         slots.matchers[slot] = xgr.GrammarMatcher(row.grammar) if constrained else None
+        slots.utf8_states[slot] = 0
         results[index].first_token_seconds = time.perf_counter() - start
         return logits
 
@@ -296,6 +302,9 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             for i, slot in enumerate(live):
                 slots.matchers[slot].fill_next_token_bitmask(slots.bitmask, i)
             xgr.apply_token_bitmask_inplace(logits, slots.bitmask[:len(live)])
+        if utf8 is not None:
+            allowed = utf8.allowed[torch.tensor([slots.utf8_states[s] for s in live])]
+            logits.masked_fill_(~allowed[:, : logits.shape[-1]], -float("inf"))
         if sampling.temperature <= 0:
             return logits.argmax(-1).tolist()
         probs = warp(logits, sampling).softmax(-1)
@@ -310,6 +319,8 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
         result.tokens.append(token)
         if constrained and not slots.matchers[slot].accept_token(token):
             raise RuntimeError(f"the grammar matcher refused token {token} it allowed: an xgrammar bug")
+        if utf8 is not None:
+            slots.utf8_states[slot] = max(0, int(utf8.next_state[slots.utf8_states[slot], token]))
         if token in stops:
             result.finish_reason = "stop"
             return True
@@ -363,9 +374,9 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
 
 
 def decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: list[int],
-           batch_size: int = 16) -> list[RowResult]:
+           batch_size: int = 16, utf8=None) -> list[RowResult]:
     """Decode every row (see `iter_decode`); one RowResult per row, in order."""
     results: list[RowResult] = []
-    for _ in iter_decode(lean, rows, sampling, stop_ids, batch_size, results):
+    for _ in iter_decode(lean, rows, sampling, stop_ids, batch_size, results, utf8):
         pass
     return results

@@ -323,6 +323,16 @@ class _TransformersEngine:
             if lean.supports(self.model) is None:
                 self.lean = lean.LeanLlama(self.model)
 
+    @property
+    def utf8_table(self):
+        """The UTF-8 mask's transition table for this tokenizer (imelodist_lib.utf8), built once:
+        every answer on this engine stays valid UTF-8, whatever the model's byte tokens say."""
+        if getattr(self, "_utf8_table", None) is None:
+            from imelodist_lib.utf8 import build_table
+
+            self._utf8_table = build_table(self.tokenizer, self.model.config.vocab_size)
+        return self._utf8_table
+
     def _lean_model(self):
         """The lean copy of the weights, read again when the model changed (e.g. was trained)."""
         from imelodist_lib.fast_decode import LeanLlama
@@ -368,7 +378,7 @@ class _TransformersEngine:
         start = time.perf_counter()
         with _torch_threads(self.threads):
             results = decode(self._lean_model(), rows, self._lean_sampling(sampling), self.stop_ids,
-                             batch_size=LEAN_BATCH_ROWS)
+                             batch_size=LEAN_BATCH_ROWS, utf8=self.utf8_table)
         seconds = time.perf_counter() - start
         raws = []
         for row, result in zip(rows, results):
@@ -385,7 +395,8 @@ class _TransformersEngine:
         rows = self._lean_rows([(messages, grammar, sampling.seed)], 1, sampling)
         tokens, shown = [], 0
         with _torch_threads(self.threads):
-            for _, token in iter_decode(self._lean_model(), rows, self._lean_sampling(sampling), self.stop_ids):
+            for _, token in iter_decode(self._lean_model(), rows, self._lean_sampling(sampling), self.stop_ids,
+                                        utf8=self.utf8_table):
                 if token in self.stop_ids:
                     break
                 tokens.append(token)
@@ -407,8 +418,10 @@ class _TransformersEngine:
         import torch
         from transformers import LogitsProcessorList
 
+        from imelodist_lib.utf8 import Utf8LogitsProcessor
+
         clock = _FirstTokenClock(start)
-        processors = [clock]
+        processors = [Utf8LogitsProcessor(self.tokenizer, table=self.utf8_table), clock]
         if grammar is not None:
             processors.insert(0, grammar_logits_processor(
                 self.tokenizer, grammar, vocab_size=self.model.config.vocab_size))
