@@ -32,6 +32,8 @@ def time_novelty(index: ev.NoveltyIndex, queries: list[str]) -> dict:
     and how often each agrees with brute force on the best similarity."""
     strings = [s for s in (ev.compact_string(q, index.table) for q in queries) if s]
     out: dict = {"queries": len(strings), "train_tunes": len(index)}
+    if not strings:  # --novelty-queries 0: nothing to time (the ratios below divide by the count)
+        return out
     from rapidfuzz import fuzz, process
 
     t0 = time.perf_counter()
