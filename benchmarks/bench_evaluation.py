@@ -51,6 +51,21 @@ def time_novelty(index: ev.NoveltyIndex, queries: list[str]) -> dict:
     return out
 
 
+def _novelty_section(novelty: dict) -> list[str]:
+    """The novelty-index speed table (nothing when no query was timed)."""
+    if not novelty["queries"]:
+        return []
+    return ["## Novelty index speed", "",
+            f"{novelty['queries']} queries against {novelty['train_tunes']} training tunes:", "",
+            "| search | queries/s | same best similarity as brute force | largest shortfall | "
+            "same near-copy verdict |", "|---|---|---|---|---|",
+            f"| brute force (rapidfuzz extractOne over all) | {novelty['brute_force_qps']:.1f} | 1.000 | 0 | 1.000 |",
+            *[f"| {label} | {novelty[k + '_qps']:.1f} | {novelty[k + '_agreement']:.3f} | "
+              f"{novelty[k + '_max_abs_diff']:.3f} | {novelty[k + '_near_copy_agreement']:.3f} |"
+              for k, label in (("indexed_exact", "n-gram candidates, then histogram-bound pruned exact scan"),
+                               ("candidates_only", "n-gram candidates only (a lower bound)"))], ""]
+
+
 def _prompt_section(reads_prompt: dict | None, copying: dict | None) -> list[str]:
     """Markdown: does the model read the request (forced choice on the header) and copy from context."""
     if not reads_prompt:
@@ -172,15 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"Perplexity of the model on 64 held-out {args.split} tunes: "
           f"{perplexity:.2f}" if perplexity else "No model evaluated (none found).", "",
           *_prompt_section(reads_prompt, copying),
-          "## Novelty index speed", "",
-          f"{novelty['queries']} queries against {novelty['train_tunes']} training tunes:", "",
-          "| search | queries/s | same best similarity as brute force | largest shortfall | "
-          "same near-copy verdict |", "|---|---|---|---|---|",
-          f"| brute force (rapidfuzz extractOne over all) | {novelty['brute_force_qps']:.1f} | 1.000 | 0 | 1.000 |",
-          *[f"| {label} | {novelty[k + '_qps']:.1f} | {novelty[k + '_agreement']:.3f} | "
-            f"{novelty[k + '_max_abs_diff']:.3f} | {novelty[k + '_near_copy_agreement']:.3f} |"
-            for k, label in (("indexed_exact", "n-gram candidates, then histogram-bound pruned exact scan"),
-                             ("candidates_only", "n-gram candidates only (a lower bound)"))], ""]
+          *_novelty_section(novelty)]
     (args.out / f"{stem}.md").write_text("\n".join(md), encoding="utf-8")
     print(json.dumps({"timings": timings, "novelty_index": novelty}, indent=1))
     return payload
