@@ -31,7 +31,7 @@ from typing import Any
 __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
-    "parse_key", "transpose", "to_music21", "validate", "meter_duration", "unit_length_of",
+    "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
     "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
 ]
 
@@ -79,6 +79,19 @@ def parse_fraction(text: str) -> Fraction:
 
 
 _METER_RE = re.compile(r"^\(?\s*([0-9]{1,3}(?:\s*\+\s*[0-9]{1,3})*)\s*\)?\s*/\s*([0-9]{1,3})$")
+
+
+def length_suffix(units: Fraction) -> str:
+    """A note length in unit lengths as ABC writes it after the note: 1 -> "", 3 -> "3",
+    1/2 -> "/2", 3/2 -> "3/2" (the inverse of the length `parse_tune` reads)."""
+    units = Fraction(units)
+    if units == 1:
+        return ""
+    if units.denominator == 1:
+        return str(units.numerator)
+    if units.numerator == 1:
+        return f"/{units.denominator}"
+    return f"{units.numerator}/{units.denominator}"
 
 
 def _meter_fraction(meter: str) -> Fraction | None:

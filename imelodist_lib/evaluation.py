@@ -824,18 +824,6 @@ def _spell(pitch: int, signature: dict[str, int], flats: bool) -> tuple[str, int
     return letter, alt, octave
 
 
-def _abc_length(duration: Fraction, unit_ql: Fraction) -> str:
-    """A duration in quarter lengths as an ABC length suffix for unit note `unit_ql`."""
-    units = Fraction(duration) / unit_ql
-    if units == 1:
-        return ""
-    if units.denominator == 1:
-        return str(units.numerator)
-    if units.numerator == 1:
-        return f"/{units.denominator}"
-    return f"{units.numerator}/{units.denominator}"
-
-
 class _BarWriter:
     """Writes (pitch, duration) events as ABC notes, keeping accidentals right within a bar."""
 
@@ -849,7 +837,7 @@ class _BarWriter:
         self.bar_state = {}
 
     def note(self, pitch: int | None, duration: Fraction) -> str:
-        length = _abc_length(duration, self.unit_ql)
+        length = abc.length_suffix(Fraction(duration) / self.unit_ql)
         if pitch is None:
             return "z" + length
         letter, alt, octave = _spell(pitch, self.signature, self.flats)

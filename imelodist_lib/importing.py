@@ -581,16 +581,6 @@ def _note_name(letter: str, octave: int) -> str:
     return letter + "," * (4 - octave)
 
 
-def _length(value: Fraction) -> str:
-    if value == 1:
-        return ""
-    if value.denominator == 1:
-        return str(value.numerator)
-    if value.numerator == 1:
-        return f"/{value.denominator}"
-    return f"{value.numerator}/{value.denominator}"
-
-
 def _is_triplet(duration: Fraction) -> bool:
     return duration.denominator % 3 == 0
 
@@ -615,7 +605,7 @@ def _write_bar(pieces: list[tuple[_Note, Fraction, bool, Fraction]], unit: Fract
             if j and onset in chords:
                 out.append(f'"{chords[onset]}"')
             shown = dur * Fraction(3, 2) if run > 1 or _is_triplet(dur) else dur
-            length = _length(shown / (4 * unit))
+            length = abc.length_suffix(shown / (4 * unit))
             if note.pitch is None:
                 out.append("z" + length)
             else:

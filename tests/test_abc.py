@@ -417,3 +417,10 @@ def test_validate_rejects(text, cause):
     report = abc.validate(text)
     assert not report.ok and cause in str(report.error)
     assert 0.0 <= report.bar_error_rate <= 1.0
+
+
+@pytest.mark.parametrize("units", [Fraction(1), Fraction(3), Fraction(1, 2), Fraction(3, 2), Fraction(1, 3), Fraction(7, 4)])
+def test_length_suffix_is_what_the_parser_reads_back(units):
+    """One home for writing ABC lengths (importing and the evaluation's n-gram writer call it)."""
+    text = f"X:1\nM:none\nL:1/8\nK:C\nC{abc.length_suffix(units)}|\n"
+    assert [e.duration for e in abc.events(text)] == [units / 2]  # L:1/8 is half a quarter
