@@ -348,7 +348,10 @@ class _HelperProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         self._proc = subprocess.Popen(
             [sys.executable, "-c", f"from imelodist_lib.player import {self.worker}; {self.worker}()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            # its own session: Ctrl-C or a kernel interrupt sent to the notebook's process group
+            # must not print a KeyboardInterrupt traceback from the helper; it ends when stdin closes
+            start_new_session=True)
 
     def stop(self) -> None:
         """End the helper process (it is restarted on the next render)."""
