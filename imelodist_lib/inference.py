@@ -756,11 +756,10 @@ class Composer:
             answer = answer.rstrip("\ufffd")
         # the text as it came, then without the white space a server may pad it with (a grammar
         # can end in its own, such as a harmonised melody's closing line break)
-        for candidate in dict.fromkeys([answer, answer.strip()]):
-            check = check_against_grammar(grammar, candidate)
-            if check.accepted or (check.refused_at is None and finish_reason == "length"):
-                return
-        check = check_against_grammar(grammar, answer)
+        checks = [check_against_grammar(grammar, c) for c in dict.fromkeys([answer, answer.strip()])]
+        if any(c.accepted or (c.refused_at is None and finish_reason == "length") for c in checks):
+            return
+        check = checks[0]  # the message speaks of the text as it came
         label = getattr(self.engine, "label", self.backend)
         if check.refused_at is None:
             where = f"it stops after {len(answer)} characters, before the tune is complete"
