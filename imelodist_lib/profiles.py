@@ -12,9 +12,13 @@ rehearses it (tests/test_gpu_rehearsal.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROFILE_ENV = "IMELODIST_PROFILE"
 DEVICE_ENV = "IMELODIST_DEVICE"
@@ -166,6 +170,7 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise TypeError(f"Profile has no field(s) {sorted(unknown)}")
+    overrides = {key: checked_value(key, value) for key, value in overrides.items()}
     device = os.environ.get(DEVICE_ENV, "").strip().lower()
     if device and "device" not in overrides:
         overrides["device"] = device
@@ -173,3 +178,78 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
         raise ValueError(f"unknown device {overrides['device']!r}: choose one of {list(DEVICES)} "
                          f"(device= or {DEVICE_ENV})")
     return dataclasses.replace(PROFILES[name], **overrides)
+
+
+def _field_types() -> dict[str, Any]:
+    """Each Profile field's declared type (the annotations are strings under `annotations`)."""
+    return typing.get_type_hints(Profile)
+
+
+def _matches(kind: Any, value: Any) -> tuple[bool, Any]:
+    """Whether `value` fits the declared type `kind`, and the value as the field stores it
+    (an int where a float is declared, a list where a tuple is, a str where a Path is)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            ok, stored = _matches(option, value)
+            if ok:
+                return True, stored
+        return False, value
+    if kind is type(None):
+        return value is None, value
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind is str:
+        return isinstance(value, str), value
+    if kind is Path:
+        return isinstance(value, (str, Path)), Path(value) if isinstance(value, (str, Path)) else value
+    if origin is tuple:
+        (item, *_) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        checked = [_matches(item, v) for v in value]
+        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
+    return isinstance(value, kind), value
+
+
+def _type_name(kind: Any) -> str:
+    """`int`, `int | None`, `tuple[int, ...]`: a declared type as it reads in the source."""
+    if typing.get_origin(kind) is None and hasattr(kind, "__name__"):
+        return kind.__name__
+    return str(kind).replace("typing.", "").replace("pathlib.", "").replace("NoneType", "None")
+
+
+def checked_value(name: str, value: Any) -> Any:
+    """`value` as Profile field `name` stores it, or a TypeError naming the field, the type it
+    takes and what was given (so `batch_size="8"` or `transpositions=2` fails at once, not
+    deep inside training)."""
+    kind = _field_types()[name]
+    ok, stored = _matches(kind, value)
+    if not ok:
+        raise TypeError(f"Profile field {name!r} takes {_type_name(kind)}, got {value!r} "
+                        f"({type(value).__name__})")
+    return stored
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """One `FIELD=VALUE` from a command line, as (field, value) checked against the field's type.
+    VALUE is read as JSON (numbers, true/false, null, lists), else as plain text."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"--set {text!r}: write FIELD=VALUE, e.g. --set batch_size=16")
+    fields = _field_types()
+    if key not in fields:
+        raise TypeError(f"Profile has no field {key!r}: choose one of {sorted(fields)}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if not isinstance(value, str) and not _matches(fields[key], value)[0] and _matches(fields[key], raw)[0]:
+        value = raw  # a text field given what reads as JSON, e.g. --set base_model=123
+    return key, checked_value(key, value)

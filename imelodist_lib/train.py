@@ -8,6 +8,7 @@ One code path for both sizes; only the profile differs:
   the end so the next stage (and LMDeploy) loads a plain model.
 
 Command line (the same functions):
+    python -m imelodist_lib.train --preset tiny-sft-2d     # a checked-in recipe, configs/presets/
     python -m imelodist_lib.train --stage pt  --profile cpu --max-steps 30 --output runs/cpu/pt
     python -m imelodist_lib.train --stage sft --profile cpu --base runs/cpu/pt/final
 Several GPUs: `accelerate launch --config_file configs/accelerate_multi_gpu.yaml -m imelodist_lib.train ...`
@@ -39,7 +40,7 @@ from imelodist_lib.models import (
     save_model,
     train_tokenizer,
 )
-from imelodist_lib.profiles import Profile, get_profile
+from imelodist_lib.profiles import REPO_ROOT, Profile, checked_value, get_profile, parse_override
 
 # Validation records used on CPU: a fixed subset (the first N) keeps each evaluation to seconds
 # and the curves comparable between runs; GPU runs evaluate on the whole validation split.
@@ -434,12 +435,101 @@ def sample_continuation(model_dir: str | Path, prefix: str, max_new_tokens: int 
     return prefix + tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+# ---------------------------------------------------------------- presets
+
+PRESETS_DIR = REPO_ROOT / "configs" / "presets"
+_PRESET_KEYS = {"stage", "profile", "max_steps", "base", "output", "set"}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named, checked-in training recipe (configs/presets/NAME.toml): the stage, the size
+    switch, where to read and write, and the profile fields it changes (type-checked)."""
+
+    name: str
+    stage: str
+    profile: str | None = None
+    max_steps: int | None = None
+    base: str | None = None
+    output: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def preset_names() -> list[str]:
+    """The presets checked in under configs/presets/."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_preset(name: str | Path) -> Preset:
+    """A preset by name (configs/presets/NAME.toml) or by path, its fields checked against
+    Profile's types; an unknown name, key or field is an error naming the choices."""
+    import tomllib
+
+    path = Path(name)
+    if path.suffix != ".toml":
+        path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no preset {str(name)!r}: choose one of {preset_names()} "
+                                f"(files in {PRESETS_DIR}) or give a .toml path")
+    with path.open("rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"preset {path}: {err}") from None
+    unknown = set(data) - _PRESET_KEYS
+    if unknown:
+        raise ValueError(f"preset {path}: unknown key(s) {sorted(unknown)}; a preset holds "
+                         f"{sorted(_PRESET_KEYS)}")
+    if data.get("stage") not in ("pt", "sft"):
+        raise ValueError(f"preset {path}: stage must be \"pt\" or \"sft\", got {data.get('stage')!r}")
+    settings = data.get("set", {})
+    fields = {f.name for f in dataclasses.fields(Profile)}
+    if set(settings) - fields:
+        raise TypeError(f"preset {path}: Profile has no field(s) {sorted(set(settings) - fields)}")
+    settings = {key: checked_value(key, value) for key, value in settings.items()}
+    return Preset(name=path.stem, stage=data["stage"], profile=data.get("profile"),
+                  max_steps=data.get("max_steps"), base=data.get("base"), output=data.get("output"),
+                  settings=settings)
+
+
 # ---------------------------------------------------------------- command line
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI: python -m imelodist_lib.train --stage pt|sft --profile cpu|gpu [--max-steps N] ..."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What one command line asks for, after the preset and the flags are combined."""
+
+    stage: str
+    profile: Profile
+    base: str | None
+    output: str | None
+    max_steps: int | None
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """The preset (if any), then the flags over it: a flag given wins, `--set` adds to the
+    preset's fields. Raises ValueError/TypeError/FileNotFoundError with a message for the user."""
+    preset = load_preset(args.preset) if args.preset else None
+    overrides = dict(preset.settings) if preset else {}
+    overrides.update(parse_override(item) for item in args.set)
+    stage = args.stage or (preset.stage if preset else None)
+    if stage is None:
+        raise ValueError("give --stage pt|sft or --preset NAME")
+
+    def pick(flag, key):
+        return flag if flag is not None else (getattr(preset, key) if preset else None)
+
+    return RunPlan(stage=stage, profile=get_profile(pick(args.profile, "profile"), **overrides),
+                   base=pick(args.base, "base"), output=pick(args.output, "output"),
+                   max_steps=pick(args.max_steps, "max_steps"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (python -m imelodist_lib.train --help)."""
     parser = argparse.ArgumentParser(prog="python -m imelodist_lib.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--stage", choices=["pt", "sft"], required=True)
+    parser.add_argument("--preset", default=None,
+                        help=f"a checked-in recipe (configs/presets/NAME.toml: {', '.join(preset_names())}) "
+                             f"or a .toml path; the flags below override it")
+    parser.add_argument("--stage", choices=["pt", "sft"], default=None)
     parser.add_argument("--profile", choices=["cpu", "gpu"], default=None,
                         help="size switch (default: IMELODIST_PROFILE, else gpu when CUDA is present)")
     parser.add_argument("--max-steps", type=int, default=None,
@@ -450,22 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an older run in --output (its checkpoints, final/merged model)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a profile field, e.g. --set eval_steps=200 --set batch_size=16")
+                        help="override a profile field (type-checked), e.g. --set eval_steps=200")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)  # numbers, booleans, lists
-        except json.JSONDecodeError:
-            overrides[key] = value
-    profile = get_profile(args.profile, **overrides)
-    if args.stage == "pt":
-        result = continued_pretraining(profile, args.output, args.max_steps, args.resume,
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: python -m imelodist_lib.train --preset NAME | --stage pt|sft [--profile cpu|gpu] ..."""
+    parser = build_parser()
+    plan = plan_run(parser.parse_args(argv))  # a wrong preset or field raises, naming it
+    if plan.stage == "pt":
+        result = continued_pretraining(plan.profile, plan.output, plan.max_steps, args.resume,
                                        not args.no_progress, overwrite=args.overwrite)
     else:
-        result = instruction_tuning(profile, args.base, args.output, args.max_steps, args.resume,
+        result = instruction_tuning(plan.profile, plan.base, plan.output, plan.max_steps, args.resume,
                                     not args.no_progress, overwrite=args.overwrite)
     print(json.dumps(result.summary(), indent=1, ensure_ascii=False))
     return 0
