@@ -22,7 +22,7 @@ from imelodist_lib.instructions import (
     phrase_records,
     read_identity,
 )
-from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile
+from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile, parse_override
 
 TEMPLATES_FILE = "knowledge_qa_templates.json"
 KNOWLEDGE_TASK = "knowledge"  # records' task tag: "knowledge/<kind>"
@@ -155,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"instructions_per_tune": 1, "transposed_chat_share": 1.0, "phrase_chats_per_tune": 1,
                  "max_seq_len": 768, "batch_size": 8, "learning_rate": 5e-4, "eval_steps": 200,
                  "save_steps": 100, "sft_epochs": 1.0}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides.update(parse_override(item) for item in args.set)  # type-checked against Profile
     profile = get_profile("cpu", **overrides)
     tunes = corpus.read_jsonl(args.tunes or profile.run_dir / "data" / "tunes.jsonl")
     data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed)
