@@ -547,8 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: python -m imelodist_lib.train --preset NAME | --stage pt|sft [--profile cpu|gpu] ..."""
-    parser = build_parser()
-    plan = plan_run(parser.parse_args(argv))  # a wrong preset or field raises, naming it
+    args = build_parser().parse_args(argv)
+    plan = plan_run(args)  # a wrong preset or field raises, naming it
     if plan.stage == "pt":
         result = continued_pretraining(plan.profile, plan.output, plan.max_steps, args.resume,
                                        not args.no_progress, overwrite=args.overwrite)
