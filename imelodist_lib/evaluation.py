@@ -23,7 +23,7 @@ import math
 import random
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
 from itertools import combinations
@@ -667,12 +667,15 @@ class MetricSummary:
 
 
 def summarize(name: str, values: Sequence[float | None], weights: Sequence[float | None] | None = None,
-              seed: int = 0, clusters: Sequence[Any] | None = None) -> MetricSummary:
+              seed: int = 0, clusters: Sequence[Any] | None = None,
+              kind: str | None = None) -> MetricSummary:
     """Aggregate one metric's per-answer values (None skipped) with its 95 % interval: Wilson
     for yes/no rates, a seeded bootstrap for means and pooled ratios. With `clusters` (the
     request of each answer) the independent unit is the cluster: Wilson counts clusters, the
-    bootstrap resamples them."""
+    bootstrap resamples them. `kind` ("rate" | "mean" | "pooled") overrides the metric table's."""
     spec = METRIC_BY_NAME.get(name, MetricSpec(name, "mean", name))
+    if kind is not None:  # a metric the table does not list (e.g. request_suite's own rates)
+        spec = replace(spec, kind=kind)
     pooled = spec.kind == "pooled" and weights is not None
     ws = list(weights) if pooled else [1.0] * len(values)
     cs = list(clusters) if clusters is not None else list(range(len(values)))
@@ -1339,7 +1342,6 @@ def copy_test(model: Any, tokenizer: Any, length: int = 50, n: int = 8, seed: in
 
 def _with_field(request: ComposeRequest, field: str, value: str) -> ComposeRequest:
     """The request asking for another key or meter; a continuation's given bars follow it."""
-    from dataclasses import replace
 
     changed = replace(request, **{field: value})
     if request.seed_abc:

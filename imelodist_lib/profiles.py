@@ -12,6 +12,7 @@ rehearses it (tests/test_gpu_rehearsal.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -180,6 +181,7 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     return dataclasses.replace(PROFILES[name], **overrides)
 
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
     """Each Profile field's declared type (the annotations are strings under `annotations`)."""
     return typing.get_type_hints(Profile)
@@ -227,8 +229,11 @@ def _type_name(kind: Any) -> str:
 def checked_value(name: str, value: Any) -> Any:
     """`value` as Profile field `name` stores it, or a TypeError naming the field, the type it
     takes and what was given (so `batch_size="8"` or `transpositions=2` fails at once, not
-    deep inside training)."""
-    kind = _field_types()[name]
+    deep inside training); an unknown field is a TypeError naming the fields there are."""
+    fields = _field_types()
+    if name not in fields:
+        raise TypeError(f"Profile has no field {name!r}: choose one of {sorted(fields)}")
+    kind = fields[name]
     ok, stored = _matches(kind, value)
     if not ok:
         raise TypeError(f"Profile field {name!r} takes {_type_name(kind)}, got {value!r} "
@@ -243,13 +248,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"--set {text!r}: write FIELD=VALUE, e.g. --set batch_size=16")
-    fields = _field_types()
-    if key not in fields:
-        raise TypeError(f"Profile has no field {key!r}: choose one of {sorted(fields)}")
+    kind = _field_types().get(key)
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    if not isinstance(value, str) and not _matches(fields[key], value)[0] and _matches(fields[key], raw)[0]:
+    if kind is not None and not isinstance(value, str) and not _matches(kind, value)[0] \
+            and _matches(kind, raw)[0]:
         value = raw  # a text field given what reads as JSON, e.g. --set base_model=123
     return key, checked_value(key, value)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from imelodist_lib import abc
 from imelodist_lib.corpus import EMOTION_RULES, STYLE_ZH, diatonic_triads
-from imelodist_lib.evaluation import score_answer, summarize, tonic_pitch_class, wilson_interval
+from imelodist_lib.evaluation import score_answer, summarize, tonic_pitch_class
 from imelodist_lib.instructions import COMPOSE_TASKS, LANGS, ComposeRequest, request_from_tune
 
 __all__ = ["SUITE_KEYS", "SUITE_METERS", "SUITE_LENGTHS", "SuiteRow", "any_request_suite",
@@ -59,12 +59,12 @@ def _dealt(values: Sequence[Any], n: int, rng: random.Random) -> list[Any]:
     return out[:n]
 
 
+_ROOT = re.compile(r"[A-G][#b]?")
+
+
 def _root_pc(symbol: str) -> int:
     """Pitch class of a chord symbol's or tonic's root ("F#m" -> 6)."""
     return tonic_pitch_class(_ROOT.match(symbol).group())
-
-
-_ROOT = re.compile(r"[A-G][#b]?")
 
 
 def chord_progression(key: str, bars: int, rng: random.Random) -> list[str]:
@@ -81,15 +81,16 @@ def chord_progression(key: str, bars: int, rng: random.Random) -> list[str]:
     return [tonic, *middle, tonic]
 
 
-def _continuation(tunes: Sequence[Any], meter: str, key: str, lang: str, bars: int,
+def _continuation(candidates: Sequence[tuple[Any, str | None]], key: str, lang: str, bars: int,
                   rng: random.Random) -> ComposeRequest | None:
-    """A continuation of a held-out tune in `meter`, moved to `key`'s tonic when the modes
-    agree (else kept in its own key), asked to reach `bars` bars; None when no tune serves."""
+    """A continuation of one of `candidates` ((held-out record, its K:) pairs in the wanted
+    meter), moved to `key`'s tonic when the modes agree (else kept in its own key), asked to
+    reach `bars` bars; None when no tune serves."""
     wanted = abc.parse_key(key)
-    pool = [t for t in tunes if abc.parse_tune(t.abc).meter == meter]
+    pool = list(candidates)
     rng.shuffle(pool)
-    for record in pool:
-        have = abc.parse_key(abc.parse_tune(record.abc).key or "C")
+    for record, tune_key in pool:
+        have = abc.parse_key(tune_key or "C")
         shift = 0
         if have.mode == wanted.mode and have.tonic and wanted.tonic:
             shift = (_root_pc(wanted.tonic) - _root_pc(have.tonic)) % 12
@@ -112,7 +113,11 @@ def any_request_suite(tunes: Sequence[Any], n: int = 80, seed: int = 0) -> list[
     kinds = [(task, lang) for task in COMPOSE_TASKS for lang in LANGS]
     kinds = [kinds[i % len(kinds)] for i in range(n)]
     keys, meters, lengths = (_dealt(v, n, rng) for v in (SUITE_KEYS, SUITE_METERS, SUITE_LENGTHS))
-    held = {abc.parse_tune(t.abc).meter for t in tunes}
+    by_meter: dict[str | None, list[tuple[Any, str | None]]] = {}
+    for record in tunes:  # each held-out tune is parsed once, its order kept
+        tune = abc.parse_tune(record.abc)
+        by_meter.setdefault(tune.meter, []).append((record, tune.key))
+    held = set(by_meter)
     fallback = iter(_dealt([m for m in SUITE_METERS if m in held] or [None], n, rng))
     emotions, styles, themes = (iter(_dealt(v, n, rng)) for v in (_EMOTIONS, _STYLES, _THEMES))
     out = []
@@ -129,7 +134,8 @@ def any_request_suite(tunes: Sequence[Any], n: int = 80, seed: int = 0) -> list[
             out.append(ComposeRequest(task, lang, chords=chord_progression(key, bars, rng),
                                       theme=theme, key=key, meter=meter))
         else:
-            request = _continuation(tunes, meter if meter in held else next(fallback), key, lang, bars, rng)
+            pool = by_meter.get(meter if meter in held else next(fallback), [])
+            request = _continuation(pool, key, lang, bars, rng)
             if request is None:
                 raise ValueError("no held-out tune can be continued: give the test split's records")
             out.append(request)
@@ -173,46 +179,39 @@ _REPORTED = (("key_match", "asked key written"), ("meter_match", "asked meter wr
              ("truncated", "answers cut off by the token limit"), ("valid", "answers that parse"))
 
 
-def _rate(values: Sequence[float | None], clusters: Sequence[int]) -> tuple[float, float, float, int]:
-    """Mean of yes/no values and its Wilson interval over the requests they came from."""
-    kept = [(v, c) for v, c in zip(values, clusters) if v is not None]
-    if not kept:
-        return math.nan, math.nan, math.nan, 0
-    mean = sum(v for v, _ in kept) / len(kept)
-    units = len({c for _, c in kept})
-    low, high = wilson_interval(mean * units, units)
-    return mean, low, high, len(kept)
-
-
 def follow_report(rows: Sequence[SuiteRow]) -> list[dict[str, Any]]:
-    """The suite's table: each figure with its 95 % interval (requests are the unit), its
-    target and whether the point estimate meets it."""
+    """The suite's table: each figure with its 95 % interval (requests are the unit: Wilson
+    for the yes/no rates, a bootstrap for the pooled wrong-bar share), its target and whether
+    the point estimate meets it."""
     clusters = [id(r.request) for r in rows]
     table = []
     for name, label in _REPORTED:
+        own = name in ("length_within_one", "reproduced", "truncated")  # SuiteRow's fields
+        values = [getattr(r, name) if own else r.scores.get(name) for r in rows]
         if name == "bar_error_rate":
-            s = summarize(name, [r.scores.get(name) for r in rows],
-                          [r.scores.get("bars_checked") for r in rows], clusters=clusters)
-            mean, low, high, n = s.mean, s.ci_low, s.ci_high, s.n
-        elif name in ("length_within_one", "reproduced", "truncated"):
-            mean, low, high, n = _rate([getattr(r, name) for r in rows], clusters)
+            s = summarize(name, values, [r.scores.get("bars_checked") for r in rows], clusters=clusters)
         else:
-            mean, low, high, n = _rate([r.scores.get(name) for r in rows], clusters)
+            s = summarize(name, values, clusters=clusters, kind="rate")
         target = TARGETS.get(name)
         lower_is_better = name in ("bar_error_rate", "truncated")
-        meets = None if target is None or n == 0 else (mean < target if lower_is_better else mean >= target)
-        table.append({"metric": name, "what": label, "value": mean, "low": low, "high": high, "n": n,
-                      "target": target, "lower_is_better": lower_is_better, "meets": meets})
+        meets = None if target is None or s.n == 0 else (
+            s.mean < target if lower_is_better else s.mean >= target)
+        table.append({"metric": name, "what": label, "value": s.mean, "low": s.ci_low,
+                      "high": s.ci_high, "n": s.n, "target": target,
+                      "lower_is_better": lower_is_better, "meets": meets})
     return table
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f} %"
 
 
 def markdown(table: Sequence[dict[str, Any]]) -> str:
     """The report as a Markdown table (percentages, intervals, target, met or not)."""
     lines = ["| | value [95 % interval] | n | target | met |", "|---|---|---|---|---|"]
     for t in table:
-        pct = lambda x: "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f} %"  # noqa: E731
-        target = "" if t["target"] is None else ("< " if t["lower_is_better"] else ">= ") + pct(t["target"])
+        target = "" if t["target"] is None else ("< " if t["lower_is_better"] else ">= ") + _percent(t["target"])
         met = "" if t["meets"] is None else ("yes" if t["meets"] else "no")
-        lines.append(f"| {t['what']} | {pct(t['value'])} [{pct(t['low'])}, {pct(t['high'])}] | "
+        lines.append(f"| {t['what']} | {_percent(t['value'])} [{_percent(t['low'])}, {_percent(t['high'])}] | "
                      f"{t['n']} | {target} | {met} |")
     return "\n".join(lines)

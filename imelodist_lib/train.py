@@ -482,11 +482,10 @@ def load_preset(name: str | Path) -> Preset:
                          f"{sorted(_PRESET_KEYS)}")
     if data.get("stage") not in ("pt", "sft"):
         raise ValueError(f"preset {path}: stage must be \"pt\" or \"sft\", got {data.get('stage')!r}")
-    settings = data.get("set", {})
-    fields = {f.name for f in dataclasses.fields(Profile)}
-    if set(settings) - fields:
-        raise TypeError(f"preset {path}: Profile has no field(s) {sorted(set(settings) - fields)}")
-    settings = {key: checked_value(key, value) for key, value in settings.items()}
+    try:
+        settings = {key: checked_value(key, value) for key, value in data.get("set", {}).items()}
+    except TypeError as err:
+        raise TypeError(f"preset {path}: {err}") from None
     return Preset(name=path.stem, stage=data["stage"], profile=data.get("profile"),
                   max_steps=data.get("max_steps"), base=data.get("base"), output=data.get("output"),
                   settings=settings)
