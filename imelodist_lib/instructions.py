@@ -126,8 +126,12 @@ class ComposeRequest:
                 setattr(self, name, int(value))
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (every field, None included, so dataset columns line up)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (every field, None included, so dataset columns line up; `melody`
+        only when set, so requests without it keep their dicts, ids and dataset rows)."""
+        d = dataclasses.asdict(self)
+        if d["melody"] is None:
+            del d["melody"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ComposeRequest":

@@ -554,3 +554,10 @@ def test_special_token_text_in_a_request_tokenises_as_plain_text():
     assert ins.neutralize_special_tokens(ins.neutralize_special_tokens(attack)) == \
         ins.neutralize_special_tokens(attack)  # idempotent: safe to apply at every layer
     assert ins.neutralize_special_tokens("A<B c>d |: G2 :|") == "A<B c>d |: G2 :|"  # ABC untouched
+
+
+def test_melody_is_in_a_requests_dict_only_when_set():
+    # requests of the other tasks keep the dict (and so the evaluation's request ids) they had
+    assert "melody" not in ins.ComposeRequest("emotion").to_dict()
+    req = ins.ComposeRequest("harmonise", "en", melody="X:1\nM:2/4\nL:1/8\nK:C\nCDEF|G4|]\n")
+    assert ins.ComposeRequest.from_dict(req.to_dict()) == req
