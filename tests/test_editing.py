@@ -130,3 +130,21 @@ def test_a_harmonise_request_composed_in_guaranteed_valid_mode_uses_the_harmonis
 def test_harmonise_refuses_a_melody_with_a_wrong_bar_length():
     with pytest.raises(ValueError, match="1 bar\\(s\\) of the wrong length"):
         harmonise_grammar("X:1\nM:4/4\nL:1/8\nK:C\nCDEF GABc|CDE GABc|c8|]\n")
+
+
+def test_editing_evaluation_reports_harmonise_adherence_and_regenerated_bar_validity(composer):
+    from imelodist_lib import evaluation as ev
+    from imelodist_lib.instructions import chords_per_bar
+
+    result = ev.editing_evaluation(composer, [JIG, REEL], seed=1, lang="en")
+    jig, reel = result.rows
+    assert (jig["bars"], reel["bars"]) == (6, 8)
+    assert jig["adherence_human"] == ev.chord_adherence(ev.parse_answer(strip_chords(JIG)),
+                                                        chords_per_bar(JIG))  # every bar of JIG has one
+    assert reel["adherence_human"] is None  # no human chords to compare with
+    model_chords = harmonise(composer, REEL, lang="en", seed=2).chords  # tune i is seeded seed + i
+    assert reel["adherence_model"] == ev.chord_adherence(ev.parse_answer(REEL), model_chords)
+    assert result.metric("regenerate_valid").mean == 1.0 and result.metric("regenerate_kept").mean == 1.0
+    assert result.metric("harmonise_adherence_human").n == 1 and result.metric("harmonise_adherence_model").n == 2
+    assert all(0 <= s.ci_low <= s.mean <= s.ci_high <= 1 for s in result.summary)
+    assert ev.editing_tunes([JIG, REEL, "X:1\nK:C\nCDE|"], 5, min_bars=8) == [abc.normalize(REEL)]
