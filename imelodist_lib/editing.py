@@ -21,7 +21,7 @@ from imelodist_lib.grammar import BarPlan, bar_fill_rules, ebnf_literal, plan_ba
 from imelodist_lib.instructions import ComposeRequest, bar_segments
 
 __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate", "harmonise",
-           "strip_chords", "chord_vocabulary", "suffix_logprob"]
+           "harmonise_grammar", "harmonise_budget", "strip_chords", "chord_vocabulary", "suffix_logprob"]
 
 # What may stand between a bar line and a bar's first note and belongs to the bar line side:
 # white space, bar lines, an ending marker ([1, [2, |2), an inline field ([K:D]).
@@ -226,32 +226,52 @@ def chord_vocabulary(key: str, region: bool = True) -> list[str]:
     return [r + q for q in ("", "m", "7") for r in roots]
 
 
-def harmonise(composer: Any, abc_text: str, vocabulary: str = "key", seed: int | None = None,
-              temperature: float | None = None, max_new_tokens: int | None = None) -> Harmonisation:
-    """The melody with a chord symbol at the start of every bar, chosen by the model.
-
-    Chord symbols already in the tune are removed first. The grammar forces every other byte of
-    the tune; each bar's chord is one of `chord_vocabulary(key, region=vocabulary == "key")`
-    (vocabulary: "key" or "all")."""
+def harmonise_grammar(abc_text: str, vocabulary: str = "key") -> str:
+    """The grammar of a harmonisation: every byte of the melody (chord symbols removed) forced,
+    one chord symbol from `chord_vocabulary` free at the start of every bar (vocabulary: "key"
+    or "all"). `grammar.grammar_for_request` uses it for a "harmonise" request."""
     if vocabulary not in ("key", "all"):
         raise ValueError(f"vocabulary must be 'key' or 'all', got {vocabulary!r}")
     melody = strip_chords(abc_text)
     tune = abc.parse_tune(melody)
+    errors = abc.check_bars(tune).errors
+    if errors:
+        raise ValueError(f"the melody has {len(errors)} bar(s) of the wrong length (first: {errors[0]}): "
+                         f"fix them before harmonising, the notes are kept as they are")
     chords = chord_vocabulary(tune.key or "C", region=vocabulary == "key")
-    spans = bar_spans(melody)
     rule = "chord ::= " + " | ".join(ebnf_literal(f'"{c}"') for c in chords)
     parts, cursor = [], 0
-    for span in spans:
+    for span in bar_spans(melody):
         parts += [ebnf_literal(melody[cursor:span.start]), "chord"]
         cursor = span.start
     parts.append(ebnf_literal(melody[cursor:]))
-    grammar = "root ::= " + " ".join(p for p in parts if p != '""') + "\n" + rule + "\n"
-    request = ("为下面这段旋律配和弦，每小节开头写一个和弦记号，旋律不变：\n"
-               "Add one chord symbol at the start of every bar; keep the melody as it is:\n" + melody)
+    return "root ::= " + " ".join(p for p in parts if p != '""') + "\n" + rule + "\n"
+
+
+def harmonise_budget(abc_text: str) -> int:
+    """max_new_tokens that always fits a harmonisation (characters of the melody, a chord's
+    room per bar, a margin: a token is at least one character)."""
+    melody = strip_chords(abc_text)
+    return len(melody) + 8 * len(bar_spans(melody)) + 32
+
+
+def harmonise(composer: Any, abc_text: str, vocabulary: str = "key", lang: str = "zh",
+              seed: int | None = None, temperature: float | None = None,
+              max_new_tokens: int | None = None) -> Harmonisation:
+    """The melody with a chord symbol at the start of every bar, chosen by the model.
+
+    Chord symbols already in the tune are removed first. The grammar (`harmonise_grammar`)
+    forces every other byte of the tune; each bar's chord is one of
+    `chord_vocabulary(key, region=vocabulary == "key")` (vocabulary: "key" or "all"). The prompt
+    is the "harmonise" task's (`ComposeRequest("harmonise", lang, melody=...)`), so
+    `composer.compose(that request, constrained=True)` decodes the same answer."""
+    grammar = harmonise_grammar(abc_text, vocabulary)
+    melody = strip_chords(abc_text)
+    messages = composer.messages_for(ComposeRequest("harmonise", lang, melody=melody))
     if max_new_tokens is None:
-        max_new_tokens = len(melody) + 8 * len(spans) + 32
+        max_new_tokens = harmonise_budget(melody)
     seed = 0 if seed is None else int(seed)
-    comp = composer.chat(request, grammar=grammar, seed=seed, temperature=temperature,
+    comp = composer.chat(messages, grammar=grammar, seed=seed, temperature=temperature,
                          max_new_tokens=max_new_tokens)
     if comp.finish_reason != "stop":
         raise RuntimeError(f"the answer hit max_new_tokens={max_new_tokens} before the tune ended")

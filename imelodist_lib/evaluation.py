@@ -1486,3 +1486,121 @@ def plot_novelty(results: Sequence[EvaluationResult]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Editing: harmonise adherence and regenerated-bar validity
+# --------------------------------------------------------------------------------------------
+EDITING_CHORD_SOURCES = ("model", "labeller", "random", "human")
+
+
+def editable_tune(text: str, min_bars: int = 8, max_bars: int = 16) -> str | None:
+    """The tune normalised when editing can take it (one voice, valid, every bar the meter's
+    length, `min_bars`..`max_bars` bars), else None."""
+    from imelodist_lib.editing import bar_spans
+
+    try:
+        text = abc.normalize(text)
+        report = abc.validate(text)
+        if not report.ok or report.bars.errors or len({e.voice for e in abc.events(text)}) > 1:
+            return None
+        return text if min_bars <= len(bar_spans(text)) <= max_bars else None
+    except (abc.ABCError, ValueError):
+        return None
+
+
+def editing_tunes(records: Iterable[Any], count: int, min_bars: int = 8, max_bars: int = 16) -> list[str]:
+    """The first `count` tunes (records with `.abc`, or ABC texts) that `editable_tune` takes."""
+    out: list[str] = []
+    for record in records:
+        text = editable_tune(record if isinstance(record, str) else record.abc, min_bars, max_bars)
+        if text is not None:
+            out.append(text)
+        if len(out) >= count:
+            break
+    return out
+
+
+def _carried(chords: Sequence[str | None]) -> list[str]:
+    """One chord per bar: a bar without one keeps the previous (the first bars take the first)."""
+    out, last = [], next((c for c in chords if c), "C")
+    for c in chords:
+        last = c or last
+        out.append(last)
+    return out
+
+
+@dataclass
+class EditingEvaluation:
+    """How a composer edits tunes: per tune and aggregated with 95 % intervals."""
+
+    rows: list[dict[str, Any]]  # per tune: bars, adherence_<source>, regenerate_valid, regenerate_kept
+    summary: list[MetricSummary]
+
+    def metric(self, name: str) -> MetricSummary:
+        """The summary line of one metric (KeyError if it was not measured)."""
+        for s in self.summary:
+            if s.metric == name:
+                return s
+        raise KeyError(f"metric {name!r} not in this result; have {[s.metric for s in self.summary]}")
+
+    def table(self):
+        """The aggregate table as a pandas DataFrame (metric, mean, ci_low, ci_high, n)."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(s) for s in self.summary])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: summary and per-tune rows."""
+        return {"summary": [_clean(asdict(s)) for s in self.summary], "rows": [_clean(r) for r in self.rows]}
+
+
+def editing_evaluation(composer: Any, tunes: Sequence[str], seed: int = 0, lang: str = "zh",
+                       regenerate_bars: int = 2) -> EditingEvaluation:
+    """Harmonise adherence and regenerated-bar validity of `composer` on `tunes` (ABC texts,
+    e.g. `editing_tunes(test, 4)`).
+
+    Harmonise: each tune's chords are stripped and the composer harmonises the melody
+    (`editing.harmonise`: notes forced, one chord per bar from the key's vocabulary); its chords
+    are scored with `chord_adherence` on that melody beside the corpus labeller's
+    (`corpus.fit_chords`), a seeded random pick from the same vocabulary and, for tunes that
+    carry them, the human chords (a bar without one keeps the previous). Regenerate: the
+    `regenerate_bars` middle bars written anew (`editing.regenerate`); valid = passes
+    `abc.validate` with no bar-length error, kept = every other bar byte for byte. Adherence is
+    a bootstrap mean, the two regenerate figures Wilson rates, over tunes."""
+    from imelodist_lib.corpus import fit_chords
+    from imelodist_lib.editing import bar_spans, chord_vocabulary, harmonise, regenerate, strip_chords
+    from imelodist_lib.instructions import chords_per_bar
+
+    rows = []
+    for i, text in enumerate(tunes):
+        melody = strip_chords(text)
+        spans = bar_spans(melody)
+        rng = random.Random(seed + i)
+        labelled = dict(fit_chords(melody))
+        vocabulary = chord_vocabulary(abc.parse_tune(melody).key or "C")
+        sequences = {"model": harmonise(composer, melody, lang=lang, seed=seed + i).chords,
+                     "labeller": _carried([labelled.get(s.index) for s in spans]),
+                     "random": [rng.choice(vocabulary) for _ in spans]}
+        human = chords_per_bar(text)
+        if any(human):
+            sequences["human"] = _carried(human)
+        parsed = parse_answer(melody)
+        row: dict[str, Any] = {"tune": abc.parse_tune(text).title, "bars": len(spans)}
+        for source in EDITING_CHORD_SOURCES:
+            row[f"adherence_{source}"] = chord_adherence(parsed, sequences[source]) if source in sequences else None
+        start = len(spans) // 2
+        bars = range(start, min(len(spans), start + regenerate_bars))
+        [r] = regenerate(composer, text, bars, seed=seed + i)
+        old, new = bar_spans(text), bar_spans(r.abc)
+        row["regenerate_valid"] = float(r.report.ok and not r.report.bars.errors)
+        row["regenerate_kept"] = float(len(old) == len(new) and all(
+            text[a.start:a.end] == r.abc[b.start:b.end] for k, (a, b) in enumerate(zip(old, new)) if k not in bars))
+        rows.append(row)
+    summary = [summarize(f"harmonise_adherence_{source}", [r[f"adherence_{source}"] for r in rows], seed=seed)
+               for source in EDITING_CHORD_SOURCES]
+    for name in ("regenerate_valid", "regenerate_kept"):
+        values = [r[name] for r in rows]
+        lo, hi = wilson_interval(sum(values), len(values))
+        summary.append(MetricSummary(name, sum(values) / len(values) if values else math.nan, lo, hi, len(values)))
+    return EditingEvaluation(rows, summary)

@@ -370,7 +370,12 @@ def grammar_for_request(request: "ComposeRequest", unit_length: str = "1/8",
 
     Meter, key and tempo come from the request, else from the seed tune (continuations),
     else 4/4 in C; the length is `request.bars` when given (the chord count for chord tasks),
-    else `bar_range`; a continuation's seed bars are forced verbatim before the new ones."""
+    else `bar_range`; a continuation's seed bars are forced verbatim before the new ones.
+    "harmonise": the melody forced, one chord free per bar (`editing.harmonise_grammar`)."""
+    if request.task == "harmonise":
+        from imelodist_lib.editing import harmonise_grammar  # editing builds on this module
+
+        return harmonise_grammar(request.melody)
     return abc_grammar(**_request_grammar_args(request, unit_length, bar_range))
 
 
@@ -380,6 +385,10 @@ def token_budget(request: "ComposeRequest", unit_length: str = "1/8",
 
     Bound: the longest tune the grammar allows, at two tokens per grammar step (a note and a
     space), plus bar lines, chord symbols, the header and a forced continuation prefix."""
+    if request.task == "harmonise":
+        from imelodist_lib.editing import harmonise_budget  # editing builds on this module
+
+        return harmonise_budget(request.melody)
     args = _request_grammar_args(request, unit_length, bar_range)
     bars = max(args["max_bars"], len(args["chord_symbols"] or ()))
     steps = plan_bars(args["meter"], args["unit_length"]).bar_steps

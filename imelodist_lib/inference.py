@@ -895,6 +895,27 @@ class Composer:
                              grammar, seed_i)
                 for answers, request, (messages, grammar, seed_i) in zip(raws, requests, jobs)]
 
+    def regenerate(self, abc: str, bars: range, n: int = 1, seed: int | None = None,
+                   temperature: float | None = None, rank_by_suffix: bool = False,
+                   candidates: int = 4, max_new_tokens: int | None = None) -> list:
+        """n versions of the tune `abc` with bars `bars` (0-based) written anew and every other
+        byte kept; see `editing.regenerate` (the suffix after the range is kept, not seen)."""
+        from imelodist_lib import editing  # editing builds on this module: imported when used
+
+        return editing.regenerate(self, abc, bars, n=n, seed=seed, temperature=temperature,
+                                  rank_by_suffix=rank_by_suffix, candidates=candidates,
+                                  max_new_tokens=max_new_tokens)
+
+    def harmonise(self, melody: str, vocabulary: str = "key", lang: str = "zh",
+                  seed: int | None = None, temperature: float | None = None,
+                  max_new_tokens: int | None = None):
+        """The melody with one chord symbol per bar chosen by the model, every note kept; see
+        `editing.harmonise` (vocabulary: "key" or "all")."""
+        from imelodist_lib import editing  # editing builds on this module: imported when used
+
+        return editing.harmonise(self, melody, vocabulary=vocabulary, lang=lang, seed=seed,
+                                 temperature=temperature, max_new_tokens=max_new_tokens)
+
     @staticmethod
     def _conversation(messages: list[dict] | str) -> list[dict]:
         if isinstance(messages, str):

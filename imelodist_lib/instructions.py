@@ -31,7 +31,10 @@ from imelodist_lib import abc, jsonl
 from imelodist_lib.corpus import STYLE_ZH
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
 
-TASKS = ("emotion", "chords", "theme_chords", "continue", "describe")
+TASKS = ("emotion", "chords", "theme_chords", "continue", "describe", "harmonise")
+# the kinds the SFT build deals (harmonise has no records: the shipped model was trained without
+# them, and in guaranteed-valid mode its grammar forces the notes, so only the chords are asked)
+SFT_TASKS = ("emotion", "chords", "theme_chords", "continue", "describe")
 COMPOSE_TASKS = ("emotion", "chords", "theme_chords", "continue")
 LANGS = ("zh", "en")
 SPLITS = ("train", "validation", "test")
@@ -81,7 +84,7 @@ def user_turns_as_data(messages: Sequence[dict]) -> list[dict]:
 class ComposeRequest:
     """What a user asks the composer for; the one record prompts, targets and evaluation share."""
 
-    task: str  # "emotion" | "chords" | "theme_chords" | "continue" | "describe"
+    task: str  # "emotion" | "chords" | "theme_chords" | "continue" | "describe" | "harmonise"
     lang: str = "zh"  # "zh" | "en"
     emotion: str | None = None  # e.g. "欢快" / "joyful"
     style: str | None = None  # e.g. "jig", "中国民歌"
@@ -92,6 +95,7 @@ class ComposeRequest:
     tempo: int | None = None  # quarter notes per minute (Q:)
     bars: int | None = None  # requested length in bars
     seed_abc: str | None = None  # tune to continue (task "continue") or to describe
+    melody: str | None = None  # ABC melody to give one chord per bar (task "harmonise")
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -108,6 +112,8 @@ class ComposeRequest:
             raise ValueError("task 'theme_chords' needs theme='...' (a title or theme text)")
         if self.task in ("continue", "describe") and not self.seed_abc:
             raise ValueError(f"task {self.task!r} needs seed_abc='...' (the ABC tune to use)")
+        if self.task == "harmonise" and not self.melody:
+            raise ValueError("task 'harmonise' needs melody='...' (the ABC melody to harmonise)")
         for name in ("theme", "key", "meter"):
             check_one_line(name, getattr(self, name))
         for i, chord in enumerate(self.chords or ()):
@@ -120,8 +126,12 @@ class ComposeRequest:
                 setattr(self, name, int(value))
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (every field, None included, so dataset columns line up)."""
-        return dataclasses.asdict(self)
+        """Plain JSON-able dict (every field, None included, so dataset columns line up; `melody`
+        only when set, so requests without it keep their dicts, ids and dataset rows)."""
+        d = dataclasses.asdict(self)
+        if d["melody"] is None:
+            del d["melody"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ComposeRequest":
@@ -185,7 +195,7 @@ def _style_in(style: str, lang: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Templates. Placeholders: {desc} {constraints} {chords} {theme} {seed}. Constraint clauses are
+# Templates. Placeholders: {desc} {constraints} {chords} {theme} {seed} {melody}. Constraint clauses are
 # optional; each template reads naturally with or without them.
 # --------------------------------------------------------------------------------------------
 TEMPLATES: dict[str, dict[str, list[str]]] = {
@@ -261,6 +271,20 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Read this score and tell me its key, time signature, range and mood:\n{seed}",
         ],
     },
+    "harmonise": {
+        "zh": [
+            "为下面这段旋律配和弦，每小节开头写一个和弦记号，旋律不变：\n{melody}",
+            "请给这首曲子的每一小节配一个和弦（用ABC和弦记号），音符保持原样：\n{melody}",
+            "给这段ABC旋律加上和弦标记，每小节一个，不要改动任何音符：\n{melody}",
+            "请为以下旋律编配和声：在每小节开头写一个和弦，输出完整的ABC乐谱：\n{melody}",
+        ],
+        "en": [
+            "Add one chord symbol at the start of every bar; keep the melody as it is:\n{melody}",
+            "Harmonise this melody with one chord per bar, written as ABC chord symbols; do not change a note:\n{melody}",
+            "Write chord symbols over this tune, one at the start of each bar, and give back the whole ABC score:\n{melody}",
+            "Here is a melody without chords. Choose a chord for every bar and write it in, leaving the notes as they are:\n{melody}",
+        ],
+    },
 }
 
 # Optional constraint clauses, several phrasings each (index chosen with the template's rng).
@@ -334,7 +358,7 @@ def render_prompt(request: ComposeRequest, template_index: int | None = None,
                          f"in {request.lang!r} has {len(options)} templates (0..{len(options) - 1})")
     # Clause phrasing follows the template choice unless an rng was given: same input, same text.
     clause_rng = rng if rng is not None else random.Random(template_index)
-    if request.task in ("continue", "describe"):
+    if request.task in ("continue", "describe", "harmonise"):
         include: tuple[str, ...] = ("bars", "tempo") if request.task == "continue" else ()
     elif request.task in ("chords", "theme_chords"):
         include = ("key", "meter", "tempo")  # the chords already fix the length
@@ -346,6 +370,7 @@ def render_prompt(request: ComposeRequest, template_index: int | None = None,
         chords=_chord_text(request.chords or []),
         theme=request.theme or "",
         seed=(request.seed_abc or "").strip(),
+        melody=(request.melody or "").strip(),
     ))
 
 
@@ -541,6 +566,9 @@ def request_from_tune(record: Any, task: str, lang: str, rng: random.Random) -> 
     clauses (key, meter, tempo, length) drawn from `rng`."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {list(TASKS)}")
+    if task == "harmonise":
+        raise ValueError("no training requests for 'harmonise' (see SFT_TASKS): ask with "
+                         "ComposeRequest('harmonise', melody=...) or editing.harmonise")
     tune = _tune_of(record)
     labels = _labels(record)
     key, meter = tune.key, tune.meter
@@ -1012,7 +1040,7 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
         raise ValueError(f"transposed_share must be in [0, 1], got {transposed_share!r}")
     rng = _as_rng(rng, profile)
     base = rng.randrange(2**32)  # per-tune rngs hang off this, so one tune's draws don't shift others
-    deal = [(t, lang) for t in TASKS for lang in LANGS]
+    deal = [(t, lang) for t in SFT_TASKS for lang in LANGS]
     rng.shuffle(deal)
     out: list[dict] = []
     turn = 0

@@ -1,4 +1,4 @@
-"""See and hear ABC in the notebook, offline: engraved score, audio, downloads, and a playground.
+"""See and hear ABC in the notebook, offline: engraved score, audio, downloads.
 
 * `render_svg`, `to_midi`, `to_wav`, `to_musicxml`: one tune -> SVG (verovio), MIDI (verovio:
   repeats and first/second endings expanded, `Q:` honoured), WAV (FluidSynth with the General
@@ -8,8 +8,6 @@
   and its HTML export) with an `<audio>` element, play/stop, a playback cursor (a small inlined
   script from `static/player.js`), download links (data: URIs), plus tempo/transpose sliders
   (ipywidgets) that re-render and re-synthesise in Python.
-* `Playground(composer, profile)`: the prompt form of notebook 05 (request fields, sampling
-  knobs, a Compose button, results in players, a history exported as ABC and JSONL).
 
 Safety: ABC from a model is data, never markup. Everything we embed is escaped; verovio's SVG
 is re-written from an allowlist of SVG elements and attributes (`sanitize_svg`) and only the
@@ -22,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import dataclasses
 import functools
 import html
 import io
@@ -37,11 +34,9 @@ import uuid
 import warnings
 import wave
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from imelodist_lib import abc as abc_lib
@@ -963,292 +958,3 @@ def show(abc: str, title: str | None = None, **kwargs) -> Player:
     player = Player(abc, title=title, **kwargs)
     display(player)
     return player
-
-
-# --------------------------------------------------------------------------------------------
-# The prompt playground (notebook 05)
-# --------------------------------------------------------------------------------------------
-@dataclass
-class HistoryEntry:
-    """One answer the playground got: what was asked, how it was sampled, what came back."""
-
-    request: dict  # ComposeRequest.to_dict()
-    settings: dict  # temperature, top_p, top_k, max_new_tokens, seed, constrained
-    text: str  # the model's whole answer
-    abc: str | None  # the tune extracted from it (normalised), None for prose / no tune
-    ok: bool  # tune parses with every bar the right length
-    error: str | None  # why not, when not ok
-    seconds: float
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @classmethod
-    def from_composition(cls, comp: Any, request: dict, settings: dict) -> "HistoryEntry":
-        """Record an `inference.Composition` (duck-typed: abc, text, report, seconds)."""
-        report = getattr(comp, "report", None)
-        error = None
-        if report is not None and report.error is not None:
-            error = str(report.error)
-        elif report is not None and report.bars is not None and report.bars.errors:
-            error = f"{len(report.bars.errors)} bar(s) with the wrong length"
-        elif comp.abc is None and request.get("task") != "describe":
-            error = "no ABC tune found in the answer"
-        ok = comp.abc is not None and error is None
-        return cls(request=request, settings={**settings, "seed": getattr(comp, "seed", settings.get("seed"))},
-                   text=comp.text, abc=comp.abc, ok=ok, error=error, seconds=float(comp.seconds))
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (one JSONL line of the exported history)."""
-        return dataclasses.asdict(self)
-
-
-def _none_if_blank(value: str) -> str | None:
-    value = (value or "").strip()
-    return value or None
-
-
-def parse_chords(text: str) -> list[str] | None:
-    """'G C D G' / 'G, C | D G' -> ['G', 'C', 'D', 'G'] (None when blank)."""
-    chords = [c for c in re.split(r"[\s,|;]+", text or "") if c]
-    return chords or None
-
-
-class Playground:
-    """Notebook 05's form: build a ComposeRequest, sample, show answers in players, keep history.
-
-    `composer` is an `inference.Composer` (anything with its `compose(...)` signature).
-    Everything a person can click is reachable from code too (`form`, `compose_button.click()`,
-    `export_abc()`, `export_jsonl()`), which is how CI exercises the form.
-    """
-
-    TASK_LABELS = [("emotion: a tune with a mood/style", "emotion"),
-                   ("chords: a melody over a chord progression", "chords"),
-                   ("theme + chords: a titled tune over chords", "theme_chords"),
-                   ("continue: carry on from given bars", "continue"),
-                   ("describe: talk about a given tune", "describe")]
-
-    def __init__(self, composer: Any, profile: Any = None, out_dir: str | Path | None = None,
-                 seed_abc: str = "") -> None:
-        import ipywidgets as W
-
-        if profile is None:
-            from imelodist_lib.profiles import get_profile
-
-            profile = get_profile()
-        self.composer = composer
-        self.profile = profile
-        self.out_dir = Path(out_dir) if out_dir is not None else Path(profile.run_dir) / "playground"
-        self.history: list[HistoryEntry] = []
-        self.shown: list[Any] = []  # the views (Player or HTML) shown under the form, in order
-        wide = W.Layout(width="420px")
-        style = {"description_width": "110px"}
-        f = self.form = SimpleNamespace()  # the fields, by name, for scripted use
-        f.task = W.Dropdown(options=self.TASK_LABELS, value="emotion", description="task", layout=wide, style=style)
-        f.lang = W.ToggleButtons(options=[("中文", "zh"), ("English", "en")], value="zh", description="language", style=style)
-        f.emotion = W.Combobox(options=["欢快", "忧伤", "平静", "激昂", "joyful", "sad", "calm", "heroic"],
-                               value="欢快", description="emotion", layout=wide, style=style)
-        f.style = W.Combobox(options=["jig", "reel", "hornpipe", "waltz", "march", "polka", "中国民歌"],
-                             value="", description="style", layout=wide, style=style)
-        f.chords = W.Text(value="G C D G", description="chords (1/bar)", layout=wide, style=style)
-        f.theme = W.Text(value="", description="theme / title", layout=wide, style=style)
-        f.key = W.Combobox(options=["C", "G", "D", "A", "F", "Am", "Em", "Dm", "Edor", "Ador", "Gmix"],
-                           value="", description="key (K:)", layout=wide, style=style)
-        f.meter = W.Combobox(options=["4/4", "3/4", "2/4", "6/8", "9/8", "2/2"], value="",
-                             description="meter (M:)", layout=wide, style=style)
-        f.tempo = W.BoundedIntText(value=0, min=0, max=400, description="tempo ♩ (0=any)", style=style)
-        f.bars = W.BoundedIntText(value=8, min=0, max=128, description="bars (0=any)", style=style)
-        f.seed_abc = W.Textarea(value=seed_abc, description="seed tune", placeholder="ABC for continue/describe",
-                                layout=W.Layout(width="600px", height="120px"), style=style)
-        f.temperature = W.FloatSlider(value=float(getattr(profile, "temperature", 0.8)), min=0.0, max=2.0, step=0.05, description="temperature", style=style)
-        f.top_p = W.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p", style=style)
-        f.top_k = W.IntSlider(value=50, min=0, max=200, description="top-k (0=off)", style=style)
-        f.max_new_tokens = W.IntSlider(value=int(getattr(profile, "max_new_tokens", 512)), min=16,
-                                       max=4096, step=16, description="max tokens", style=style)
-        f.n = W.IntSlider(value=1, min=1, max=8, description="samples", style=style)
-        f.seed = W.BoundedIntText(value=-1, min=-1, max=2**31 - 1, description="seed (-1 random)", style=style)
-        # on by default: a small model sampled freely gets many bars wrong (model card); untick to
-        # hear what the model writes on its own
-        f.constrained = W.Checkbox(value=True, description="guaranteed-valid ABC (grammar)", indent=False)
-        self.compose_button = W.Button(description="Compose", button_style="primary", icon="music")
-        self.progress = W.IntProgress(value=0, min=0, max=1, description="", layout=W.Layout(width="200px"))
-        self.status = W.HTML()
-        self.results = W.VBox()  # one child per answer, newest last
-        self.history_label = W.HTML("history: 0 answers")
-        self.export_abc_button = W.Button(description="Export ABC", icon="download")
-        self.export_jsonl_button = W.Button(description="Export JSONL", icon="download")
-        self.compose_button.on_click(self._on_compose)
-        self.export_abc_button.on_click(lambda _b: self._on_export(self.export_abc))
-        self.export_jsonl_button.on_click(lambda _b: self._on_export(self.export_jsonl))
-        f.task.observe(lambda _c: self._show_relevant(), names="value")
-        f.lang.observe(self._translate_emotion, names="value")
-        self._rows = {
-            "what": W.VBox([f.task, f.lang, f.emotion, f.style, f.theme, f.chords]),
-            "form": W.VBox([f.key, f.meter, f.tempo, f.bars]),
-            "sampling": W.VBox([f.temperature, f.top_p, f.top_k, f.max_new_tokens, f.n, f.seed, f.constrained]),
-        }
-        self.widget = W.VBox([
-            W.HTML("<b>Request</b>"),
-            W.HBox([self._rows["what"], self._rows["form"]]),
-            f.seed_abc,
-            W.HTML("<b>Sampling</b>"),
-            self._rows["sampling"],
-            W.HBox([self.compose_button, self.progress, self.status]),
-            self.results,
-            W.HBox([self.history_label, self.export_abc_button, self.export_jsonl_button]),
-        ])
-        self._show_relevant()
-
-    # --- the form -> a request -----------------------------------------------------------
-    EMOTIONS = (("欢快", "joyful"), ("忧伤", "sad"), ("平静", "calm"), ("激昂", "heroic"))
-
-    def _translate_emotion(self, change) -> None:
-        """Switching language swaps a listed emotion word for its translation (欢快 <-> joyful)."""
-        pairs = {zh: en for zh, en in self.EMOTIONS} if change["new"] == "en" else \
-            {en: zh for zh, en in self.EMOTIONS}
-        self.form.emotion.value = pairs.get(self.form.emotion.value, self.form.emotion.value)
-
-    def _show_relevant(self) -> None:
-        """Grey out fields the chosen task ignores (they would be rejected or unused)."""
-        f, task = self.form, self.form.task.value
-        f.chords.disabled = task not in ("chords", "theme_chords")
-        f.seed_abc.disabled = task not in ("continue", "describe")
-        for name in ("emotion", "style", "key", "meter", "tempo", "bars", "theme"):
-            getattr(f, name).disabled = task == "describe"
-
-    def request(self):
-        """The `ComposeRequest` the form describes (ValueError naming the field when incomplete)."""
-        from imelodist_lib.instructions import ComposeRequest
-
-        f, task = self.form, self.form.task.value
-        describe = task == "describe"
-        return ComposeRequest(
-            task=task, lang=f.lang.value,
-            emotion=None if describe else _none_if_blank(f.emotion.value),
-            style=None if describe else _none_if_blank(f.style.value),
-            chords=parse_chords(f.chords.value) if task in ("chords", "theme_chords") else None,
-            theme=None if describe else _none_if_blank(f.theme.value),
-            key=None if describe else _none_if_blank(f.key.value),
-            meter=None if describe else _none_if_blank(f.meter.value),
-            tempo=None if describe or not f.tempo.value else int(f.tempo.value),
-            bars=None if describe or not f.bars.value else int(f.bars.value),
-            seed_abc=_none_if_blank(f.seed_abc.value) if task in ("continue", "describe") else None)
-
-    def settings(self) -> dict:
-        """Sampling knobs as `Composer.compose` keywords (seed None = random)."""
-        f = self.form
-        return {"temperature": float(f.temperature.value), "top_p": float(f.top_p.value),
-                "top_k": int(f.top_k.value), "max_new_tokens": int(f.max_new_tokens.value),
-                "seed": None if f.seed.value < 0 else int(f.seed.value),
-                "constrained": bool(f.constrained.value) and f.task.value != "describe"}
-
-    # --- composing -----------------------------------------------------------------------
-    def compose(self) -> list[HistoryEntry]:
-        """Ask the composer for `n` answers to the form's request; append them to the history.
-
-        Samples are drawn one at a time (seed, seed+1, ...) so the progress bar moves."""
-        request = self.request()
-        settings = self.settings()
-        n = int(self.form.n.value)
-        self.progress.max, self.progress.value = n, 0
-        entries = []
-        for i in range(n):
-            kwargs = dict(settings)
-            if kwargs["seed"] is not None:
-                kwargs["seed"] += i
-            for comp in self.composer.compose(request, n=1, **kwargs):
-                entry = HistoryEntry.from_composition(comp, request.to_dict(), kwargs)
-                self.history.append(entry)
-                entries.append(entry)
-            self.progress.value = i + 1
-        self.history_label.value = f"history: {len(self.history)} answers"
-        return entries
-
-    def _on_compose(self, _button=None) -> None:
-        """Button handler: compose, show each answer in a player; errors go to the status line."""
-        self.compose_button.disabled = True
-        self.compose_button.description = "Composing…"
-        self.status.value = ""
-        try:
-            entries = self.compose()
-        except Exception as err:  # show the cause by the button; a click must never raise
-            self.status.value = f'<span style="color:#a61e1e">{html.escape(type(err).__name__)}: {html.escape(str(err))}</span>'
-            return
-        finally:
-            self.compose_button.disabled = False
-            self.compose_button.description = "Compose"
-        good = sum(e.ok for e in entries)
-        self.status.value = html.escape(f"{len(entries)} answer(s), {good} valid, "
-                                        f"{sum(e.seconds for e in entries):.1f} s")
-        import ipywidgets as W
-
-        first = len(self.history) - len(entries) + 1
-        boxes = []
-        for number, entry in enumerate(entries, start=first):
-            view = self.entry_view(entry, number)
-            self.shown.append(view)
-            boxes.append(view.widget() if isinstance(view, Player) else W.HTML(view.data))
-        self.results.children = (*self.results.children, *boxes)
-
-    def entry_view(self, entry: HistoryEntry, number: int):
-        """How one answer is shown: a player for a tune, escaped prose for a description."""
-        from IPython.display import HTML
-
-        s = entry.settings
-        title = (f"#{number} · {entry.request['task']} · T={s['temperature']:g} top-p={s['top_p']:g}"
-                 f"{' · grammar' if s.get('constrained') else ''} · seed {s.get('seed')} · {entry.seconds:.1f} s")
-        if entry.abc is not None:
-            return Player(entry.abc, title=title)
-        if entry.request.get("task") == "describe":
-            return HTML(f'<div class="imelodist-player"><b>{html.escape(title)}</b>'
-                        f'<div style="white-space:pre-wrap">{html.escape(entry.text)}</div></div>')
-        return Player(entry.text, title=title + " · no tune found")
-
-    def table(self):
-        """The history as a pandas DataFrame: one row per answer, its settings and verdict."""
-        import pandas as pd
-
-        rows = [{"#": i, "task": e.request["task"], "lang": e.request["lang"],
-                 "temperature": e.settings["temperature"], "top_p": e.settings["top_p"],
-                 "top_k": e.settings["top_k"], "seed": e.settings.get("seed"),
-                 "grammar": e.settings.get("constrained"), "valid": e.ok, "error": e.error,
-                 "seconds": round(e.seconds, 2)} for i, e in enumerate(self.history, start=1)]
-        return pd.DataFrame(rows)
-
-    # --- history export ------------------------------------------------------------------
-    def export_abc(self, path: str | Path | None = None) -> Path:
-        """Write every tune in the history to one .abc file (X: numbered, request as a comment)."""
-        path = Path(path) if path is not None else self.out_dir / "history.abc"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        chunks, x = [], 0
-        for entry in self.history:
-            if entry.abc is None:
-                continue
-            x += 1
-            req = {k: v for k, v in entry.request.items() if v is not None and k != "seed_abc"}
-            body = re.sub(r"\AX:[^\n]*", f"X:{x}", entry.abc.strip(), count=1)
-            if not body.startswith("X:"):
-                body = f"X:{x}\n{body}"
-            chunks.append(f"% request: {json.dumps(req, ensure_ascii=False)}\n"
-                          f"% settings: {json.dumps(entry.settings)}  valid: {entry.ok}\n{body}\n")
-        path.write_text("\n".join(chunks), encoding="utf-8")
-        return path
-
-    def export_jsonl(self, path: str | Path | None = None) -> Path:
-        """Write the whole history (requests, settings, answers, verdicts) as JSON lines."""
-        path = Path(path) if path is not None else self.out_dir / "history.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as fh:
-            for entry in self.history:
-                fh.write(json.dumps(entry.to_dict(), ensure_ascii=False) + "\n")
-        return path
-
-    def _on_export(self, export) -> None:
-        try:
-            path = export()
-            self.status.value = f"wrote <code>{html.escape(str(path))}</code>"
-        except OSError as err:
-            self.status.value = f'<span style="color:#a61e1e">{html.escape(str(err))}</span>'
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)

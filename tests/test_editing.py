@@ -3,8 +3,8 @@ for byte, the new bars exactly as long as the old), rank by the kept suffix, har
 import pytest
 
 from imelodist_lib import abc
-from imelodist_lib.editing import (bar_spans, chord_vocabulary, harmonise, regenerate, strip_chords,
-                                   suffix_logprob)
+from imelodist_lib.editing import (bar_spans, chord_vocabulary, harmonise, harmonise_grammar, regenerate,
+                                   strip_chords, suffix_logprob)
 from imelodist_lib.instructions import ComposeRequest
 
 # a pickup, a |: :| repeat with first and second endings, chord symbols, a triplet, a tie
@@ -105,3 +105,46 @@ def test_chord_vocabulary_of_a_key_and_of_all_keys():
     assert chord_vocabulary("G") == ["G", "Am", "Bm", "C", "D", "Em", "D7"]
     assert {"Am", "Dm", "E", "E7"} <= set(chord_vocabulary("Am"))
     assert len(chord_vocabulary("F", region=False)) == 36 and "Bb7" in chord_vocabulary("F", region=False)
+
+
+def test_composer_methods_delegate_to_editing(composer):
+    [r] = composer.regenerate(REEL, bars=range(5, 7), seed=2)
+    assert r.abc == regenerate(composer, REEL, range(5, 7), seed=2)[0].abc
+    assert contents(r.abc)[:5] == contents(REEL)[:5] and contents(r.abc)[7:] == contents(REEL)[7:]
+    h = composer.harmonise(JIG, lang="en", seed=4)
+    assert h.abc == harmonise(composer, JIG, lang="en", seed=4).abc and strip_chords(h.abc) == strip_chords(JIG)
+
+
+def test_a_harmonise_request_composed_in_guaranteed_valid_mode_uses_the_harmonise_grammar(composer):
+    from imelodist_lib.grammar import grammar_for_request, token_budget
+
+    request = ComposeRequest("harmonise", "en", melody=REEL)
+    assert grammar_for_request(request) == harmonise_grammar(REEL)
+    assert token_budget(request) >= len(REEL)
+    [comp] = composer.compose(request, constrained=True, seed=5)
+    assert comp.ok and strip_chords(comp.text) == REEL  # every note forced
+    assert comp.text == harmonise(composer, REEL, lang="en", seed=5).abc  # the same prompt and grammar
+    assert len(abc.QUOTED_CHORD_RE.findall(comp.text)) == 8
+
+
+def test_harmonise_refuses_a_melody_with_a_wrong_bar_length():
+    with pytest.raises(ValueError, match="1 bar\\(s\\) of the wrong length"):
+        harmonise_grammar("X:1\nM:4/4\nL:1/8\nK:C\nCDEF GABc|CDE GABc|c8|]\n")
+
+
+def test_editing_evaluation_reports_harmonise_adherence_and_regenerated_bar_validity(composer):
+    from imelodist_lib import evaluation as ev
+    from imelodist_lib.instructions import chords_per_bar
+
+    result = ev.editing_evaluation(composer, [JIG, REEL], seed=1, lang="en")
+    jig, reel = result.rows
+    assert (jig["bars"], reel["bars"]) == (6, 8)
+    assert jig["adherence_human"] == ev.chord_adherence(ev.parse_answer(strip_chords(JIG)),
+                                                        chords_per_bar(JIG))  # every bar of JIG has one
+    assert reel["adherence_human"] is None  # no human chords to compare with
+    model_chords = harmonise(composer, REEL, lang="en", seed=2).chords  # tune i is seeded seed + i
+    assert reel["adherence_model"] == ev.chord_adherence(ev.parse_answer(REEL), model_chords)
+    assert result.metric("regenerate_valid").mean == 1.0 and result.metric("regenerate_kept").mean == 1.0
+    assert result.metric("harmonise_adherence_human").n == 1 and result.metric("harmonise_adherence_model").n == 2
+    assert all(0 <= s.ci_low <= s.mean <= s.ci_high <= 1 for s in result.summary)
+    assert ev.editing_tunes([JIG, REEL, "X:1\nK:C\nCDE|"], 5, min_bars=8) == [abc.normalize(REEL)]

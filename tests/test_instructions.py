@@ -72,6 +72,8 @@ def test_request_round_trip_and_errors():
         ins.ComposeRequest("theme_chords", chords=["C"])
     with pytest.raises(ValueError, match="needs seed_abc"):
         ins.ComposeRequest("continue")
+    with pytest.raises(ValueError, match="needs melody"):
+        ins.ComposeRequest("harmonise")
     with pytest.raises(ValueError, match="positive integer"):
         ins.ComposeRequest("emotion", tempo=0)
     with pytest.raises(ValueError, match="no field"):
@@ -85,6 +87,7 @@ FULL = {
     "theme_chords": dict(theme="x-theme", chords=["Am", "F", "C", "G"]),
     "continue": dict(seed_abc="X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|\n"),
     "describe": dict(seed_abc="X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|dcBA G4|]\n"),
+    "harmonise": dict(melody="X:1\nM:4/4\nL:1/8\nK:G\nGABc dedB|dcBA G4|]\n"),
 }
 
 
@@ -108,6 +111,8 @@ def test_every_template_renders_with_all_fields(task, lang):
             assert "x-theme" in text
         if task in ("continue", "describe"):
             assert req.seed_abc.strip() in text
+        if task == "harmonise":
+            assert req.melody.strip() in text
         if task == "continue":
             assert "16" in text
     assert len(seen) == ins.template_count(task, lang) >= 4  # phrasings really differ
@@ -250,7 +255,7 @@ def test_instruction_records_are_balanced(tunes):
     rows = ins.build_instruction_records(tunes, profile, random.Random(0))
     assert len(rows) == 3 * len(tunes)
     stats = ins.summarize(rows)
-    assert set(stats["by_task"]) == set(ins.TASKS)
+    assert set(stats["by_task"]) == set(ins.SFT_TASKS)  # harmonise has no training records
     assert max(stats["by_lang"].values()) - min(stats["by_lang"].values()) <= 2
     assert max(stats["by_task"].values()) - min(stats["by_task"].values()) <= 4
     for row in rows:
@@ -549,3 +554,10 @@ def test_special_token_text_in_a_request_tokenises_as_plain_text():
     assert ins.neutralize_special_tokens(ins.neutralize_special_tokens(attack)) == \
         ins.neutralize_special_tokens(attack)  # idempotent: safe to apply at every layer
     assert ins.neutralize_special_tokens("A<B c>d |: G2 :|") == "A<B c>d |: G2 :|"  # ABC untouched
+
+
+def test_melody_is_in_a_requests_dict_only_when_set():
+    # requests of the other tasks keep the dict (and so the evaluation's request ids) they had
+    assert "melody" not in ins.ComposeRequest("emotion").to_dict()
+    req = ins.ComposeRequest("harmonise", "en", melody="X:1\nM:2/4\nL:1/8\nK:C\nCDEF|G4|]\n")
+    assert ins.ComposeRequest.from_dict(req.to_dict()) == req

@@ -1,8 +1,7 @@
-"""Player: engraving, MIDI, audio, safety and the playground, on real tunes and a real tiny model."""
+"""Player: engraving, MIDI, audio and safety, on real tunes (the playground: test_playground.py)."""
 from __future__ import annotations
 
 import io
-import json
 import re
 import warnings
 import wave
@@ -222,56 +221,6 @@ def test_update_changes_tempo_and_transposition():
     p.update(transpose=-5)
     assert p.transpose == -5 and p.rendering.svg.count('data-class="keyAccid"') == 2  # G -> D major
     assert p.controls.tempo.value == 180 and p.controls.transpose.value == -5  # sliders start at the state
-
-
-@pytest.fixture(scope="module")
-def tiny_composer():
-    """A real (untrained) IMelodist-tiny-shaped model: under the grammar it still writes valid ABC."""
-    from imelodist_lib import models
-    from imelodist_lib.inference import Composer
-    from imelodist_lib.profiles import get_profile
-
-    texts = [p.read_text(errors="replace") for p in sorted((MUSIC21_CORPUS / "ryansMammoth").glob("*.abc"))[:20]]
-    tokenizer = models.train_tokenizer(texts, vocab_size=400)
-    model = models.new_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  num_key_value_heads=1, intermediate_size=64)
-    return Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=get_profile("cpu"))
-
-
-def test_playground_composes_shows_and_exports(tiny_composer, tmp_path):
-    from imelodist_lib.profiles import get_profile
-
-    pg = player.Playground(tiny_composer, get_profile("cpu"), out_dir=tmp_path)
-    f = pg.form
-    f.task.value, f.lang.value, f.meter.value, f.key.value = "chords", "en", "3/4", "D"
-    f.chords.value = "D | G, A D"
-    f.bars.value, f.seed.value, f.n.value = 4, 7, 2
-    f.constrained.value, f.max_new_tokens.value = True, 256
-    request = pg.request()
-    assert request.chords == ["D", "G", "A", "D"] and request.meter == "3/4" and request.emotion == "joyful"
-    pg.compose_button.click()
-    assert "2 answer(s), 2 valid" in pg.status.value, pg.status.value
-    assert [e.settings["seed"] for e in pg.history] == [7, 8]
-    assert all(e.ok and e.abc.startswith("X:1") for e in pg.history)
-    assert pg.progress.value == 2
-    assert [type(v).__name__ for v in pg.shown] == ["Player", "Player"] and all(v.ok for v in pg.shown)
-    assert len(pg.results.children) == 2  # each answer's player sits under the form
-    pg.shown[0].controls.transpose.value = 3  # a slider inside the playground re-renders
-    assert pg.shown[0].transpose == 3 and pg.shown[0].ok
-    abc_file, jsonl_file = pg.export_abc(), pg.export_jsonl()
-    exported = abc.split_tunes(abc_file.read_text(encoding="utf-8"))
-    assert len(exported) == 2 and all(abc.validate(t).ok for t in exported)
-    assert re.search(r"^X:2$", abc_file.read_text(encoding="utf-8"), re.M)
-    rows = [json.loads(line) for line in jsonl_file.read_text(encoding="utf-8").splitlines()]
-    assert [r["request"]["chords"] for r in rows] == [["D", "G", "A", "D"]] * 2
-
-
-def test_playground_click_reports_bad_form_instead_of_raising(tiny_composer, tmp_path):
-    pg = player.Playground(tiny_composer, out_dir=tmp_path)
-    pg.form.task.value = "continue"  # needs a seed tune, none given
-    pg.compose_button.click()
-    assert "seed_abc" in pg.status.value and not pg.history
-    assert not pg.compose_button.disabled
 
 
 # ------------------------------------------------------------------------------ output caps
