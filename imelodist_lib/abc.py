@@ -153,6 +153,7 @@ _CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto
                "tenor", "baritone", "soprano", "mezzosoprano", "mezzo", "subbass", "treble8",
                "bass8", "+8", "-8"}
 _ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
+_ACC_TEXT = {v: k for k, v in _ACC_VALUES.items()}
 
 
 @dataclass
@@ -527,7 +528,12 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
     """Canonical multi-line ABC: X, T, C, O, R, kept fields, M, L (always), Q, K; no comments.
 
     Dropped: N S Z H D F B G I A W U fields (notes, sources, history), comments, directives,
-    blank and stray lines. Body lines are kept as written (minus comments/trailing spaces).
+    blank and stray lines. Body lines are kept as written (minus comments/trailing spaces),
+    except that a line ending after exactly one full bar with no bar line (Essen phrases) gets
+    the " |" our bar check reads there: by ABC 2.1 a line end is no bar line, so without it
+    other readers (abc2midi, abcm2ps) join the bar with the next line's first bar. A note after
+    it that read an accidental carried over the line end gets that accidental written, so every
+    pitch stays as `events` reads it.
     """
     tune = _as_tune(tune_or_text)
     out = [f"X:{x}"]
@@ -544,12 +550,24 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
     if tune._last("Q") is not None:
         out.append(f"Q:{tune._last('Q')}")
     out.append(f"K:{tune.key}")
-    for line in tune.body.split("\n"):
+    scan = _scan(tune)
+    carried: dict[int, list[tuple[int, str]]] = {}
+    for (number, col0), acc in scan.carried.items():
+        carried.setdefault(number, []).append((col0, acc))
+    body: list[tuple[int, str]] = []
+    for offset, line in enumerate(tune.body.split("\n")):
         if line.lstrip().startswith("%"):
             continue
+        number = tune.first_body_line + offset
+        for col0, acc in sorted(carried.get(number, ()), reverse=True):
+            line = line[:col0] + acc + line[col0:]  # keeps the pitch across the new bar line
         line = _strip_body_line(line)
         if line.strip():
-            out.append(line)
+            body.append((number, line))
+    for i, (number, line) in enumerate(body):
+        if number in scan.line_bars and i < len(body) - 1:
+            line += " |"  # the bar line our reading puts there: ABC 2.1 would join the lines
+        out.append(line)
     return "\n".join(out) + "\n"
 
 
@@ -814,7 +832,8 @@ class _Voice:
 
     __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
                  "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
-                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar")
+                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar",
+                 "carried")
 
     def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
         self.name = name
@@ -822,6 +841,7 @@ class _Voice:
         self.meter = meter
         self.unit = unit
         self.bar_acc: dict[str, int] = {}
+        self.carried: set[str] = set()  # letters whose bar_acc came across a line-end bar
         self.bar_events: list[list] = []
         self.bar_dur = Fraction(0)
         self.bar_start: tuple[int, int] | None = None
@@ -841,12 +861,15 @@ class _Voice:
 class _Scan:
     """Result of reading a tune body once: events, bars, and strict-validation findings."""
 
-    __slots__ = ("events", "bars", "problems")
+    __slots__ = ("events", "bars", "problems", "line_bars", "carried")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.bars: list[Bar] = []
         self.problems: list[ABCError] = []  # things only validate() treats as errors
+        self.line_bars: set[int] = set()  # lines whose end closed a full bar (no bar line)
+        # (line, col0) -> accidental a note reads from across such a line end ("^", "_", "=")
+        self.carried: dict[tuple[int, int], str] = {}
 
 
 _BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fraction(1, 4)),
@@ -1042,6 +1065,8 @@ class _Scanner:
                 kept = v.bar_acc
                 self._close_bar(v, "", line_end=True)
                 v.bar_acc = kept
+                v.carried = set(kept)
+                self.scan.line_bars.add(line)
             elif not continued and not v.bar_events:
                 self._mark_line_end(v)
         for v in self.voices.values():
@@ -1070,8 +1095,11 @@ class _Scanner:
         if acc:
             alter = _ACC_VALUES[acc]
             v.bar_acc[up] = alter  # carries through the bar, every octave (ABC 2.1 "pitch")
+            v.carried.discard(up)
         else:
             alter = v.bar_acc.get(up)
+            if up in v.carried and alter != v.key.accidentals.get(up, 0):
+                self.scan.carried[self.where] = _ACC_TEXT[alter]
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
         octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
@@ -1127,6 +1155,7 @@ class _Scanner:
         if not v.bar_left or _is_section_bar(token):
             v.bar_left = token
         v.bar_acc = {}
+        v.carried = set()
 
     def _source(self, line: int, col0: int, end_line: int, end_col0: int) -> str:
         """The body text from (line, col0) up to (end_line, end_col0), for Bar.text."""
@@ -1158,6 +1187,7 @@ class _Scanner:
         v.bar_has_mrest = False
         v.pending_break = False
         v.bar_acc = {}
+        v.carried = set()
 
 
 def _classify(scan: _Scan) -> None:
