@@ -32,7 +32,8 @@ __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "meter_choices",
+    "octave_shift",
 ]
 
 MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
@@ -103,6 +104,8 @@ def _meter_fraction(meter: str) -> Fraction | None:
         return Fraction(1)
     if text == "C|":
         return Fraction(1)
+    if _METERS_RE.match(text):  # "M:2/4 3/4": the first meter sets defaults (L:, tuplets)
+        text = text.split()[0]
     m = _METER_RE.match(text)
     if not m:
         raise ABCError(f"bad meter M:{text} (write e.g. M:6/8, M:C, M:C| or M:none)")
@@ -111,6 +114,20 @@ def _meter_fraction(meter: str) -> Fraction | None:
     if num == 0 or den == 0:
         raise ABCError(f"bad meter M:{text}: numbers must be positive")
     return Fraction(num, den)
+
+
+_METERS_RE = re.compile(r"^[0-9]{1,3}/[0-9]{1,3}(?:\s+[0-9]{1,3}/[0-9]{1,3}){1,7}$")
+
+
+def meter_choices(meter: str) -> tuple[Fraction, ...]:
+    """Quarter lengths a bar of `meter` may have: one for "6/8" or "(2+3)/8" (a 5/8 bar, as
+    ABC 2.1 reads it), each listed meter for "2/4 3/4" (alternating or mixed meters, not in
+    ABC 2.1: abcm2ps prints both), none for free meter."""
+    text = _strip_comment(meter).strip()
+    if _METERS_RE.match(text):
+        return tuple(_meter_fraction(part) * 4 for part in text.split())
+    frac = _meter_fraction(meter)
+    return () if frac is None else (frac * 4,)
 
 
 def meter_duration(meter: str) -> Fraction | None:
@@ -154,6 +171,21 @@ _CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto
                "bass8", "+8", "-8"}
 _ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
 _ACC_TEXT = {v: k for k, v in _ACC_VALUES.items()}
+_MICROTONE_RE = re.compile(r"^([\^_])([0-9]{0,2})/([0-9]{0,2})$")
+
+
+def _alter_of(acc: str) -> int:
+    """Semitones an accidental raises a note ("^" 1, "__" -2). A microtonal accidental (ABC
+    2.1: "^/" a quarter tone up, "_/" down, "^3/4", "_1/3") is a fraction of a semitone; events
+    carry MIDI numbers, so it rounds to the nearest semitone, half a semitone away from the
+    natural ("^/c" reads as C sharp, "_/e" as E flat, "^1/3c" as C)."""
+    value = _ACC_VALUES.get(acc)
+    if value is not None:
+        return value
+    m = _MICROTONE_RE.match(acc)
+    amount = Fraction(int(m.group(2) or 1), int(m.group(3) or 2))
+    whole = int(amount + Fraction(1, 2))  # half away from zero: 1/2 -> 1, 1/3 -> 0, 3/2 -> 2
+    return whole if m.group(1) == "^" else -whole
 
 
 @dataclass
@@ -201,13 +233,55 @@ def _mode_of(word: str) -> str | None:
     return None
 
 
+# ABC 2.1 section 4.6: [clef=]<name>[<line>][+8|-8]; "treble8", "+8" are older spellings
+_CLEF_RE = re.compile(r"^(?:treble|bass|alto|tenor|perc|none|baritone|soprano|mezzosoprano|mezzo|"
+                      r"subbass)[1-5]?(?:[+-]8)?$|^[+-]?8$|^(?:treble|bass)8$", re.IGNORECASE)
+_KEY_PARAMS = {"clef", "middle", "transpose", "octave", "stafflines", "staffscale", "t", "m"}
+_MIDDLE_RE = re.compile(r"^[\^_=]?[A-Ga-g][,']*$")
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,3}$")
+
+
+def _is_clef(word: str) -> bool:
+    """A clef as K:/V: write it: "bass", "alto4", "treble-8", "clef=bass3" (ABC 2.1 4.6)."""
+    name, _, value = word.partition("=")
+    if value:
+        return name.lower() == "clef" and bool(_CLEF_RE.match(value) or value in "GFC")
+    return bool(_CLEF_RE.match(word)) or word.lower() in _CLEF_WORDS
+
+
+def _check_key_param(word: str, raw: str) -> None:
+    """ABCError for a clef/middle/transpose/octave/stafflines value that is not one (4.6)."""
+    name, _, value = word.partition("=")
+    name = name.lower()
+    if name == "clef" and not _is_clef(word):
+        raise ABCError(f"bad clef {value!r} in K:{raw} (use treble, bass, alto, tenor, perc or "
+                       "none, e.g. clef=bass, alto4, treble-8)")
+    if name == "middle" and not _MIDDLE_RE.match(value):
+        raise ABCError(f"bad middle={value} in K:{raw} (a pitch such as middle=d or middle=B,)")
+    if name in ("transpose", "octave", "stafflines") and not _INT_RE.match(value):
+        raise ABCError(f"bad {name}={value} in K:{raw} (a whole number, e.g. {name}=-1)")
+
+
+def octave_shift(value: str) -> int | None:
+    """The `octave=` of a K: or V: value (ABC 2.1 4.6: octave=-1 reads C as C,), or None.
+
+    `clef=` (with its +8/-8), `middle=` and `transpose=` change how the music is printed or
+    played, not the notes written: events stay at written pitch; only `octave=` moves them."""
+    for word in _strip_comment(value).split():
+        name, _, number = word.partition("=")
+        if name.lower() == "octave" and _INT_RE.match(number):
+            return int(number)
+    return None
+
+
 def parse_key(text: str) -> Key:
-    """Parse a K: value ("Emin", "E minor", "F#m", "Bb", "HP", "none", "D =c", "C clef=bass")."""
+    """Parse a K: value ("Emin", "E minor", "F#m", "Bb", "HP", "none", "D =c", "C clef=bass",
+    "G exp ^f", "D bass", "Am alto4 octave=-1"; ABC 2.1 3.1.14 and 4.6)."""
     raw = _strip_comment(text).strip()
     words = raw.split()
     first = words[0] if words else ""
     if not words or first.lower() == "none" or re.match(r"^[a-z]+=", first) \
-            or first.lower() in _CLEF_WORDS:
+            or _is_clef(first):
         key = Key("C", "major", _signature(0), 0)
         rest = words[1:] if words and first.lower() == "none" else words
     elif first in ("HP", "Hp"):
@@ -236,8 +310,12 @@ def parse_key(text: str) -> Key:
             key.accidentals[am.group(2).upper()] = _ACC_VALUES[am.group(1)]
         elif word.lower() == "exp":
             key.accidentals = {ch: 0 for ch in "CDEFGAB"}  # only the listed accidentals
-        elif "=" in word or word.lower() in _CLEF_WORDS or _OCTAVE_WORD_RE.match(word):
-            continue  # clef=, middle=, transpose=, octave=, -8va: presentation only
+        elif "=" in word:
+            if word.partition("=")[0].lower() in _KEY_PARAMS:
+                _check_key_param(word, raw)
+            continue  # clef=, middle=, transpose=, octave= (see octave_shift); others ignored
+        elif _is_clef(word) or _OCTAVE_WORD_RE.match(word):
+            continue  # a bare clef name after the key ("K:D bass", "K:C treble-8"), -8va
         else:
             raise ABCError(f"bad key K:{raw}: do not understand {word!r}")
     return key
@@ -426,13 +504,30 @@ def _check_size(text: str) -> None:
                        "parser reads (abc.MAX_TUNE_CHARS): split it into tunes (split_tunes)")
 
 
+def _comment_text_blocks(lines: list[str]) -> list[str]:
+    """Lines of `%%begintext` ... `%%endtext` blocks (ABC 2.1 8.2: free text to typeset, not
+    music) turned into % comments, so they keep their line numbers and read as no music."""
+    out, in_text = [], False
+    for line in lines:
+        directive = line.strip().lower()
+        if directive.startswith("%%begintext"):
+            in_text = True
+        elif in_text:
+            if directive.startswith("%%endtext"):
+                in_text = False
+            elif line.strip() and not line.lstrip().startswith("%"):
+                line = "%" + line
+        out.append(line)
+    return out
+
+
 def parse_tune(text: str) -> Tune:
     """Parse one tune (multi-line, or the one-line `X:1 L:1/8 M:4/4 K:Emin |: ...` form)."""
     if not isinstance(text, str):
         raise ABCError(f"expected ABC text (str), got {type(text).__name__}")
     _check_size(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
-    lines = text.split("\n")
+    lines = _comment_text_blocks(text.split("\n"))
     fields: list[tuple[str, str]] = []
     continued: dict[int, list[str]] = {}  # field index -> its +: continuation values
     body_lines: list[str] = []
@@ -574,7 +669,8 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
 # --------------------------------------------------------------------------- tokenizer
 # A token is (kind, col0, end, data). Kinds: note rest mrest spacer bar ending field chord_open
 # chord_close grace_open grace_close tuplet slur_open slur_close broken tie deco symbol cont.
-_NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
+_NOTE_RE = re.compile(r"(\^\^|[\^_][0-9]{0,2}/[0-9]{0,2}|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)"
+                      r"(/*)([0-9]*)")
 _REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
 _MREST_RE = re.compile(r"([ZX])([0-9]*)")
 _SPACER_RE = re.compile(r"y([0-9]*)(/*)([0-9]*)")
@@ -673,6 +769,13 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                                line, pos + 1)
             toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
             pos = m.end()
+            continue
+        if c == "&" or text.startswith("(&", pos):
+            if text.startswith("(&", pos) or text.startswith("&)", pos):
+                raise ABCError("voice overlay (& ... &) across bar lines is unsupported: write "
+                               "& in each bar (abc 2.1 7.4)", line, pos + 1)
+            toks.append(("overlay", pos, pos + 1, None))
+            pos += 1
             continue
         if c == "(":
             m = _TUPLET_RE.match(text, pos)
@@ -775,10 +878,12 @@ class Bar:
     left: str = ""  # barline token before the bar ("" at the start of the tune)
     right: str = ""  # barline token that ends the bar ("" implicit or end of tune)
     kind: str = "full"  # full | pickup | section_end | final | ending | free | multi_rest | error
+    #                    | overlay_error (the & layers differ in length)
     voice: str = ""
     ending: str = ""  # "1", "2", "1,3" when the bar opens a first/second ending
     line_end: bool = False  # the bar ends at the end of a music line
     break_after: bool = False  # a section break (|| |] :| |: :: [| P:) follows the bar
+    layers: tuple[Fraction, ...] = ()  # with & overlays: every layer's length (main first)
 
 
 @dataclass
@@ -833,7 +938,7 @@ class _Voice:
     __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
                  "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
                  "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar",
-                 "carried")
+                 "carried", "octave", "layers", "choices")
 
     def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
         self.name = name
@@ -842,6 +947,9 @@ class _Voice:
         self.unit = unit
         self.bar_acc: dict[str, int] = {}
         self.carried: set[str] = set()  # letters whose bar_acc came across a line-end bar
+        self.octave = 0  # K:/V: octave=N: the notes sound N octaves from where written
+        self.layers: list[Fraction] = []  # lengths of the bar's layers before each & overlay
+        self.choices: tuple[Fraction, ...] = meter_choices(meter)  # "2/4 3/4": 2 or 3
         self.bar_events: list[list] = []
         self.bar_dur = Fraction(0)
         self.bar_start: tuple[int, int] | None = None
@@ -900,6 +1008,14 @@ class _Scanner:
         self.voices: dict[str, _Voice] = {}
         self.header_key = key
         self.header_unit = tune.unit_length
+        self.header_octave = octave_shift(tune.key) or 0
+        self.voice_octaves: dict[str, int] = {}  # header V: definitions with octave=
+        for name, value in tune.fields:
+            if name == "V" and value.split():
+                self._check_voice(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    self.voice_octaves[value.split()[0]] = shift
         self.voice = self._get_voice("")
         self.lines = tune.body.split("\n")
         self.where = (tune.first_body_line, 0)  # (line, 0-based col) of the current token
@@ -919,8 +1035,15 @@ class _Scanner:
             v = _Voice(name, key, self.meter if base is None else base.meter,
                        self.header_unit if base is None else base.unit)
             v.expected = meter_duration(v.meter)
+            v.octave = self.voice_octaves.get(name, self.header_octave)
             self.voices[name] = v
         return v
+
+    def _check_voice(self, value: str) -> None:
+        """ABCError for a bad clef/middle/transpose/octave in a V: field (as in K:)."""
+        for word in value.split()[1:]:
+            if word.partition("=")[0].lower() in _KEY_PARAMS:
+                _check_key_param(word, value)  # name="...", stem=, ... are not checked
 
     # -- fields inside the body
     def _field(self, name: str, value: str, line: int, col: int) -> None:
@@ -928,15 +1051,25 @@ class _Scanner:
         try:
             if name == "K":
                 v.key = parse_key(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    v.octave = shift
             elif name == "M":
                 # a change mid-bar: the new meter judges the bar it appears in
                 v.expected = meter_duration(value)
                 v.meter = value.strip() or "none"
+                v.choices = meter_choices(v.meter)
             elif name == "L":
                 v.unit = parse_fraction(value)
             elif name == "V":
                 vname = value.split()[0] if value.split() else ""
+                self._check_voice(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    self.voice_octaves[vname] = shift
                 self.voice = self._get_voice(vname)
+                if shift is not None:
+                    self.voice.octave = shift
             elif name in "PT":  # a new part or title: a section break
                 if v.bar_events:
                     v.pending_break = True
@@ -1049,6 +1182,16 @@ class _Scanner:
                     self._emit(v, None, (), Fraction(count), line, col, "measure_rest",
                                duration=exp * count)
                     v.bar_has_mrest = True
+                elif kind == "overlay":
+                    if in_grace or in_chord is not None:
+                        raise ABCError("& overlay inside a chord or grace notes", line, col)
+                    if not v.bar_events:
+                        raise ABCError("& overlay before any note of the bar (write the main "
+                                       "layer first: A2 B2 & c2 d2 |)", line, col)
+                    v.layers.append(v.bar_dur)  # the next layer starts at the bar's start
+                    v.bar_dur = Fraction(0)
+                    v.broken = None
+                    v.last_event = None
                 elif kind == "cont":
                     continued = True
             if in_chord is not None:
@@ -1093,7 +1236,7 @@ class _Scanner:
         acc, letter, octs, _ = data
         up = letter.upper()
         if acc:
-            alter = _ACC_VALUES[acc]
+            alter = _alter_of(acc)
             v.bar_acc[up] = alter  # carries through the bar, every octave (ABC 2.1 "pitch")
             v.carried.discard(up)
         else:
@@ -1102,7 +1245,7 @@ class _Scanner:
                 self.scan.carried[self.where] = _ACC_TEXT[alter]
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
-        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
+        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",") + v.octave
         return 60 + _SEMITONE[up] + 12 * octave + alter
 
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
@@ -1125,7 +1268,8 @@ class _Scanner:
                 v.broken = None
         if v.bar_start is None:
             v.bar_start = (line, col)
-        ev = [pitch, duration, -1, line, col, False, pitches, kind, v.name]
+        voice = f"{v.name}&{len(v.layers)}" if v.layers else v.name  # an & overlay layer
+        ev = [pitch, duration, -1, line, col, False, pitches, kind, voice]
         self.raw_events.append(ev)
         v.bar_events.append(ev)
         v.bar_dur += duration
@@ -1172,10 +1316,13 @@ class _Scanner:
         for ev in v.bar_events:
             ev[2] = index
         line, col = v.bar_start or (0, 0)
-        bar = Bar(index=index, duration=v.bar_dur, expected=v.expected, line=line, col=col,
+        layers = tuple(v.layers + [v.bar_dur]) if v.layers else ()
+        duration = layers[0] if layers else v.bar_dur
+        expected = duration if len(v.choices) > 1 and duration in v.choices else v.expected
+        bar = Bar(index=index, duration=duration, expected=expected, line=line, col=col,
                   text=self._source(line, col - 1, *self.where), left=v.bar_left, right=token,
                   voice=v.name, ending=v.bar_ending, line_end=line_end,
-                  break_after=_is_section_bar(token) or v.pending_break)
+                  break_after=_is_section_bar(token) or v.pending_break, layers=layers)
         bar.kind = "multi_rest" if v.bar_has_mrest else "full"
         self.scan.bars.append(bar)
         v.last_bar = bar
@@ -1188,6 +1335,7 @@ class _Scanner:
         v.pending_break = False
         v.bar_acc = {}
         v.carried = set()
+        v.layers = []
 
 
 def _classify(scan: _Scan) -> None:
@@ -1240,7 +1388,9 @@ def _classify(scan: _Scan) -> None:
             elif prev is not None and prev.break_after:
                 b.kind, ok[i] = "pickup", True
         for i, b in enumerate(bars):
-            if not ok[i]:
+            if len(set(b.layers)) > 1:
+                b.kind = "overlay_error"  # whatever else explains the main layer
+            elif not ok[i]:
                 b.kind = "error"
 
 
@@ -1275,7 +1425,13 @@ def check_bars(tune_or_text: Tune | str) -> BarReport:
         if b.expected is None:
             continue
         checked += 1
-        if b.kind == "error":
+        if b.kind == "overlay_error":
+            lengths = ", ".join(_ql(x) for x in b.layers)
+            errors.append(BarError(
+                bar=b.index, line=b.line, col=b.col, duration=b.duration, expected=b.expected,
+                message=(f"bar {b.index + 1}: its & overlay layers differ in length "
+                         f"({lengths} quarter lengths); each layer must fill the bar")))
+        elif b.kind == "error":
             what = "too long" if b.duration > b.expected else "too short"
             errors.append(BarError(
                 bar=b.index, line=b.line, col=b.col, duration=b.duration, expected=b.expected,
@@ -1489,6 +1645,10 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
             if kind == "note":
                 acc, letter, octs, _ = data
                 up = letter.upper()
+                if acc and acc not in _ACC_VALUES:
+                    raise ABCError(f"transposing the microtonal accidental {acc} is unsupported "
+                                   "(write ^ _ = or transpose by hand)",
+                                   tune.first_body_line + offset, col0 + 1)
                 if acc:
                     alter = _ACC_VALUES[acc]
                     v.old_acc[up] = alter
