@@ -183,7 +183,11 @@ def _alter_of(acc: str) -> int:
     if value is not None:
         return value
     m = _MICROTONE_RE.match(acc)
-    amount = Fraction(int(m.group(2) or 1), int(m.group(3) or 2))
+    num, den = int(m.group(2) or 1), int(m.group(3) or 2)
+    if den == 0 or Fraction(num, den) > 2:
+        raise ABCError(f"microtonal accidental {acc} must be a fraction of at most 2 semitones "
+                       "(e.g. ^/ ^3/4 _1/2)")
+    amount = Fraction(num, den)
     whole = int(amount + Fraction(1, 2))  # half away from zero: 1/2 -> 1, 1/3 -> 0, 3/2 -> 2
     return whole if m.group(1) == "^" else -whole
 
@@ -1243,6 +1247,7 @@ class _Scanner:
             alter = v.bar_acc.get(up)
             if up in v.carried and alter != v.key.accidentals.get(up, 0):
                 self.scan.carried[self.where] = _ACC_TEXT[alter]
+                v.carried.discard(up)  # once written, the rest of the bar carries it as usual
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
         octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",") + v.octave
