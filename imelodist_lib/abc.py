@@ -19,7 +19,14 @@ Decisions (documented once, relied on by the other modules):
   repeats are not expanded; `x` rests are events of kind "invisible_rest", `Z`/`X` are
   "measure_rest" (n bars of the current meter); `y` spacers make nothing.
 * Voices (`V:`): every voice is read; events carry their voice and bars are checked per voice.
-* `clef=`/`middle=`/`transpose=` in K:/V: fields do not change the pitches (written pitch).
+* `clef=`/`middle=`/`transpose=` (and a clef's +8/-8) in K:/V: fields do not change the
+  pitches (written pitch); `octave=N` does (ABC 2.1 4.6: the code is read N octaves away).
+* Other ABC 2.1 constructs read: `K:G exp ^f` (only the listed accidentals), microtonal
+  accidentals `^/c` `_/e` `^3/4c` (rounded to the nearest semitone, see `_alter_of`),
+  `%%begintext`...`%%endtext` (text, read as comments), `M:(2+3)/8` and `M:2+3/8` (one 5/8 bar),
+  `M:2/4 3/4` (not 2.1: each bar may have any listed length, see `meter_choices`), and `&`
+  voice overlay (each layer is an event voice "name&k"; every layer must fill the bar).
+  Rejected with an ABCError naming the construct: `(&...&)` overlays across bar lines.
 """
 from __future__ import annotations
 
@@ -1351,7 +1358,8 @@ def _classify(scan: _Scan) -> None:
     P:/T: field) closes its section (the repeat or the next part supplies the rest); a short bar
     right after a section break is the next part's pickup; two short bars that meet at a section
     break or a line end and add up to one bar are one bar written across it; the first bar of a
-    first/second ending may complete the short bar before the endings.
+    first/second ending may complete the short bar before the endings (or, closing its section,
+    do so with the next part's pickup).
     """
     by_voice: dict[str, list[Bar]] = {}
     for b in scan.bars:
@@ -1371,7 +1379,8 @@ def _classify(scan: _Scan) -> None:
             b = bars[base]
             exp = b.expected
             if exp is not None and not ok[base] and b.duration < exp and all(
-                    bars[s].duration + b.duration == exp for s in starts):
+                    bars[s].duration + b.duration == exp or _leads_on(bars, s, b.duration)
+                    for s in starts):
                 b.kind, ok[base] = "section_end", True
                 for s in starts:
                     bars[s].kind, ok[s] = "ending", True
@@ -1397,6 +1406,13 @@ def _classify(scan: _Scan) -> None:
                 b.kind = "overlay_error"  # whatever else explains the main layer
             elif not ok[i]:
                 b.kind = "error"
+
+
+def _leads_on(bars: list[Bar], s: int, base: Fraction) -> bool:
+    """An ending that closes its section short and the next part's pickup completes the bar:
+    `[2 D ||` then `f/g/|` (the last ending leads into the next part, Aird's airs)."""
+    return bars[s].break_after and s + 1 < len(bars) and bars[s].expected is not None \
+        and base + bars[s].duration + bars[s + 1].duration == bars[s].expected
 
 
 def _ending_groups(bars: list[Bar]) -> list[tuple[int, list[int]]]:

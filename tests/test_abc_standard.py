@@ -130,6 +130,10 @@ def test_abc2midi_agrees_on_normalised_tunes():
     essen = abc.split_tunes((CORPUS / "essenFolksong/altdeu10.abc").read_text("latin-1"))[0]
     reel = abc.split_tunes((CORPUS / "ryansMammoth/AcaciaReel.abc").read_text("latin-1"))[0]
     wrong = tune("A B c d|A B c|A B c d|A B c d e|]")
+    # the second fixed class: a last ending completed by the next part's pickup (ours was strict)
+    aird = tune("A>FD>F AdcB|BdAF D/D/D [1 D2:|[2 D||\nf/g/|afdf abaf|geaf d4|]",
+                "M:C\nL:1/8\nK:D")
+    assert not abc2midi_flags(run_abc2midi(abc.normalize(aird))) and not abc.check_bars(aird).errors
     # the fixed class: abc2midi flagged the raw Essen tune (lines joined), not the normalised
     assert abc2midi_flags(run_abc2midi(essen)) and abc.check_bars(essen).errors == []
     for text in (essen, reel):
@@ -137,3 +141,12 @@ def test_abc2midi_agrees_on_normalised_tunes():
     assert abc2midi_flags(run_abc2midi(abc.normalize(wrong)))
     assert abc.check_bars(wrong).errors
     assert subprocess.run(["abc2midi", "-ver"], capture_output=True).returncode == 0
+
+
+def test_a_last_ending_that_leads_into_the_next_parts_pickup_is_one_bar():
+    # a class found against abc2midi (Aird's airs): "[2 D ||" then the pickup "f/g/|" of part B
+    text = tune("A>FD>F AdcB|BdAF D/D/D [1 D2:|[2 D||\nf/g/|afdf abaf|geaf d4|]",
+                "M:C\nL:1/8\nK:D")
+    assert abc.check_bars(text).errors == []
+    short = tune("A>FD>F AdcB|BdAF D/D/D [1 D2:|[2 D||\nf/|afdf abaf|geaf d4|]", "M:C\nL:1/8\nK:D")
+    assert len(abc.check_bars(short).errors) == 1  # the pickup must make up the bar exactly
