@@ -19,7 +19,14 @@ Decisions (documented once, relied on by the other modules):
   repeats are not expanded; `x` rests are events of kind "invisible_rest", `Z`/`X` are
   "measure_rest" (n bars of the current meter); `y` spacers make nothing.
 * Voices (`V:`): every voice is read; events carry their voice and bars are checked per voice.
-* `clef=`/`middle=`/`transpose=` in K:/V: fields do not change the pitches (written pitch).
+* `clef=`/`middle=`/`transpose=` (and a clef's +8/-8) in K:/V: fields do not change the
+  pitches (written pitch); `octave=N` does (ABC 2.1 4.6: the code is read N octaves away).
+* Other ABC 2.1 constructs read: `K:G exp ^f` (only the listed accidentals), microtonal
+  accidentals `^/c` `_/e` `^3/4c` (rounded to the nearest semitone, see `_alter_of`),
+  `%%begintext`...`%%endtext` (text, read as comments), `M:(2+3)/8` and `M:2+3/8` (one 5/8 bar),
+  `M:2/4 3/4` (not 2.1: each bar may have any listed length, see `meter_choices`), and `&`
+  voice overlay (each layer is an event voice "name&k"; every layer must fill the bar).
+  Rejected with an ABCError naming the construct: `(&...&)` overlays across bar lines.
 """
 from __future__ import annotations
 
@@ -32,7 +39,8 @@ __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "meter_choices",
+    "octave_shift",
 ]
 
 MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
@@ -103,6 +111,8 @@ def _meter_fraction(meter: str) -> Fraction | None:
         return Fraction(1)
     if text == "C|":
         return Fraction(1)
+    if _METERS_RE.match(text):  # "M:2/4 3/4": the first meter sets defaults (L:, tuplets)
+        text = text.split()[0]
     m = _METER_RE.match(text)
     if not m:
         raise ABCError(f"bad meter M:{text} (write e.g. M:6/8, M:C, M:C| or M:none)")
@@ -111,6 +121,20 @@ def _meter_fraction(meter: str) -> Fraction | None:
     if num == 0 or den == 0:
         raise ABCError(f"bad meter M:{text}: numbers must be positive")
     return Fraction(num, den)
+
+
+_METERS_RE = re.compile(r"^[0-9]{1,3}/[0-9]{1,3}(?:\s+[0-9]{1,3}/[0-9]{1,3}){1,7}$")
+
+
+def meter_choices(meter: str) -> tuple[Fraction, ...]:
+    """Quarter lengths a bar of `meter` may have: one for "6/8" or "(2+3)/8" (a 5/8 bar, as
+    ABC 2.1 reads it), each listed meter for "2/4 3/4" (alternating or mixed meters, not in
+    ABC 2.1: abcm2ps prints both), none for free meter."""
+    text = _strip_comment(meter).strip()
+    if _METERS_RE.match(text):
+        return tuple(_meter_fraction(part) * 4 for part in text.split())
+    frac = _meter_fraction(meter)
+    return () if frac is None else (frac * 4,)
 
 
 def meter_duration(meter: str) -> Fraction | None:
@@ -153,6 +177,26 @@ _CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto
                "tenor", "baritone", "soprano", "mezzosoprano", "mezzo", "subbass", "treble8",
                "bass8", "+8", "-8"}
 _ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
+_ACC_TEXT = {v: k for k, v in _ACC_VALUES.items()}
+_MICROTONE_RE = re.compile(r"^([\^_])([0-9]{0,2})/([0-9]{0,2})$")
+
+
+def _alter_of(acc: str) -> int:
+    """Semitones an accidental raises a note ("^" 1, "__" -2). A microtonal accidental (ABC
+    2.1: "^/" a quarter tone up, "_/" down, "^3/4", "_1/3") is a fraction of a semitone; events
+    carry MIDI numbers, so it rounds to the nearest semitone, half a semitone away from the
+    natural ("^/c" reads as C sharp, "_/e" as E flat, "^1/3c" as C)."""
+    value = _ACC_VALUES.get(acc)
+    if value is not None:
+        return value
+    m = _MICROTONE_RE.match(acc)
+    num, den = int(m.group(2) or 1), int(m.group(3) or 2)
+    if den == 0 or Fraction(num, den) > 2:
+        raise ABCError(f"microtonal accidental {acc} must be a fraction of at most 2 semitones "
+                       "(e.g. ^/ ^3/4 _1/2)")
+    amount = Fraction(num, den)
+    whole = int(amount + Fraction(1, 2))  # half away from zero: 1/2 -> 1, 1/3 -> 0, 3/2 -> 2
+    return whole if m.group(1) == "^" else -whole
 
 
 @dataclass
@@ -200,13 +244,55 @@ def _mode_of(word: str) -> str | None:
     return None
 
 
+# ABC 2.1 section 4.6: [clef=]<name>[<line>][+8|-8]; "treble8", "+8" are older spellings
+_CLEF_RE = re.compile(r"^(?:treble|bass|alto|tenor|perc|none|baritone|soprano|mezzosoprano|mezzo|"
+                      r"subbass)[1-5]?(?:[+-]8)?$|^[+-]?8$|^(?:treble|bass)8$", re.IGNORECASE)
+_KEY_PARAMS = {"clef", "middle", "transpose", "octave", "stafflines", "staffscale", "t", "m"}
+_MIDDLE_RE = re.compile(r"^[\^_=]?[A-Ga-g][,']*$")
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,3}$")
+
+
+def _is_clef(word: str) -> bool:
+    """A clef as K:/V: write it: "bass", "alto4", "treble-8", "clef=bass3" (ABC 2.1 4.6)."""
+    name, _, value = word.partition("=")
+    if value:
+        return name.lower() == "clef" and bool(_CLEF_RE.match(value) or value in "GFC")
+    return bool(_CLEF_RE.match(word)) or word.lower() in _CLEF_WORDS
+
+
+def _check_key_param(word: str, raw: str) -> None:
+    """ABCError for a clef/middle/transpose/octave/stafflines value that is not one (4.6)."""
+    name, _, value = word.partition("=")
+    name = name.lower()
+    if name == "clef" and not _is_clef(word):
+        raise ABCError(f"bad clef {value!r} in K:{raw} (use treble, bass, alto, tenor, perc or "
+                       "none, e.g. clef=bass, alto4, treble-8)")
+    if name == "middle" and not _MIDDLE_RE.match(value):
+        raise ABCError(f"bad middle={value} in K:{raw} (a pitch such as middle=d or middle=B,)")
+    if name in ("transpose", "octave", "stafflines") and not _INT_RE.match(value):
+        raise ABCError(f"bad {name}={value} in K:{raw} (a whole number, e.g. {name}=-1)")
+
+
+def octave_shift(value: str) -> int | None:
+    """The `octave=` of a K: or V: value (ABC 2.1 4.6: octave=-1 reads C as C,), or None.
+
+    `clef=` (with its +8/-8), `middle=` and `transpose=` change how the music is printed or
+    played, not the notes written: events stay at written pitch; only `octave=` moves them."""
+    for word in _strip_comment(value).split():
+        name, _, number = word.partition("=")
+        if name.lower() == "octave" and _INT_RE.match(number):
+            return int(number)
+    return None
+
+
 def parse_key(text: str) -> Key:
-    """Parse a K: value ("Emin", "E minor", "F#m", "Bb", "HP", "none", "D =c", "C clef=bass")."""
+    """Parse a K: value ("Emin", "E minor", "F#m", "Bb", "HP", "none", "D =c", "C clef=bass",
+    "G exp ^f", "D bass", "Am alto4 octave=-1"; ABC 2.1 3.1.14 and 4.6)."""
     raw = _strip_comment(text).strip()
     words = raw.split()
     first = words[0] if words else ""
     if not words or first.lower() == "none" or re.match(r"^[a-z]+=", first) \
-            or first.lower() in _CLEF_WORDS:
+            or _is_clef(first):
         key = Key("C", "major", _signature(0), 0)
         rest = words[1:] if words and first.lower() == "none" else words
     elif first in ("HP", "Hp"):
@@ -235,8 +321,12 @@ def parse_key(text: str) -> Key:
             key.accidentals[am.group(2).upper()] = _ACC_VALUES[am.group(1)]
         elif word.lower() == "exp":
             key.accidentals = {ch: 0 for ch in "CDEFGAB"}  # only the listed accidentals
-        elif "=" in word or word.lower() in _CLEF_WORDS or _OCTAVE_WORD_RE.match(word):
-            continue  # clef=, middle=, transpose=, octave=, -8va: presentation only
+        elif "=" in word:
+            if word.partition("=")[0].lower() in _KEY_PARAMS:
+                _check_key_param(word, raw)
+            continue  # clef=, middle=, transpose=, octave= (see octave_shift); others ignored
+        elif _is_clef(word) or _OCTAVE_WORD_RE.match(word):
+            continue  # a bare clef name after the key ("K:D bass", "K:C treble-8"), -8va
         else:
             raise ABCError(f"bad key K:{raw}: do not understand {word!r}")
     return key
@@ -425,13 +515,30 @@ def _check_size(text: str) -> None:
                        "parser reads (abc.MAX_TUNE_CHARS): split it into tunes (split_tunes)")
 
 
+def _comment_text_blocks(lines: list[str]) -> list[str]:
+    """Lines of `%%begintext` ... `%%endtext` blocks (ABC 2.1 8.2: free text to typeset, not
+    music) turned into % comments, so they keep their line numbers and read as no music."""
+    out, in_text = [], False
+    for line in lines:
+        directive = line.strip().lower()
+        if directive.startswith("%%begintext"):
+            in_text = True
+        elif in_text:
+            if directive.startswith("%%endtext"):
+                in_text = False
+            elif line.strip() and not line.lstrip().startswith("%"):
+                line = "%" + line
+        out.append(line)
+    return out
+
+
 def parse_tune(text: str) -> Tune:
     """Parse one tune (multi-line, or the one-line `X:1 L:1/8 M:4/4 K:Emin |: ...` form)."""
     if not isinstance(text, str):
         raise ABCError(f"expected ABC text (str), got {type(text).__name__}")
     _check_size(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
-    lines = text.split("\n")
+    lines = _comment_text_blocks(text.split("\n"))
     fields: list[tuple[str, str]] = []
     continued: dict[int, list[str]] = {}  # field index -> its +: continuation values
     body_lines: list[str] = []
@@ -527,7 +634,12 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
     """Canonical multi-line ABC: X, T, C, O, R, kept fields, M, L (always), Q, K; no comments.
 
     Dropped: N S Z H D F B G I A W U fields (notes, sources, history), comments, directives,
-    blank and stray lines. Body lines are kept as written (minus comments/trailing spaces).
+    blank and stray lines. Body lines are kept as written (minus comments/trailing spaces),
+    except that a line ending after exactly one full bar with no bar line (Essen phrases) gets
+    the " |" our bar check reads there: by ABC 2.1 a line end is no bar line, so without it
+    other readers (abc2midi, abcm2ps) join the bar with the next line's first bar. A note after
+    it that read an accidental carried over the line end gets that accidental written, so every
+    pitch stays as `events` reads it.
     """
     tune = _as_tune(tune_or_text)
     out = [f"X:{x}"]
@@ -544,19 +656,32 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
     if tune._last("Q") is not None:
         out.append(f"Q:{tune._last('Q')}")
     out.append(f"K:{tune.key}")
-    for line in tune.body.split("\n"):
+    scan = _scan(tune)
+    carried: dict[int, list[tuple[int, str]]] = {}
+    for (number, col0), acc in scan.carried.items():
+        carried.setdefault(number, []).append((col0, acc))
+    body: list[tuple[int, str]] = []
+    for offset, line in enumerate(tune.body.split("\n")):
         if line.lstrip().startswith("%"):
             continue
+        number = tune.first_body_line + offset
+        for col0, acc in sorted(carried.get(number, ()), reverse=True):
+            line = line[:col0] + acc + line[col0:]  # keeps the pitch across the new bar line
         line = _strip_body_line(line)
         if line.strip():
-            out.append(line)
+            body.append((number, line))
+    for i, (number, line) in enumerate(body):
+        if number in scan.line_bars and i < len(body) - 1:
+            line += " |"  # the bar line our reading puts there: ABC 2.1 would join the lines
+        out.append(line)
     return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- tokenizer
 # A token is (kind, col0, end, data). Kinds: note rest mrest spacer bar ending field chord_open
 # chord_close grace_open grace_close tuplet slur_open slur_close broken tie deco symbol cont.
-_NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
+_NOTE_RE = re.compile(r"(\^\^|[\^_][0-9]{0,2}/[0-9]{0,2}|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)"
+                      r"(/*)([0-9]*)")
 _REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
 _MREST_RE = re.compile(r"([ZX])([0-9]*)")
 _SPACER_RE = re.compile(r"y([0-9]*)(/*)([0-9]*)")
@@ -655,6 +780,13 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                                line, pos + 1)
             toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
             pos = m.end()
+            continue
+        if c == "&" or text.startswith("(&", pos):
+            if text.startswith("(&", pos) or text.startswith("&)", pos):
+                raise ABCError("voice overlay (& ... &) across bar lines is unsupported: write "
+                               "& in each bar (abc 2.1 7.4)", line, pos + 1)
+            toks.append(("overlay", pos, pos + 1, None))
+            pos += 1
             continue
         if c == "(":
             m = _TUPLET_RE.match(text, pos)
@@ -757,10 +889,12 @@ class Bar:
     left: str = ""  # barline token before the bar ("" at the start of the tune)
     right: str = ""  # barline token that ends the bar ("" implicit or end of tune)
     kind: str = "full"  # full | pickup | section_end | final | ending | free | multi_rest | error
+    #                    | overlay_error (the & layers differ in length)
     voice: str = ""
     ending: str = ""  # "1", "2", "1,3" when the bar opens a first/second ending
     line_end: bool = False  # the bar ends at the end of a music line
     break_after: bool = False  # a section break (|| |] :| |: :: [| P:) follows the bar
+    layers: tuple[Fraction, ...] = ()  # with & overlays: every layer's length (main first)
 
 
 @dataclass
@@ -814,7 +948,8 @@ class _Voice:
 
     __slots__ = ("name", "key", "meter", "unit", "bar_acc", "bar_events", "bar_dur", "bar_start",
                  "bar_left", "bar_ending", "tuplet", "broken", "last_event", "bar_has_mrest",
-                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar")
+                 "expected", "pending_break", "tuplet_open", "repeat_open", "last_bar",
+                 "carried", "octave", "layers", "choices")
 
     def __init__(self, name: str, key: Key, meter: str, unit: Fraction):
         self.name = name
@@ -822,6 +957,10 @@ class _Voice:
         self.meter = meter
         self.unit = unit
         self.bar_acc: dict[str, int] = {}
+        self.carried: set[str] = set()  # letters whose bar_acc came across a line-end bar
+        self.octave = 0  # K:/V: octave=N: the notes sound N octaves from where written
+        self.layers: list[Fraction] = []  # lengths of the bar's layers before each & overlay
+        self.choices: tuple[Fraction, ...] = meter_choices(meter)  # "2/4 3/4": 2 or 3
         self.bar_events: list[list] = []
         self.bar_dur = Fraction(0)
         self.bar_start: tuple[int, int] | None = None
@@ -841,12 +980,15 @@ class _Voice:
 class _Scan:
     """Result of reading a tune body once: events, bars, and strict-validation findings."""
 
-    __slots__ = ("events", "bars", "problems")
+    __slots__ = ("events", "bars", "problems", "line_bars", "carried")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.bars: list[Bar] = []
         self.problems: list[ABCError] = []  # things only validate() treats as errors
+        self.line_bars: set[int] = set()  # lines whose end closed a full bar (no bar line)
+        # (line, col0) -> accidental a note reads from across such a line end ("^", "_", "=")
+        self.carried: dict[tuple[int, int], str] = {}
 
 
 _BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fraction(1, 4)),
@@ -877,6 +1019,14 @@ class _Scanner:
         self.voices: dict[str, _Voice] = {}
         self.header_key = key
         self.header_unit = tune.unit_length
+        self.header_octave = octave_shift(tune.key) or 0
+        self.voice_octaves: dict[str, int] = {}  # header V: definitions with octave=
+        for name, value in tune.fields:
+            if name == "V" and value.split():
+                self._check_voice(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    self.voice_octaves[value.split()[0]] = shift
         self.voice = self._get_voice("")
         self.lines = tune.body.split("\n")
         self.where = (tune.first_body_line, 0)  # (line, 0-based col) of the current token
@@ -896,8 +1046,15 @@ class _Scanner:
             v = _Voice(name, key, self.meter if base is None else base.meter,
                        self.header_unit if base is None else base.unit)
             v.expected = meter_duration(v.meter)
+            v.octave = self.voice_octaves.get(name, self.header_octave)
             self.voices[name] = v
         return v
+
+    def _check_voice(self, value: str) -> None:
+        """ABCError for a bad clef/middle/transpose/octave in a V: field (as in K:)."""
+        for word in value.split()[1:]:
+            if word.partition("=")[0].lower() in _KEY_PARAMS:
+                _check_key_param(word, value)  # name="...", stem=, ... are not checked
 
     # -- fields inside the body
     def _field(self, name: str, value: str, line: int, col: int) -> None:
@@ -905,15 +1062,25 @@ class _Scanner:
         try:
             if name == "K":
                 v.key = parse_key(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    v.octave = shift
             elif name == "M":
                 # a change mid-bar: the new meter judges the bar it appears in
                 v.expected = meter_duration(value)
                 v.meter = value.strip() or "none"
+                v.choices = meter_choices(v.meter)
             elif name == "L":
                 v.unit = parse_fraction(value)
             elif name == "V":
                 vname = value.split()[0] if value.split() else ""
+                self._check_voice(value)
+                shift = octave_shift(value)
+                if shift is not None:
+                    self.voice_octaves[vname] = shift
                 self.voice = self._get_voice(vname)
+                if shift is not None:
+                    self.voice.octave = shift
             elif name in "PT":  # a new part or title: a section break
                 if v.bar_events:
                     v.pending_break = True
@@ -1026,6 +1193,16 @@ class _Scanner:
                     self._emit(v, None, (), Fraction(count), line, col, "measure_rest",
                                duration=exp * count)
                     v.bar_has_mrest = True
+                elif kind == "overlay":
+                    if in_grace or in_chord is not None:
+                        raise ABCError("& overlay inside a chord or grace notes", line, col)
+                    if not v.bar_events:
+                        raise ABCError("& overlay before any note of the bar (write the main "
+                                       "layer first: A2 B2 & c2 d2 |)", line, col)
+                    v.layers.append(v.bar_dur)  # the next layer starts at the bar's start
+                    v.bar_dur = Fraction(0)
+                    v.broken = None
+                    v.last_event = None
                 elif kind == "cont":
                     continued = True
             if in_chord is not None:
@@ -1042,6 +1219,8 @@ class _Scanner:
                 kept = v.bar_acc
                 self._close_bar(v, "", line_end=True)
                 v.bar_acc = kept
+                v.carried = set(kept)
+                self.scan.line_bars.add(line)
             elif not continued and not v.bar_events:
                 self._mark_line_end(v)
         for v in self.voices.values():
@@ -1068,13 +1247,17 @@ class _Scanner:
         acc, letter, octs, _ = data
         up = letter.upper()
         if acc:
-            alter = _ACC_VALUES[acc]
+            alter = _alter_of(acc)
             v.bar_acc[up] = alter  # carries through the bar, every octave (ABC 2.1 "pitch")
+            v.carried.discard(up)
         else:
             alter = v.bar_acc.get(up)
+            if up in v.carried and alter != v.key.accidentals.get(up, 0):
+                self.scan.carried[self.where] = _ACC_TEXT[alter]
+                v.carried.discard(up)  # once written, the rest of the bar carries it as usual
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
-        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
+        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",") + v.octave
         return 60 + _SEMITONE[up] + 12 * octave + alter
 
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
@@ -1097,7 +1280,8 @@ class _Scanner:
                 v.broken = None
         if v.bar_start is None:
             v.bar_start = (line, col)
-        ev = [pitch, duration, -1, line, col, False, pitches, kind, v.name]
+        voice = f"{v.name}&{len(v.layers)}" if v.layers else v.name  # an & overlay layer
+        ev = [pitch, duration, -1, line, col, False, pitches, kind, voice]
         self.raw_events.append(ev)
         v.bar_events.append(ev)
         v.bar_dur += duration
@@ -1127,6 +1311,7 @@ class _Scanner:
         if not v.bar_left or _is_section_bar(token):
             v.bar_left = token
         v.bar_acc = {}
+        v.carried = set()
 
     def _source(self, line: int, col0: int, end_line: int, end_col0: int) -> str:
         """The body text from (line, col0) up to (end_line, end_col0), for Bar.text."""
@@ -1143,10 +1328,13 @@ class _Scanner:
         for ev in v.bar_events:
             ev[2] = index
         line, col = v.bar_start or (0, 0)
-        bar = Bar(index=index, duration=v.bar_dur, expected=v.expected, line=line, col=col,
+        layers = tuple(v.layers + [v.bar_dur]) if v.layers else ()
+        duration = layers[0] if layers else v.bar_dur
+        expected = duration if len(v.choices) > 1 and duration in v.choices else v.expected
+        bar = Bar(index=index, duration=duration, expected=expected, line=line, col=col,
                   text=self._source(line, col - 1, *self.where), left=v.bar_left, right=token,
                   voice=v.name, ending=v.bar_ending, line_end=line_end,
-                  break_after=_is_section_bar(token) or v.pending_break)
+                  break_after=_is_section_bar(token) or v.pending_break, layers=layers)
         bar.kind = "multi_rest" if v.bar_has_mrest else "full"
         self.scan.bars.append(bar)
         v.last_bar = bar
@@ -1158,6 +1346,8 @@ class _Scanner:
         v.bar_has_mrest = False
         v.pending_break = False
         v.bar_acc = {}
+        v.carried = set()
+        v.layers = []
 
 
 def _classify(scan: _Scan) -> None:
@@ -1168,7 +1358,8 @@ def _classify(scan: _Scan) -> None:
     P:/T: field) closes its section (the repeat or the next part supplies the rest); a short bar
     right after a section break is the next part's pickup; two short bars that meet at a section
     break or a line end and add up to one bar are one bar written across it; the first bar of a
-    first/second ending may complete the short bar before the endings.
+    first/second ending may complete the short bar before the endings (or, closing its section,
+    do so with the next part's pickup).
     """
     by_voice: dict[str, list[Bar]] = {}
     for b in scan.bars:
@@ -1188,7 +1379,8 @@ def _classify(scan: _Scan) -> None:
             b = bars[base]
             exp = b.expected
             if exp is not None and not ok[base] and b.duration < exp and all(
-                    bars[s].duration + b.duration == exp for s in starts):
+                    bars[s].duration + b.duration == exp or _leads_on(bars, s, b.duration)
+                    for s in starts):
                 b.kind, ok[base] = "section_end", True
                 for s in starts:
                     bars[s].kind, ok[s] = "ending", True
@@ -1210,8 +1402,17 @@ def _classify(scan: _Scan) -> None:
             elif prev is not None and prev.break_after:
                 b.kind, ok[i] = "pickup", True
         for i, b in enumerate(bars):
-            if not ok[i]:
+            if len(set(b.layers)) > 1:
+                b.kind = "overlay_error"  # whatever else explains the main layer
+            elif not ok[i]:
                 b.kind = "error"
+
+
+def _leads_on(bars: list[Bar], s: int, base: Fraction) -> bool:
+    """An ending that closes its section short and the next part's pickup completes the bar:
+    `[2 D ||` then `f/g/|` (the last ending leads into the next part, Aird's airs)."""
+    return bars[s].break_after and s + 1 < len(bars) and bars[s].expected is not None \
+        and base + bars[s].duration + bars[s + 1].duration == bars[s].expected
 
 
 def _ending_groups(bars: list[Bar]) -> list[tuple[int, list[int]]]:
@@ -1245,7 +1446,13 @@ def check_bars(tune_or_text: Tune | str) -> BarReport:
         if b.expected is None:
             continue
         checked += 1
-        if b.kind == "error":
+        if b.kind == "overlay_error":
+            lengths = ", ".join(_ql(x) for x in b.layers)
+            errors.append(BarError(
+                bar=b.index, line=b.line, col=b.col, duration=b.duration, expected=b.expected,
+                message=(f"bar {b.index + 1}: its & overlay layers differ in length "
+                         f"({lengths} quarter lengths); each layer must fill the bar")))
+        elif b.kind == "error":
             what = "too long" if b.duration > b.expected else "too short"
             errors.append(BarError(
                 bar=b.index, line=b.line, col=b.col, duration=b.duration, expected=b.expected,
@@ -1459,6 +1666,10 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
             if kind == "note":
                 acc, letter, octs, _ = data
                 up = letter.upper()
+                if acc and acc not in _ACC_VALUES:
+                    raise ABCError(f"transposing the microtonal accidental {acc} is unsupported "
+                                   "(write ^ _ = or transpose by hand)",
+                                   tune.first_body_line + offset, col0 + 1)
                 if acc:
                     alter = _ACC_VALUES[acc]
                     v.old_acc[up] = alter

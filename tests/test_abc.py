@@ -104,7 +104,7 @@ def test_meter_helpers():
     ("X:1\nT:no key\nabc|", "no K:"),
     ("X:1\nK:G\n", "empty body"),
     ("X:1\nK:G\n% only a comment\nw: la la\n", "empty body"),
-    ("X:1\nM:4/4\nK:G\nab&c|", "unknown symbol '&'"),
+    ("X:1\nM:4/4\nK:G\nab#c|", "unknown symbol '#'"),  # & is ABC 2.1's voice overlay now
     ("X:1\nM:4/4\nK:G\n[GBd|", "not closed with ]"),
     ("X:1\nM:4/4\nK:G\nGBd]|", "] without"),
     ("X:1\nM:4/4\nK:G\n{gab|", "not closed with }"),
