@@ -118,13 +118,13 @@ def abc2midi_path() -> str | None:
 
 def run_abc2midi(text: str) -> list[str]:
     """abc2midi's bar-length warnings and errors for one tune text (check only, fermatas as
-    written)."""
+    written). It runs in a temporary folder, since abc2midi writes `barloc.txt` where it runs."""
     with tempfile.TemporaryDirectory(prefix="abc2midi_") as tmp:
         path = Path(tmp) / "tune.abc"
         path.write_text(text, encoding="utf-8")
         try:
             done = subprocess.run([ABC2MIDI, str(path), "-c", "-NFER"], capture_output=True,
-                                  text=True, timeout=60, errors="replace")
+                                  text=True, timeout=60, errors="replace", cwd=tmp)
         except subprocess.TimeoutExpired:
             return ["Error: abc2midi timed out"]
     out = done.stdout + done.stderr
