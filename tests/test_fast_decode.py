@@ -48,14 +48,13 @@ def test_logits_equal_the_transformers_forward(tiny, lean, prompts):
         with torch.no_grad():
             reference = model(torch.tensor([prompt])).logits[0]
         cache = lean.new_cache(1, len(prompt))
-        assert torch.allclose(lean.prefill(prompt, cache, 0, all_logits=True), reference, atol=1e-4)
+        assert torch.allclose(torch.from_numpy(lean.prefill(prompt, cache, 0, all_logits=True)), reference, atol=1e-4)
         # the one-token step, position by position after a short prefill, gives the same logits
         cache = lean.new_cache(1, len(prompt))
         lean.prefill(prompt[:2], cache, 0)
-        with torch.inference_mode():
-            for i in range(2, len(prompt)):
-                step = lean.step(torch.tensor([prompt[i]]), torch.tensor([i]), cache, i + 1, None)[0]
-                assert torch.allclose(step, reference[i], atol=1e-4), i
+        for i in range(2, len(prompt)):
+            step = torch.from_numpy(lean.step([prompt[i]], [i], cache, i + 1, None)[0])
+            assert torch.allclose(step, reference[i], atol=1e-4), i
 
 
 def test_greedy_and_seeded_sampling_give_generates_tokens(tiny, lean, prompts):
@@ -142,7 +141,7 @@ def test_weights_changed_in_place_are_read_again(tiny, prompts):
     fresh = LeanLlama(model)
     with torch.no_grad():
         reference = model(torch.tensor([prompts[0]])).logits[0, -1]
-    assert torch.allclose(fresh.prefill(prompts[0], fresh.new_cache(1, 64), 0), reference, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(fresh.prefill(prompts[0], fresh.new_cache(1, 64), 0)), reference, atol=1e-4)
 
 
 def test_models_it_cannot_run_say_so(tiny):
