@@ -34,8 +34,10 @@ same-text answers).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -109,10 +111,8 @@ class LeanLlama:
     """A `LlamaForCausalLM`'s weights as NumPy arrays, with a prefill and a one-token step.
 
     A cache (`new_cache`) holds per layer one array (rows, length, 2 * kv_size): each position's
-    keys then values, so a step writes them in one copy. Attention for one query row is two
-    plain matrix products over every head at once: the keys times a block matrix holding each
-    query head in its key head's rows, and the softmax weights times the values (then each
-    head's own block is picked out)."""
+    keys then values, so a step writes them in one copy; attention reads them as strided views
+    (one matrix product per key head for the scores, one for the values)."""
 
     def __init__(self, model):
         why = supports(model)
@@ -129,12 +129,9 @@ class LeanLlama:
         with torch.no_grad():
             self._read_weights(model)
         self._cos = self._sin = np.empty((0, self.qk_size), np.float32)
-        # query head h (key head h // group) -> its block in the (kv_size, heads) query matrix,
-        # and its output in the (heads, kv_size) product with the values
-        h, d = np.divmod(np.arange(self.q_size), self.head_dim)
-        key_col = (h // self.group) * self.head_dim + d
-        self._block_index = key_col * self.heads + h
-        self._own_head = h * self.kv_size + key_col
+        # batched attention: query head h sits in its key head's columns of a (heads, kv_size) block
+        self._head_rows = np.arange(self.heads)[:, None]
+        self._head_cols = (self._head_rows // self.group) * self.head_dim + np.arange(self.head_dim)
 
     def _weights_version(self) -> tuple:
         """Changes when any weight of the source model is changed in place or replaced."""
@@ -165,8 +162,9 @@ class LeanLlama:
                 normed(layer.input_layernorm, att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight),
                 np.ascontiguousarray(att.o_proj.weight.t().numpy()),
                 normed(layer.post_attention_layernorm, -mlp.gate_proj.weight, mlp.up_proj.weight),
-                np.ascontiguousarray((-mlp.down_proj.weight).t().numpy())))
+                (-mlp.down_proj.weight).numpy()))  # (hidden, intermediate): down @ h is faster here
         self.lm_head_t = normed(model.model.norm, model.lm_head.weight)
+        self.lm_rows = np.ascontiguousarray(self.lm_head_t.T)  # (V, hidden): a few tokens' logits
         self.intermediate = self.layers[0][2].shape[1] // 2
 
     def rope_table(self, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +190,7 @@ class LeanLlama:
         qk *= cos
         pairs += turned
 
-    def _mlp_(self, x: np.ndarray, gu_t: np.ndarray, down_t: np.ndarray, unit: np.ndarray) -> None:
+    def _mlp_(self, x: np.ndarray, gu_t: np.ndarray, down: np.ndarray, unit: np.ndarray) -> None:
         """x += the SwiGLU block, from unit = x / rms(x) (gate and down stored negated)."""
         gate_up = unit @ gu_t
         minus_gate = gate_up[..., :self.intermediate]
@@ -200,7 +198,7 @@ class LeanLlama:
         h += 1
         np.divide(minus_gate, h, out=h)
         h *= gate_up[..., self.intermediate:]
-        x += h @ down_t
+        x += down @ h if h.ndim == 1 else h @ down.T
 
     def _unit_rms(self, x: np.ndarray) -> np.ndarray:
         """x / rms(x) per row: RMSNorm without its weight (folded into the next projection)."""
@@ -212,10 +210,20 @@ class LeanLlama:
         """Per layer, keys then values of each position: (rows, length, 2 * kv_size)."""
         return [np.zeros((rows, length, 2 * self.kv_size), np.float32) for _ in self.layers]
 
+    def _heads(self, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Views of cached positions (..., length, 2 * kv_size) per key head: keys transposed
+        (..., kv_heads, head_dim, length) and values (..., kv_heads, length, head_dim)."""
+        *rows, length, _ = cached.shape
+        split = cached.reshape(*rows, length, 2, self.kv_heads, self.head_dim)
+        n = len(rows)  # split[..., i, :, :] is (*rows, length, kv_heads, head_dim)
+        lead = tuple(range(n))
+        return (split[..., 0, :, :].transpose(*lead, n + 1, n + 2, n),
+                split[..., 1, :, :].transpose(*lead, n + 1, n, n + 2))
+
     def prefill(self, tokens: list[int], cache, row: int, all_logits: bool = False) -> np.ndarray:
         """Run a prompt at positions 0.. into cache row `row`; the last position's logits (V,)
         (or every position's, (S, V), with all_logits)."""
-        n, kvh, hd, kv = len(tokens), self.kv_heads, self.head_dim, self.kv_size
+        n, kvh, hd = len(tokens), self.kv_heads, self.head_dim
         cos, sin = (t[:n] for t in self.rope_table(n))
         causal = np.triu(np.full((n, n), NEG_INF), 1)
         x = self.embed[np.asarray(tokens)]
@@ -226,10 +234,10 @@ class LeanLlama:
                 cached = layer_cache[row, :n]
                 cached[:] = out[:, self.q_size:]
                 q = out[:, :self.q_size].reshape(n, kvh, self.group, hd).transpose(1, 2, 0, 3)  # (kvh, g, n, hd)
-                keys = cached[:, :kv].reshape(n, kvh, hd).transpose(1, 2, 0)[:, None]  # (kvh, 1, hd, n)
-                scores = q @ keys
+                keys, values = self._heads(cached)
+                scores = q @ keys[:, None]
                 scores += causal
-                att = _softmax_(scores, -1) @ cached[:, kv:].reshape(n, kvh, hd).transpose(1, 0, 2)[:, None]
+                att = _softmax_(scores, -1) @ values[:, None]  # (kvh, g, n, hd)
                 x += att.transpose(2, 0, 1, 3).reshape(n, self.q_size) @ o_t
                 self._mlp_(x, gu_t, down_t, self._unit_rms(x))
         x = x if all_logits else x[-1]
@@ -243,11 +251,11 @@ class LeanLlama:
         tokens, positions = np.asarray(tokens), np.asarray(positions)
         if tokens.shape[0] == 1 and mask is None:
             return self._step_one(int(tokens[0]), int(positions[0]), cache, length)[None]
-        b, kv = tokens.shape[0], self.kv_size
+        b = tokens.shape[0]
         cos, sin = (t[positions] for t in self.rope_table(max(length, int(positions.max()) + 1)))
-        bias = None if mask is None else np.where(mask, np.float32(0), NEG_INF)[:, :, None]
-        rows = np.arange(b)
-        block = np.zeros((b, kv * self.heads), np.float32)
+        bias = None if mask is None else np.where(mask, np.float32(0), NEG_INF)[:, None, :]
+        rows, kv = np.arange(b), self.kv_size
+        block = np.zeros((b, self.heads, kv), np.float32)
         x = self.embed[tokens]
         with np.errstate(over="ignore"):
             for (qkv_t, o_t, gu_t, down_t), layer_cache in zip(self.layers, cache):
@@ -257,21 +265,26 @@ class LeanLlama:
                     layer_cache[rows, positions] = out[:, self.q_size:]
                 else:
                     layer_cache[:, same_position] = out[:, self.q_size:]
-                block[:, self._block_index] = out[:, :self.q_size]
-                scores = layer_cache[:, :length, :kv] @ block.reshape(b, kv, self.heads)  # (B, length, heads)
+                # every head at once: (B, heads, kv_size) queries, zero outside each head's key head
+                block[:, self._head_rows, self._head_cols] = out[:, :self.q_size].reshape(b, self.heads, self.head_dim)
+                scores = block @ layer_cache[:, :length, :kv].transpose(0, 2, 1)  # (B, heads, length)
                 if bias is not None:
                     scores += bias
-                att = _softmax_(scores, 1).transpose(0, 2, 1) @ layer_cache[:, :length, kv:]  # (B, heads, kv)
-                x += att.reshape(b, -1)[:, self._own_head] @ o_t
+                att = _softmax_(scores, -1) @ layer_cache[:, :length, kv:]  # (B, heads, kv_size)
+                x += att[:, self._head_rows, self._head_cols].reshape(b, self.q_size) @ o_t
                 self._mlp_(x, gu_t, down_t, self._unit_rms(x))
         return self._unit_rms(x) @ self.lm_head_t
 
-    def _step_one(self, token: int, position: int, cache, length: int) -> np.ndarray:
+    def logits(self, unit: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
+        """The LM head on a final normed hidden state (`_step_one(..., head=False)`): every
+        token's logit, or only `tokens`' (reading their rows of the head, not all 2 MB of it)."""
+        return unit @ self.lm_head_t if tokens is None else self.lm_rows[tokens] @ unit
+
+    def _step_one(self, token: int, position: int, cache, length: int, head: bool = True) -> np.ndarray:
         """`step` for a single row at `position`, on 1-D vectors (NumPy's vector-matrix product
-        is faster than a one-row matrix product). Returns logits (V,)."""
-        kv = self.kv_size
+        is faster than a one-row matrix product). Returns logits (V,), or with head=False the
+        final normed hidden state for `logits`."""
         cos, sin = (t[position] for t in self.rope_table(max(length, position + 1)))
-        block = np.zeros(kv * self.heads, np.float32)
         x = self.embed[token].copy()
         with np.errstate(over="ignore"):
             for (qkv_t, o_t, gu_t, down_t), layer_cache in zip(self.layers, cache):
@@ -279,12 +292,11 @@ class LeanLlama:
                 out = self._unit_rms(x) @ qkv_t
                 self._rope_(out[:self.qk_size], cos, sin)
                 cached[position] = out[self.q_size:]
-                block[self._block_index] = out[:self.q_size]
-                scores = _softmax_(cached[:, :kv] @ block.reshape(kv, self.heads), 0)  # (length, heads)
-                att = (scores.T @ cached[:, kv:]).reshape(-1)[self._own_head]
-                x += att @ o_t
+                keys, values = self._heads(cached)
+                scores = out[:self.q_size].reshape(self.kv_heads, self.group, self.head_dim) @ keys
+                x += (_softmax_(scores, -1) @ values).reshape(self.q_size) @ o_t
                 self._mlp_(x, gu_t, down_t, self._unit_rms(x))
-        return self._unit_rms(x) @ self.lm_head_t
+        return self._unit_rms(x) @ self.lm_head_t if head else self._unit_rms(x)
 
 
 def _softmax_(scores: np.ndarray, axis: int) -> np.ndarray:
@@ -326,6 +338,13 @@ def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray) -> int
     probs = np.exp(values - values.max())
     probs /= probs.sum()
     return int(kept[np.argmax(probs / noise[kept])])
+
+
+@lru_cache(maxsize=1)
+def _grammar_worker() -> ThreadPoolExecutor:
+    """One thread that fills grammar masks while the main thread runs the model step
+    (xgrammar's calls release the GIL, as do NumPy's matrix products)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast_decode-grammar")
 
 
 class _Slots:
@@ -390,6 +409,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
     utf8_allowed = None if utf8 is None else utf8.allowed[:, :vocab].numpy()
     utf8_next = None if utf8 is None else utf8.next_state.numpy()
     prefilled: tuple | None = None  # (prompt, cache row, logits) of the last prefill, for reuse
+    worker = _grammar_worker() if constrained and len(os.sched_getaffinity(0)) > 1 else None
 
     def admit(slot: int) -> np.ndarray:
         """Put the next waiting row into `slot`; return its first logits."""
@@ -412,17 +432,24 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
         results[index].first_token_seconds = time.perf_counter() - start
         return logits
 
-    def choose(logits: np.ndarray, live: list[int]) -> list[int]:
-        """The next token of each slot in `live` (logits: (len(live), V), changed in place)."""
+    def fill(live: list[int]) -> list[bool]:
+        """Each live slot's grammar mask into bitmask row i (True: it forbids something)."""
+        return [slots.matchers[slot].fill_next_token_bitmask(slots.bitmask, i) for i, slot in enumerate(live)]
+
+    def allowed_tokens(live: list[int], need: list[bool] | None) -> np.ndarray | None:
+        """(len(live), V) bools: what the grammar (bitmask filled, `need` from `fill`) and the
+        UTF-8 automaton allow each slot next; None when both allow everything."""
         allowed = None
-        if constrained:
-            need = [slots.matchers[slot].fill_next_token_bitmask(slots.bitmask, i) for i, slot in enumerate(live)]
-            if any(need):  # xgrammar's bits, token t at bit t % 32 of word t // 32
-                words = slots.bitmask[:len(live)].numpy()
-                allowed = np.unpackbits(words.view(np.uint8), axis=1, count=vocab, bitorder="little").view(bool)
+        if need is not None and any(need):  # xgrammar's bits, token t at bit t % 32 of word t // 32
+            words = slots.bitmask[:len(live)].numpy()
+            allowed = np.unpackbits(words.view(np.uint8), axis=1, count=vocab, bitorder="little").view(bool)
         if utf8_allowed is not None:
             by_state = utf8_allowed[[slots.utf8_states[s] for s in live]]
             allowed = by_state if allowed is None else allowed & by_state
+        return allowed
+
+    def choose(logits: np.ndarray, live: list[int], allowed: np.ndarray | None) -> list[int]:
+        """The next token of each slot in `live` (logits: (len(live), V), changed in place)."""
         if allowed is not None:
             logits[~allowed] = NEG_INF
         if sampling.temperature <= 0:
@@ -458,7 +485,8 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             # first tokens of newly admitted rows come from their prefill logits
             while pending:
                 live = [s for s, _ in pending]
-                tokens = choose(np.stack([l for _, l in pending]), live)
+                allowed = allowed_tokens(live, fill(live) if constrained else None)
+                tokens = choose(np.stack([l for _, l in pending]), live, allowed)
                 pending = []
                 for slot, token in zip(live, tokens):
                     yield slots.row_of[slot], token
@@ -472,16 +500,29 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             if not waiting and len(live) <= len(slots.row_of) // 2:
                 slots.compact()
                 live = list(range(len(slots.row_of)))
-            positions = np.array(slots.positions)
-            top = max(slots.positions[s] for s in live) + 1
-            mask, shared = None, None
-            if len(set(slots.positions)) > 1:
-                mask = np.arange(top)[None] <= positions[:, None]
+            filling = worker.submit(fill, live) if worker else None  # runs during the step
+            if len(slots.row_of) == 1:
+                position = slots.positions[0]
+                out = lean._step_one(slots.tokens[0], position, slots.cache, position + 1, head=not constrained)
+                allowed = allowed_tokens(live, filling.result() if filling else None)
+                if constrained:  # only the allowed tokens' logits: a few rows of the LM head
+                    ids = np.flatnonzero(allowed[0]) if allowed is not None else None
+                    logits = np.full((1, vocab), NEG_INF)
+                    logits[0, ids if ids is not None else slice(None)] = lean.logits(out, ids)
+                else:
+                    logits = out[None]
             else:
-                shared = slots.positions[0]
-            logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
-            logits = logits[live] if len(live) < len(slots.row_of) else logits
-            tokens = choose(logits, live)
+                positions = np.array(slots.positions)
+                top = max(slots.positions[s] for s in live) + 1
+                mask, shared = None, None
+                if len(set(slots.positions)) > 1:
+                    mask = np.arange(top)[None] <= positions[:, None]
+                else:
+                    shared = slots.positions[0]
+                logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
+                logits = logits[live] if len(live) < len(slots.row_of) else logits
+                allowed = allowed_tokens(live, filling.result() if filling else None)
+            tokens = choose(logits, live, allowed)
             for slot, token in zip(live, tokens):
                 slots.positions[slot] += 1
                 yield slots.row_of[slot], token
