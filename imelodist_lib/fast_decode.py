@@ -4,16 +4,18 @@ A 5M-parameter model needs ~10 MFLOP a token, so on a CPU `model.generate` spend
 time in framework overhead (module calls, cache objects, logits processors), not arithmetic.
 `LeanLlama` reads a `LlamaForCausalLM`'s weights once into NumPy float32 arrays (q, k and v in
 one matrix, gate and up in one, each RMSNorm's weight and attention's 1/sqrt(head_dim) folded into
-the matrix after it), keeps a preallocated KV cache, and runs each step in about 25 NumPy calls a
-layer. Chosen by measurement (`benchmarks/bench_decode.py`, results in benchmarks/results/decode.json):
-on this 2-core machine a NumPy call costs ~1 us against torch's ~5-10 us, and NumPy's OpenBLAS
-matrix-vector product at one thread reads these weights faster than torch's MKL (one step of
-IMelodist-tiny: ~3.1 ms of CPU against ~5.5 ms for the same ops in eager torch, measured at load
-5 on 2 cores). torch.compile and ONNX Runtime were not taken: each fresh process (notebooks, tests)
-would pay a compile or an export, and ONNX Runtime adds ~50 MB to the install, while at one token
-a step the cost left is reading the 20 MB of weights (memory bound), which no runtime removes.
-The one new dependency is threadpoolctl (a pure-Python file): OpenBLAS defaults to every core,
-and two threads on a 256-wide product are 3x slower on a shared 2-core machine.
+the matrix after it), keeps a preallocated KV cache, and runs a one-row step on 1-D vectors in
+about 30 NumPy calls a layer.
+
+Why NumPy (measured on the 2-core shared machine, load 5-7, CPU time at one thread): a NumPy call
+costs ~1-3 us against torch's ~5-10 us; the 25 vector-matrix products of one IMelodist-tiny
+token take ~2.4 ms with NumPy's OpenBLAS against ~3.0 ms with torch's MKL; one whole step took
+~3.1 ms against ~5.5 ms for the eager-torch version of this path (same ops). What is left is
+mostly reading the 20 MB of weights once a token (memory bound: ~2 ms), which no runtime
+removes at batch 1, so torch.compile and ONNX Runtime (a compile or an export in every fresh
+process, a second runtime to install) were not taken. New dependency: threadpoolctl (one
+pure-Python file, ~85 kB): OpenBLAS starts one thread per core, and two threads on products this
+small were ~3x slower on the shared machine, so decoding runs BLAS at torch's thread count.
 
 `decode` runs many rows at once (several samples of one prompt, many prompts), each with its own
 position, seed and optional xgrammar matcher (guaranteed-valid mode), refilling a finished row's
@@ -23,10 +25,16 @@ generator seeded per row (what `torch.multinomial` does for one sample), so a ro
 depends on its prompt and seed only, not on the rows beside it. Top-p and the draw work on the
 tokens top-k kept (the rest have probability 0), not on a sort of the whole vocabulary.
 
-Same tokens as `generate` "in practice", as before this path used NumPy: the logits agree to
-~1e-5 (summation order differs), so a token can differ only where two choices are that close
-(tests/test_fast_decode.py checks greedy and seeded tokens against `generate`; the bench counts
-same-text answers).
+Guaranteed-valid mode: xgrammar's mask for step t+1 is filled in a worker thread while the main
+thread runs step t+1's forward pass (both release the GIL), so with a free core the grammar costs
+no wall time; its CPU cost stays (measured: median 5 us a token, but 2-3.5 ms at bar starts,
+where the request grammar's bar-filling rules branch; mean ~0.5 ms). A single row then computes
+only the allowed tokens' logits (median ~100 of 2,048), reading those rows of the LM head.
+
+Same tokens as `generate` in practice, not bit for bit: the logits agree to ~1e-5 (the
+summation order differs from torch's), so a token can differ only where two choices are that
+close. tests/test_fast_decode.py checks greedy and seeded tokens against `generate`, batched rows
+against single ones, and grammar answers for validity; the bench counts same-text answers.
 
     lean = LeanLlama(model)
     [row] = decode(lean, [Row(prompt_ids, seed=0)], Sampling(0.6, 0.95, 50, 256), stop_ids)
