@@ -337,7 +337,8 @@ def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray) -> int
         ascending = values[order]
         probs = np.exp(ascending - ascending[-1])
         probs /= probs.sum()
-        drop = np.cumsum(probs) <= np.float32(1 - sampling.top_p)
+        # torch's CPU cumsum adds in float64 and stores float32; the bound is compared as float32
+        drop = np.cumsum(probs, dtype=np.float64).astype(np.float32) <= np.float32(1 - sampling.top_p)
         drop[-1] = False
         if drop.any():
             keep = np.ones(len(kept), bool)
