@@ -120,7 +120,9 @@ class LeanLlama:
 
     A cache (`new_cache`) holds per layer one array (rows, length, 2 * kv_size): each position's
     keys then values, so a step writes them in one copy; attention reads them as strided views
-    (one matrix product per key head for the scores, one for the values)."""
+    (one row and the prefill: one matrix product per key head for the scores, one for the values;
+    many rows: each row's queries as a (heads, kv_size) block, zero outside each head's key head,
+    two products a row: measured faster than per-head products at 16 rows)."""
 
     def __init__(self, model):
         why = supports(model)
