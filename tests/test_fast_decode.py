@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from imelodist_lib import abc
-from imelodist_lib.fast_decode import LeanLlama, Row, Sampling, decode, iter_decode, supports
+from imelodist_lib.fast_decode import (LeanLlama, Row, Sampling, blas_threads, decode, iter_decode, sample_row,
+                                      supports)
 from imelodist_lib.grammar import stop_token_ids
 from imelodist_lib.inference import Composer
 from imelodist_lib.instructions import ComposeRequest
@@ -48,14 +50,13 @@ def test_logits_equal_the_transformers_forward(tiny, lean, prompts):
         with torch.no_grad():
             reference = model(torch.tensor([prompt])).logits[0]
         cache = lean.new_cache(1, len(prompt))
-        assert torch.allclose(lean.prefill(prompt, cache, 0, all_logits=True), reference, atol=1e-4)
+        assert torch.allclose(torch.from_numpy(lean.prefill(prompt, cache, 0, all_logits=True)), reference, atol=1e-4)
         # the one-token step, position by position after a short prefill, gives the same logits
         cache = lean.new_cache(1, len(prompt))
         lean.prefill(prompt[:2], cache, 0)
-        with torch.inference_mode():
-            for i in range(2, len(prompt)):
-                step = lean.step(torch.tensor([prompt[i]]), torch.tensor([i]), cache, i + 1, None)[0]
-                assert torch.allclose(step, reference[i], atol=1e-4), i
+        for i in range(2, len(prompt)):
+            step = torch.from_numpy(lean.step([prompt[i]], [i], cache, i + 1, None)[0])
+            assert torch.allclose(step, reference[i], atol=1e-4), i
 
 
 def test_greedy_and_seeded_sampling_give_generates_tokens(tiny, lean, prompts):
@@ -142,7 +143,7 @@ def test_weights_changed_in_place_are_read_again(tiny, prompts):
     fresh = LeanLlama(model)
     with torch.no_grad():
         reference = model(torch.tensor([prompts[0]])).logits[0, -1]
-    assert torch.allclose(fresh.prefill(prompts[0], fresh.new_cache(1, 64), 0), reference, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(fresh.prefill(prompts[0], fresh.new_cache(1, 64), 0)), reference, atol=1e-4)
 
 
 def test_models_it_cannot_run_say_so(tiny):
@@ -168,3 +169,68 @@ def test_evaluation_collects_batched_answers_equal_to_one_at_a_time(tiny, tmp_pa
     alone = [(r, c.abc or c.text) for i, r in enumerate(requests)
              for c in composer.compose(r, n=2, seed=5 + i, max_new_tokens=20)]
     assert pairs == alone and len(jsonl.read_jsonl(path)) == 6
+
+
+def test_batched_step_and_a_few_tokens_logits_equal_the_one_row_step(lean, prompts):
+    """The three forward paths agree: one row on vectors, many rows (shared or own positions),
+    and the LM head read for a few tokens only (what a guaranteed-valid single row uses)."""
+    rows = prompts[:3]
+    cache = lean.new_cache(len(rows), 128)
+    singles = [lean.new_cache(1, 128) for _ in rows]
+    for i, prompt in enumerate(rows):
+        lean.prefill(prompt, cache, i)
+        lean.prefill(prompt, singles[i], 0)
+    positions = np.array([len(p) for p in rows])
+    top = int(positions.max()) + 1
+    mask = np.arange(top)[None] <= positions[:, None]
+    batched = lean.step(np.array([5, 6, 7]), positions, cache, top, mask)
+    for i, position in enumerate(positions):
+        one = lean.step([5 + i], [position], singles[i], position + 1, None)[0]
+        assert np.allclose(batched[i], one, atol=1e-5)
+        unit = lean._step_one(5 + i, int(position) + 1, singles[i], int(position) + 2, head=False)
+        ids = np.array([0, 3, 17, lean.vocab_size - 1])
+        assert np.allclose(lean.logits(unit, ids), lean.logits(unit)[ids], atol=1e-5)
+    shared = lean.new_cache(2, 128)
+    for i in range(2):
+        lean.prefill(rows[0], shared, i)
+    n = len(rows[0])
+    both = lean.step([5, 9], [n, n], shared, n + 1, None, same_position=n)
+    assert np.allclose(both[0], batched[0], atol=1e-5) and not np.allclose(both[1], both[0])
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.6, 0.95, 50, 1), Sampling(1.0, 0.9, 0, 1),
+                                      Sampling(0.8, 1.0, 20, 1), Sampling(1.3, 0.5, 5, 1)])
+def test_sampling_picks_the_token_transformers_picks_from_the_same_noise(sampling):
+    """sample_row == transformers' temperature, top-k, top-p warpers, softmax and multinomial's
+    argmax(probs / Exp(1) noise), on the same noise: the same distribution, token for token.
+    Half the trials mask most tokens (fewer allowed than top-k), as a grammar does."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                         TopPLogitsWarper)
+
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+    warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        scores = (rng.standard_normal(512) * 3).astype(np.float32)
+        if trial % 2:
+            scores[rng.random(512) < 0.97] = -np.inf
+            scores[rng.integers(512)] = 1.0  # at least one allowed
+        noise = rng.exponential(size=512).astype(np.float32)
+        reference = torch.from_numpy(scores.copy())[None]
+        for warp in warpers:
+            reference = warp(None, reference)
+        expected = int((reference.softmax(-1) / torch.from_numpy(noise)).argmax())
+        assert sample_row(scores, sampling, noise) == expected, trial
+
+
+def test_blas_threads_are_limited_inside_and_restored_after():
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas()
+    with blas_threads(1):
+        assert blas() and set(blas()) == {1}
+    assert blas() == before
