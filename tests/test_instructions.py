@@ -549,3 +549,29 @@ def test_special_token_text_in_a_request_tokenises_as_plain_text():
     assert ins.neutralize_special_tokens(ins.neutralize_special_tokens(attack)) == \
         ins.neutralize_special_tokens(attack)  # idempotent: safe to apply at every layer
     assert ins.neutralize_special_tokens("A<B c>d |: G2 :|") == "A<B c>d |: G2 :|"  # ABC untouched
+
+
+def test_a_second_identical_build_is_a_lookup(tunes, knowledge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    profile, records = get_profile("cpu", workdir=tmp_path), _split(tunes)
+    first = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    written = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in first.data_dir.glob("*.json*")}
+    again = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    assert not first.reused and again.reused and again == first
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in first.data_dir.glob("*.json*")} == written
+    manifest = json.loads(first.manifest.read_text(encoding="utf-8"))
+    assert manifest["builder_sha256"] == ins.builder_digest()
+    # anything the files depend on, or a damaged file, makes the next call build again
+    assert not ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir,
+                                  use_cache=False).reused
+    assert not ins.build_datasets(profile, records[:-1], progress=False, knowledge_dir=knowledge_dir).reused
+    assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                  progress=False, knowledge_dir=knowledge_dir).reused
+    first.sft_test.write_bytes(first.sft_test.read_bytes()[:-2] + b"\n")
+    rebuilt = ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                 progress=False, knowledge_dir=knowledge_dir)
+    assert not rebuilt.reused and ins._manifest_and_files_check(rebuilt)[1] is None
+    with (knowledge_dir / "composers.tsv").open("a", encoding="utf-8") as fh:
+        fh.write("Nie Er\t聂耳\t1912\t1935\tChinese\t20th century\n")
+    assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                  progress=False, knowledge_dir=knowledge_dir).reused
