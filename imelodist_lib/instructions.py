@@ -1180,16 +1180,17 @@ class DatasetFiles:
     sft_test: Path
     xtuner_sft_train: Path
     manifest: Path
+    reused: bool = dataclasses.field(default=False, compare=False)  # build_datasets found them made
 
     def as_dict(self) -> dict[str, str]:
         """Name -> path string (for printing in a notebook)."""
-        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "reused"}
 
     @classmethod
     def under(cls, data_dir: Path) -> "DatasetFiles":
         """The standard file names under a data folder."""
         d = Path(data_dir)
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("data_dir", "manifest")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("data_dir", "manifest", "reused")]
         return cls(data_dir=d, manifest=d / "datasets_manifest.json",
                    **{n: d / f"{n}.jsonl" for n in names})
 
@@ -1254,12 +1255,15 @@ def sample_records(rows: Sequence[dict], n: int = 3, task: str | None = None,
 
 
 def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
-                   knowledge_dir: Path | str = KNOWLEDGE_DIR) -> DatasetFiles:
+                   knowledge_dir: Path | str = KNOWLEDGE_DIR, use_cache: bool = True) -> DatasetFiles:
     """Write both training sets under `profile.run_dir/"data"`: pt_{split}.jsonl (knowledge in
     train only), sft_{split}.jsonl (identity Q&A in train only), xtuner_sft_train.jsonl and
     datasets_manifest.json (counts, sha256 per file, settings). Same inputs, same bytes. Each
     file is written atomically, the manifest last, and builds of one folder take turns (a lock
-    file in it), so two notebooks building at once never truncate each other's files."""
+    file in it), so two notebooks building at once never truncate each other's files.
+    Same inputs, same bytes, so a second build is a lookup: when the folder holds a build from
+    the same tunes, knowledge, settings and builder code (`builder_digest`) whose files still
+    match their sha256, it is reused (`files.reused`; `use_cache=False` rebuilds)."""
     records = list(getattr(corpus_result, "records", corpus_result))
     unknown = sorted({r.split for r in records} - set(SPLITS))
     if unknown:
@@ -1267,8 +1271,56 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                          "(or corpus.assemble_corpus, which does)")
     files = DatasetFiles.under(profile.run_dir / "data")
     with jsonl.folder_lock(files.data_dir):
+        why = _rebuild_reason(profile, records, files, knowledge_dir) if use_cache else "use_cache=False"
+        if why is None:
+            _log.info("reusing the datasets in %s: same tunes, knowledge, settings and code", files.data_dir)
+            files.reused = True
+            return files
+        _log.info("building the datasets in %s: %s", files.data_dir, why)
         _write_datasets(profile, records, files, progress, knowledge_dir)
     return files
+
+
+def _build_stamp(profile: Profile, records: Sequence[Any], knowledge_dir: Path | str) -> dict:
+    """The manifest entries that say what a build was made from (compared before reusing it)."""
+    return {"settings": _settings(profile, Path(knowledge_dir)), "corpus_sha256": corpus_digest(records),
+            "knowledge_sha256": knowledge_digest(knowledge_dir), "builder_sha256": builder_digest(),
+            "system_prompt": SYSTEM_PROMPT}
+
+
+def _rebuild_reason(profile: Profile, records: Sequence[Any], files: DatasetFiles,
+                    knowledge_dir: Path | str) -> str | None:
+    """Why build_datasets must write the files (None: the folder holds this very build, intact)."""
+    manifest, why = _manifest_and_files_check(files)
+    if why:
+        return why
+    changed = [k for k, v in _build_stamp(profile, records, knowledge_dir).items() if manifest.get(k) != v]
+    return f"{', '.join(changed)} differ from the last build" if changed else None
+
+
+@functools.lru_cache(maxsize=1)
+def builder_digest() -> str:
+    """sha256 over the source of this module and every project module it imports (transitively,
+    lazy imports included): a change to the code that writes the datasets makes old files stale."""
+    import ast
+
+    package = Path(__file__).parent
+    todo, seen = [Path(__file__).stem], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (package / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package.name):
+                parts = node.module.split(".")
+                todo += [a.name for a in node.names] if len(parts) == 1 else [parts[1]]
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith(package.name + ".")]
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(name.encode() + b"\n" + (package / f"{name}.py").read_bytes())
+    return h.hexdigest()
 
 
 def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progress: bool,
@@ -1305,6 +1357,7 @@ def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progre
         "settings": _settings(profile, Path(knowledge_dir)),
         "corpus_sha256": corpus_digest(records),
         "knowledge_sha256": knowledge_digest(knowledge_dir),
+        "builder_sha256": builder_digest(),
         "system_prompt": SYSTEM_PROMPT,
         "counts": counts,
         "files": {name: {"path": Path(p).name, "sha256": _sha256(p)}
@@ -1340,21 +1393,29 @@ def load_datasets(profile: Profile, build_if_missing: bool = True, progress: boo
             for kind in ("pt", "sft")}
 
 
-def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
-    """Why the dataset files can't be used as they are (None: they can)."""
+def _manifest_and_files_check(files: DatasetFiles) -> tuple[dict, str | None]:
+    """The manifest, and why the files can't be trusted (None: all there, each its sha256)."""
     missing = [Path(p).name for n, p in files.as_dict().items() if n != "data_dir" and not Path(p).exists()]
     if missing:
-        return f"missing {', '.join(missing)}"
+        return {}, f"missing {', '.join(missing)}"
     try:
         manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
         recorded = {entry["path"]: entry["sha256"] for entry in manifest["files"].values()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{files.manifest.name} is unreadable ({type(e).__name__}: {e})"
+        return {}, f"{files.manifest.name} is unreadable ({type(e).__name__}: {e})"
     for name, want in sorted(recorded.items()):
         have = _sha256(files.data_dir / name) if (files.data_dir / name).exists() else "missing"
         if have != want:
-            return (f"{name} changed since it was built (sha256 {have[:12]} on disk, {want[:12]} "
-                    f"in {files.manifest.name})")
+            return manifest, (f"{name} changed since it was built (sha256 {have[:12]} on disk, "
+                              f"{want[:12]} in {files.manifest.name})")
+    return manifest, None
+
+
+def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
+    """Why the dataset files can't be used as they are (None: they can)."""
+    manifest, why = _manifest_and_files_check(files)
+    if why:
+        return why
     if manifest.get("settings") != _settings(profile, KNOWLEDGE_DIR):
         return "built with other profile settings"
     if KNOWLEDGE_DIR.is_dir() and knowledge_digest(KNOWLEDGE_DIR) != manifest.get("knowledge_sha256"):

@@ -1,14 +1,20 @@
 """Run every numbered notebook in order, headless, as `make run` does.
 
-    python -m imelodist_lib.run_notebooks [--out runs/notebooks] [--only 01 02]
+    python -m imelodist_lib.run_notebooks [--out runs/notebooks] [--only 01 02] [--jobs 2]
 
 Executed copies (with their plots and players) and HTML exports go to `--out`; the size comes
 from the one switch (`IMELODIST_PROFILE`, default cpu when there is no CUDA).
+With `--jobs 2` the notebooks run in two lanes at once (default 1: not yet timed end to end): 01 ->
+02 -> 03 in order (each needs the one before: the datasets, then the stage-1 model), the others
+in the second lane, each kernel with one torch thread so the lanes don't fight over the cores.
+(04-07 read the shipped model; 06 and 07 read notebook 01's tunes.jsonl, or assemble it under
+the data folder's lock, so a lane never reads a half-written file.)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +31,31 @@ def numbered_notebooks(only: list[str] | None = None) -> list[Path]:
     if only:
         books = [b for b in books if b.name[:2] in only]
     return books
+
+
+CHAIN = ("01", "02", "03")  # notebooks that read what the one before wrote: one lane, in order
+
+
+def lanes(books: list[Path], jobs: int) -> list[list[Path]]:
+    """The notebooks split into at most `jobs` lanes run side by side: the CHAIN in one, in
+    order, the rest in the others (one lane when jobs is 1)."""
+    if jobs <= 1:
+        return [books]
+    chain = [b for b in books if b.name[:2] in CHAIN]
+    rest = [b for b in books if b.name[:2] not in CHAIN]
+    groups = [chain] + [rest[i::jobs - 1] for i in range(jobs - 1)]
+    return [g for g in groups if g]
+
+
+def run_lanes(groups: list[list[Path]], out_dir: Path) -> int:
+    """Each lane in its own process (`--jobs 1 --only ...`), one torch thread per kernel; returns
+    the first non-zero exit code (0: every notebook ran)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "imelodist_lib.run_notebooks", "--out", str(out_dir),
+                               "--jobs", "1", "--only", *[b.name[:2] for b in group]], env=env)
+             for group in groups]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
 
 
 def kernel_for(notebook: Path, is_gpu: bool, kernels: dict | None = None) -> str:
@@ -60,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "notebooks"))
     parser.add_argument("--only", nargs="*", help="notebook numbers, e.g. 01 04")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="notebooks run at once in lanes (default 1; 2: untimed, see docstring)")
     args = parser.parse_args(argv)
     profile = get_profile()
     out_dir = Path(args.out)
@@ -67,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     if not books:
         print(f"no numbered notebooks in {NOTEBOOK_DIR}", file=sys.stderr)
         return 1
-    print(f"profile {profile.name}: running {len(books)} notebooks -> {out_dir}")
+    jobs = args.jobs if args.jobs is not None else 1  # lanes (--jobs 2) not yet measured end to end
+    groups = lanes(books, jobs)
+    if len(groups) > 1:
+        start = time.perf_counter()
+        print(f"profile {profile.name}: running {len(books)} notebooks in {len(groups)} lanes "
+              f"({' | '.join(' '.join(b.name[:2] for b in g) for g in groups)}) -> {out_dir}", flush=True)
+        code = run_lanes(groups, out_dir)
+        print(f"all lanes: {time.perf_counter() - start:.1f} s" + ("" if code == 0 else " (a notebook failed)"))
+        return code
+    print(f"profile {profile.name}: running {len(books)} notebooks -> {out_dir}", flush=True)
     for book in books:
         start = time.perf_counter()
         try:
@@ -77,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             print(f"  the partly executed notebook is in {out_dir / book.name}", file=sys.stderr)
             return 1
-        print(f"  {book.name}: {time.perf_counter() - start:6.1f} s -> {dst}")
+        print(f"  {book.name}: {time.perf_counter() - start:6.1f} s -> {dst}", flush=True)
     print(f"\nDone. Open the executed notebooks (or their .html exports) in {out_dir};")
     print(f"datasets, checkpoints and results are under {profile.run_dir}")
     return 0

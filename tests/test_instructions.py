@@ -561,3 +561,29 @@ def test_melody_is_in_a_requests_dict_only_when_set():
     assert "melody" not in ins.ComposeRequest("emotion").to_dict()
     req = ins.ComposeRequest("harmonise", "en", melody="X:1\nM:2/4\nL:1/8\nK:C\nCDEF|G4|]\n")
     assert ins.ComposeRequest.from_dict(req.to_dict()) == req
+
+
+def test_a_second_identical_build_is_a_lookup(tunes, knowledge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    profile, records = get_profile("cpu", workdir=tmp_path), _split(tunes)
+    first = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    written = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in first.data_dir.glob("*.json*")}
+    again = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    assert not first.reused and again.reused and again == first
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in first.data_dir.glob("*.json*")} == written
+    manifest = json.loads(first.manifest.read_text(encoding="utf-8"))
+    assert manifest["builder_sha256"] == ins.builder_digest()
+    # anything the files depend on, or a damaged file, makes the next call build again
+    assert not ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir,
+                                  use_cache=False).reused
+    assert not ins.build_datasets(profile, records[:-1], progress=False, knowledge_dir=knowledge_dir).reused
+    assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                  progress=False, knowledge_dir=knowledge_dir).reused
+    first.sft_test.write_bytes(first.sft_test.read_bytes()[:-2] + b"\n")
+    rebuilt = ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                 progress=False, knowledge_dir=knowledge_dir)
+    assert not rebuilt.reused and ins._manifest_and_files_check(rebuilt)[1] is None
+    with (knowledge_dir / "composers.tsv").open("a", encoding="utf-8") as fh:
+        fh.write("Nie Er\t聂耳\t1912\t1935\tChinese\t20th century\n")
+    assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
+                                  progress=False, knowledge_dir=knowledge_dir).reused
