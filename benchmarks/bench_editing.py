@@ -5,7 +5,7 @@ symbols, music21's 2 MusicXML lead sheets imported with `importing.import_melody
 melodies), chords stripped, harmonised by the shipped IMelodist-tiny (grammar: melody forced, one chord per bar from
 the key's vocabulary). Each chord sequence is scored with `evaluation.chord_adherence` (share of
 strong-beat melody notes that are tones of the bar's chord) on the same melody: the model's,
-the corpus labeller's (`corpus.fit_chords`), the human chords (the first chord of each bar, the
+the corpus labeller's (`labels.fit_chords`), the human chords (the first chord of each bar, the
 previous one carried into bars without; only the chorded tunes), and a random pick from the same vocabulary (seeded).
 
 Regenerate: two middle bars of the same tunes, written anew; the rate of answers that pass
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from imelodist_lib import abc  # noqa: E402
-from imelodist_lib.corpus import fit_chords  # noqa: E402
+from imelodist_lib.labels import fit_chords  # noqa: E402
 from imelodist_lib.editing import bar_spans, chord_vocabulary, harmonise, regenerate, strip_chords  # noqa: E402
 from imelodist_lib.evaluation import chord_adherence, parse_answer  # noqa: E402
 from imelodist_lib.instructions import chords_per_bar  # noqa: E402

@@ -23,16 +23,20 @@ Decisions (documented once, relied on by the other modules):
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from imelodist_lib.music import NATURAL_PITCH_CLASS
+
 __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "header_text", "bar_segments",
+    "note_midi", "note_name", "ACCIDENTAL_TEXT", "meter_parts",
 ]
 
 MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
@@ -94,15 +98,16 @@ def length_suffix(units: Fraction) -> str:
     return f"{units.numerator}/{units.denominator}"
 
 
-def _meter_fraction(meter: str) -> Fraction | None:
-    """Meter as a fraction of a whole note ("6/8" -> 3/4); None for free meter."""
+def meter_parts(meter: str) -> tuple[int, int] | None:
+    """An M: value as (beats, beat unit): "6/8" -> (6, 8), "(2+2+3)/8" -> (7, 8), "C" -> (4, 4),
+    "C|" -> (2, 2); None for free meter ("none" or empty); ABCError when it is no meter."""
     text = _strip_comment(meter).strip()
     if text == "" or text.lower() == "none":
         return None
     if text == "C":
-        return Fraction(1)
+        return (4, 4)
     if text == "C|":
-        return Fraction(1)
+        return (2, 2)
     m = _METER_RE.match(text)
     if not m:
         raise ABCError(f"bad meter M:{text} (write e.g. M:6/8, M:C, M:C| or M:none)")
@@ -110,7 +115,13 @@ def _meter_fraction(meter: str) -> Fraction | None:
     den = int(m.group(2))
     if num == 0 or den == 0:
         raise ABCError(f"bad meter M:{text}: numbers must be positive")
-    return Fraction(num, den)
+    return (num, den)
+
+
+def _meter_fraction(meter: str) -> Fraction | None:
+    """Meter as a fraction of a whole note ("6/8" -> 3/4); None for free meter."""
+    parts = meter_parts(meter)
+    return None if parts is None else Fraction(*parts)
 
 
 def meter_duration(meter: str) -> Fraction | None:
@@ -129,13 +140,11 @@ def unit_length_of(meter: str) -> Fraction:
 
 def _is_compound(meter: str | None) -> bool:
     """Compound meter (6/8, 9/8, 12/8): tuplet defaults (5, 7, 9) use 3 instead of 2."""
-    if not meter:
+    try:
+        parts = meter_parts(meter or "")
+    except ABCError:
         return False
-    m = _METER_RE.match(_strip_comment(meter).strip())
-    if not m:
-        return False
-    num = sum(int(x) for x in m.group(1).split("+"))
-    return num > 3 and num % 3 == 0
+    return parts is not None and parts[0] > 3 and parts[0] % 3 == 0
 
 
 # --------------------------------------------------------------------------- keys
@@ -153,6 +162,7 @@ _CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto
                "tenor", "baritone", "soprano", "mezzosoprano", "mezzo", "subbass", "treble8",
                "bass8", "+8", "-8"}
 _ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
+ACCIDENTAL_TEXT = {alter: text for text, alter in _ACC_VALUES.items()}  # 1 -> "^"
 
 
 @dataclass
@@ -305,6 +315,22 @@ class Tune:
         value = self._last("Q")
         qpm = None if value is None else parse_tempo(value, self.unit_length)
         return None if qpm is None else round(qpm)
+
+
+_HEADER_PROPERTIES = {"T": "title", "K": "key", "M": "meter", "L": "unit_length", "Q": "tempo"}
+
+
+def header_text(tune: Tune, letter: str) -> str:
+    """A header value as text: the Tune property when it is text (T:, K:, M:), else the field
+    as written (Q: "1/4=120" rather than the parsed 120), else the parsed value (the default
+    L: when none is written)."""
+    value = getattr(tune, _HEADER_PROPERTIES[letter], None)
+    if isinstance(value, str):
+        return value.strip()
+    raw = tune.field(letter)
+    if raw is None:
+        return "" if value is None else str(value)
+    return raw.strip()
 
 
 _QUOTED_RE = re.compile(r'"[^"\n]*"')
@@ -790,7 +816,21 @@ class BarReport:
 
 
 _SECTION_BARS = {"||", "|]", "[|", "::"}
-_SEMITONE = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+
+
+def note_midi(letter: str, octave_marks: str, alter: int) -> int:
+    """MIDI number of an ABC note: letter case and , ' marks give the octave (C is middle C,
+    60; c is 72), `alter` the semitones its accidental (or key, or bar) adds."""
+    octave = (1 if letter.islower() else 0) + octave_marks.count("'") - octave_marks.count(",")
+    return 60 + NATURAL_PITCH_CLASS[letter.upper()] + 12 * octave + alter
+
+
+def note_name(letter: str, octave: int) -> str:
+    """ABC letter and octave marks for an upper-case `letter` in scientific `octave` (C4: C,
+    C5: c, C6: c', C3: C,); the inverse of `note_midi`'s octave rule."""
+    if octave >= 5:
+        return letter.lower() + "'" * (octave - 5)
+    return letter + "," * (4 - octave)
 
 
 def _is_section_bar(token: str) -> bool:
@@ -1074,8 +1114,7 @@ class _Scanner:
             alter = v.bar_acc.get(up)
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
-        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
-        return 60 + _SEMITONE[up] + 12 * octave + alter
+        return note_midi(letter, octs, alter)
 
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
               col: int, kind: str, duration: Fraction | None = None) -> None:
@@ -1263,6 +1302,64 @@ def bar_duration_errors(tune_or_text: Tune | str) -> list[BarError]:
     return check_bars(tune_or_text).errors
 
 
+def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    """Where each bar of a tune lies in its text: (offset where the body starts, [(start, end)]
+    per bar of the first voice), a bar running from just after the previous bar's closing
+    barline to just after its own, so a chord symbol written at a bar's start falls inside it.
+    Positions come from `events` (1-based line/col); only barlines are scanned here."""
+    body_start, spans = _bar_segments(abc_text)
+    return body_start, list(spans)  # a copy: the memoised list stays untouched
+
+
+@functools.lru_cache(maxsize=2048)
+def _bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    tune = parse_tune(abc_text)
+    bars = check_bars(tune).bars
+    if not bars:
+        raise ValueError("tune has no bars")
+    voice = bars[0].voice
+    wanted = {b.index for b in bars if b.voice == voice}
+    line_starts = [0]
+    for line in abc_text.split("\n"):
+        line_starts.append(line_starts[-1] + len(line) + 1)
+    last_event: dict[int, int] = {}
+    for ev in events(tune):
+        if int(ev.bar) in wanted and 1 <= ev.line < len(line_starts):
+            last_event[int(ev.bar)] = line_starts[ev.line - 1] + max(ev.col - 1, 0)
+    body_start = line_starts[max(tune.first_body_line - 1, 0)]
+    right = {b.index: b.right for b in bars}
+    spans, cursor = [], body_start
+    for index in sorted(last_event):
+        if right.get(index):
+            end = _after_barline(abc_text, last_event[index])
+        else:  # no barline: the bar ends with its line (Essen style) or with the tune
+            newline = abc_text.find("\n", last_event[index])
+            end = len(abc_text.rstrip("\n")) if newline < 0 else newline
+        spans.append((cursor, end))
+        cursor = end
+    return body_start, spans
+
+
+def _after_barline(text: str, pos: int) -> int:
+    """Offset just after the first barline at or after `pos` (quoted text skipped), or the end."""
+    i, n = pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            close = text.find('"', i + 1)
+            i = n if close < 0 else close + 1
+            continue
+        if ch == "|":
+            i += 1
+            while i < n and text[i] in "|]:":  # the whole token: ||, |], |:
+                i += 1
+            return i
+        if text.startswith("::", i):
+            return i + 2
+        i += 1
+    return len(text.rstrip("\n"))
+
+
 # --------------------------------------------------------------------------- validate
 @dataclass
 class ValidationReport:
@@ -1355,11 +1452,11 @@ def _move_key(value: str, semitones: int) -> _MovedKey:
 def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -> tuple[str, int]:
     """Spell MIDI `pitch` with the letter `letter_shift` steps above `old_letter`."""
     letter = _LETTERS[(_LETTERS.index(old_letter) + letter_shift) % 7]
-    natural = _SEMITONE[letter]
+    natural = NATURAL_PITCH_CLASS[letter]
     alter = (pitch - natural + 6) % 12 - 6
     if abs(alter) > 2:  # leave tonal spelling when it would need a triple accidental
         for cand in (_LETTERS if not prefer_flats else reversed(_LETTERS)):
-            a = (pitch - _SEMITONE[cand] + 6) % 12 - 6
+            a = (pitch - NATURAL_PITCH_CLASS[cand] + 6) % 12 - 6
             if abs(a) <= 1:
                 return cand, a
     return letter, alter
@@ -1367,11 +1464,8 @@ def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -
 
 def _note_text(letter: str, alter: int, pitch: int, write_acc: bool) -> str:
     """ABC text for a note: accidental, letter case and octave marks for MIDI `pitch`."""
-    octave = (pitch - alter - _SEMITONE[letter] - 60) // 12  # 0: C..B of middle octave
-    acc = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}[alter] if write_acc else ""
-    if octave >= 1:
-        return acc + letter.lower() + "'" * (octave - 1)
-    return acc + letter + "," * (-octave)
+    octave = (pitch - alter - NATURAL_PITCH_CLASS[letter]) // 12 - 1
+    return (ACCIDENTAL_TEXT[alter] if write_acc else "") + note_name(letter, octave)
 
 
 def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats: bool) -> str:
@@ -1381,12 +1475,12 @@ def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats
         return text
 
     def move(letter: str, acc: str) -> str:
-        pc = _SEMITONE[letter] + (1 if acc == "#" else -1 if acc == "b" else 0)
+        pc = NATURAL_PITCH_CLASS[letter] + (1 if acc == "#" else -1 if acc == "b" else 0)
         new_letter, alter = _spell(pc + semitones, letter_shift, letter, prefer_flats)
         if abs(alter) > 1:
             new_letter, alter = _spell(pc + semitones, 0, "C", prefer_flats)
             for cand in _LETTERS:
-                a = (pc + semitones - _SEMITONE[cand] + 6) % 12 - 6
+                a = (pc + semitones - NATURAL_PITCH_CLASS[cand] + 6) % 12 - 6
                 if a == 0 or (a == (-1 if prefer_flats else 1)):
                     new_letter, alter = cand, a
                     break
@@ -1464,8 +1558,7 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
                     v.old_acc[up] = alter
                 else:
                     alter = v.old_acc.get(up, mk.old.accidentals.get(up, 0))
-                octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
-                pitch = 60 + _SEMITONE[up] + 12 * octave + alter + semitones
+                pitch = note_midi(letter, octs, alter) + semitones
                 new_letter, new_alter = _spell(pitch, mk.letter_shift, up, mk.prefer_flats)
                 current_alter = v.new_acc.get(new_letter, mk.new.accidentals.get(new_letter, 0))
                 write = bool(acc) or current_alter != new_alter

@@ -1,7 +1,7 @@
 """Text that is always text: a decoding-time mask that admits only tokens continuing valid UTF-8.
 
 IMelodist-tiny's tokenizer is a byte-level BPE of 2,048 tokens. Measured on the knowledge corpus
-(`instructions.load_knowledge()`, 32,613 Han characters, 1,475 distinct): only 144 distinct
+(`knowledge.load_knowledge()`, 32,613 Han characters, 1,475 distinct): only 144 distinct
 characters (10 %) are one token, covering 64.5 % of the occurrences; the other 90 % are spelled
 in two or three byte tokens, and a 5M model writes byte sequences that are not UTF-8 (answers
 with replacement characters). A tokenizer that keeps Chinese characters whole would need about
@@ -264,7 +264,7 @@ if __name__ == "__main__":
 
     from transformers import AutoTokenizer
 
-    from imelodist_lib.instructions import load_knowledge
+    from imelodist_lib.knowledge import load_knowledge
     from imelodist_lib.profiles import SHIPPED_MODEL_DIR
 
     print(json.dumps(han_token_figures(AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR), load_knowledge()),
