@@ -33,10 +33,10 @@ from imelodist_lib.music import NATURAL_PITCH_CLASS
 
 __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
+    "meter_parts", "header_text", "bar_segments", "note_midi", "note_name", "note_text",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
-    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "header_text", "bar_segments",
-    "note_midi", "note_name", "ACCIDENTAL_TEXT", "meter_parts",
+    "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS",
 ]
 
 MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
@@ -162,7 +162,7 @@ _CLEF_WORDS = {"treble", "bass", "alto", "tenor", "perc", "none", "bass3", "alto
                "tenor", "baritone", "soprano", "mezzosoprano", "mezzo", "subbass", "treble8",
                "bass8", "+8", "-8"}
 _ACC_VALUES = {"^^": 2, "^": 1, "=": 0, "_": -1, "__": -2}
-ACCIDENTAL_TEXT = {alter: text for text, alter in _ACC_VALUES.items()}  # 1 -> "^"
+_ACC_TEXT = {v: k for k, v in _ACC_VALUES.items()}
 
 
 @dataclass
@@ -816,13 +816,14 @@ class BarReport:
 
 
 _SECTION_BARS = {"||", "|]", "[|", "::"}
+_SEMITONE = NATURAL_PITCH_CLASS  # semitones above C of each letter: one table, in music.py
 
 
 def note_midi(letter: str, octave_marks: str, alter: int) -> int:
     """MIDI number of an ABC note: letter case and , ' marks give the octave (C is middle C,
     60; c is 72), `alter` the semitones its accidental (or key, or bar) adds."""
     octave = (1 if letter.islower() else 0) + octave_marks.count("'") - octave_marks.count(",")
-    return 60 + NATURAL_PITCH_CLASS[letter.upper()] + 12 * octave + alter
+    return 60 + _SEMITONE[letter.upper()] + 12 * octave + alter
 
 
 def note_name(letter: str, octave: int) -> str:
@@ -831,6 +832,12 @@ def note_name(letter: str, octave: int) -> str:
     if octave >= 5:
         return letter.lower() + "'" * (octave - 5)
     return letter + "," * (4 - octave)
+
+
+def note_text(letter: str, octave: int, alter: int | None = None) -> str:
+    """An ABC note without its length: the accidental for `alter` when given (0 writes "="),
+    then `note_name`: note_text("F", 4, 1) -> "^F", note_text("B", 5, -1) -> "_b"."""
+    return ("" if alter is None else _ACC_TEXT[alter]) + note_name(letter, octave)
 
 
 def _is_section_bar(token: str) -> bool:
@@ -1114,7 +1121,8 @@ class _Scanner:
             alter = v.bar_acc.get(up)
             if alter is None:
                 alter = v.key.accidentals.get(up, 0)
-        return note_midi(letter, octs, alter)
+        octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
+        return 60 + _SEMITONE[up] + 12 * octave + alter
 
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
               col: int, kind: str, duration: Fraction | None = None) -> None:
@@ -1452,11 +1460,11 @@ def _move_key(value: str, semitones: int) -> _MovedKey:
 def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -> tuple[str, int]:
     """Spell MIDI `pitch` with the letter `letter_shift` steps above `old_letter`."""
     letter = _LETTERS[(_LETTERS.index(old_letter) + letter_shift) % 7]
-    natural = NATURAL_PITCH_CLASS[letter]
+    natural = _SEMITONE[letter]
     alter = (pitch - natural + 6) % 12 - 6
     if abs(alter) > 2:  # leave tonal spelling when it would need a triple accidental
         for cand in (_LETTERS if not prefer_flats else reversed(_LETTERS)):
-            a = (pitch - NATURAL_PITCH_CLASS[cand] + 6) % 12 - 6
+            a = (pitch - _SEMITONE[cand] + 6) % 12 - 6
             if abs(a) <= 1:
                 return cand, a
     return letter, alter
@@ -1464,8 +1472,8 @@ def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -
 
 def _note_text(letter: str, alter: int, pitch: int, write_acc: bool) -> str:
     """ABC text for a note: accidental, letter case and octave marks for MIDI `pitch`."""
-    octave = (pitch - alter - NATURAL_PITCH_CLASS[letter]) // 12 - 1
-    return (ACCIDENTAL_TEXT[alter] if write_acc else "") + note_name(letter, octave)
+    octave = (pitch - alter - _SEMITONE[letter]) // 12 - 1
+    return note_text(letter, octave, alter if write_acc else None)
 
 
 def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats: bool) -> str:
@@ -1475,12 +1483,12 @@ def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats
         return text
 
     def move(letter: str, acc: str) -> str:
-        pc = NATURAL_PITCH_CLASS[letter] + (1 if acc == "#" else -1 if acc == "b" else 0)
+        pc = _SEMITONE[letter] + (1 if acc == "#" else -1 if acc == "b" else 0)
         new_letter, alter = _spell(pc + semitones, letter_shift, letter, prefer_flats)
         if abs(alter) > 1:
             new_letter, alter = _spell(pc + semitones, 0, "C", prefer_flats)
             for cand in _LETTERS:
-                a = (pc + semitones - NATURAL_PITCH_CLASS[cand] + 6) % 12 - 6
+                a = (pc + semitones - _SEMITONE[cand] + 6) % 12 - 6
                 if a == 0 or (a == (-1 if prefer_flats else 1)):
                     new_letter, alter = cand, a
                     break

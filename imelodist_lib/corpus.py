@@ -46,8 +46,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlparse
 
-from imelodist_lib import abc, jsonl
-from imelodist_lib.labels import label_tunes
+from imelodist_lib import abc, jsonl, music
+from imelodist_lib import labels as labeller
 from imelodist_lib.profiles import Profile
 
 _log = logging.getLogger(__name__)
@@ -879,13 +879,14 @@ def _sha256(path: Path) -> str:
 def input_fingerprint(profile: Profile) -> str:
     """sha256 over everything the corpus files depend on: the data settings, the sources
     (music21 version; file contents of local folders/files; hub ids), and the source code of
-    `abc` and `corpus`. Equal fingerprints mean `assemble_corpus` may reuse its last output."""
+    `music`, `abc`, `labels` and `corpus`. Equal fingerprints mean `assemble_corpus` may reuse
+    its last output."""
     import music21
 
     h = hashlib.sha256()
     h.update(_dumps(_settings(profile)).encode())
     h.update(f"music21 {music21.__version__}; format {CORPUS_FORMAT_VERSION}".encode())
-    for module in (abc.__file__, __file__):
+    for module in (music.__file__, abc.__file__, labeller.__file__, __file__):
         h.update(Path(module).read_bytes())
     for spec in profile.corpus_sources:
         p = Path(spec)
@@ -976,12 +977,12 @@ def _assemble_corpus(profile: Profile, progress: bool, records: Sequence[TuneRec
         raise RuntimeError(f"split leakage in {len(leaks)} families, e.g. {next(iter(leaks))}")
 
     t0 = time.perf_counter()
-    labelled = label_tunes(split, progress=progress)
+    labelled = labeller.label_tunes(split, progress=progress)
     timings["label"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     aug_counts: Counter = Counter()
-    augmented = label_tunes(augment_transpositions(labelled, profile.transpositions, aug_counts))
+    augmented = labeller.label_tunes(augment_transpositions(labelled, profile.transpositions, aug_counts))
     timings["augment"] = time.perf_counter() - t0
     final = labelled + augmented
 

@@ -591,11 +591,11 @@ def _write_bar(pieces: list[tuple[_Note, Fraction, bool, Fraction]], unit: Fract
                 letter, alter, octave = note.spelling or spelled
                 if NATURAL_PITCH_CLASS[letter] + alter + 12 * (octave + 1) != note.pitch:  # spelling off: respell
                     letter, alter, octave = spelled
-                acc = ""
-                if state.get(letter, 0) != alter:
-                    acc = abc.ACCIDENTAL_TEXT[alter]
+                explicit = state.get(letter, 0) != alter
+                if explicit:
                     state[letter] = alter
-                out.append(acc + abc.note_name(letter, octave) + length + ("-" if tie else ""))
+                out.append(abc.note_text(letter, octave, alter if explicit else None) + length
+                           + ("-" if tie else ""))
             position += dur
             if position % beat == 0:
                 out.append(" ")

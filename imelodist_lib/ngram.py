@@ -42,11 +42,10 @@ class _BarWriter:
         # An explicit accidental when the key would not give this pitch, or when this letter
         # was already altered in the bar (then be explicit either way: octave rules differ
         # between readers).
-        prefix = ""
-        if letter in self.bar_state or alt != self.signature[letter]:
-            prefix = abc.ACCIDENTAL_TEXT[alt]
+        explicit = letter in self.bar_state or alt != self.signature[letter]
+        if explicit:
             self.bar_state[letter] = alt
-        return prefix + abc.note_name(letter, octave) + length
+        return abc.note_text(letter, octave, alt if explicit else None) + length
 
 
 class NGramComposer:

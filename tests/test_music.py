@@ -51,7 +51,7 @@ def test_a_spelled_pitch_written_as_abc_reads_back_as_the_same_pitch(key):
     for pitch in range(43, 90):
         letter, alter, octave = music.spell_pitch(pitch, parsed.accidentals, parsed.fifths < 0)
         assert music.NATURAL_PITCH_CLASS[letter] + alter + 12 * (octave + 1) == pitch
-        text = abc.ACCIDENTAL_TEXT[alter] + abc.note_name(letter, octave)  # explicit: no key doubt
+        text = abc.note_text(letter, octave, alter)  # accidental written: no key doubt
         (event,) = abc.events(f"X:1\nM:none\nL:1/4\nK:{key}\n{text}\n")
         assert event.pitch == pitch, (pitch, text)
 
@@ -68,10 +68,10 @@ def test_spelling_prefers_the_key_then_naturals_then_the_key_side():
                                                         ("c", "'", 0, 84), ("C", ",", 0, 48),
                                                         ("B", ",,", -1, 46), ("f", "", 1, 78)])
 def test_note_midi_is_the_number_the_abc_events_carry(letter, marks, alter, midi):
-    acc = abc.ACCIDENTAL_TEXT[alter] if alter else ""
-    (event,) = abc.events(f"X:1\nM:none\nL:1/4\nK:C\n{acc}{letter}{marks}\n")
-    assert abc.note_midi(letter, marks, alter) == event.pitch == midi
     natural = midi - alter
+    written = abc.note_text(letter.upper(), natural // 12 - 1, alter or None)
+    (event,) = abc.events(f"X:1\nM:none\nL:1/4\nK:C\n{written}\n")
+    assert abc.note_midi(letter, marks, alter) == event.pitch == midi
     assert abc.note_name(letter.upper(), natural // 12 - 1) == f"{letter}{marks}"  # the inverse
 
 
