@@ -27,7 +27,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from imelodist_lib.music import NATURAL_PITCH_CLASS
 
@@ -580,8 +580,42 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
 
 
 # --------------------------------------------------------------------------- tokenizer
-# A token is (kind, col0, end, data). Kinds: note rest mrest spacer bar ending field chord_open
-# chord_close grace_open grace_close tuplet slur_open slur_close broken tie deco symbol cont.
+class _Token(NamedTuple):
+    """One symbol of a music line: its kind, where it stands (0-based, end exclusive), and what
+    it says. Kinds: note rest mrest bar ending field chord_open chord_close grace_open
+    grace_close tuplet slur_open slur_close broken tie deco symbol cont."""
+
+    kind: str
+    start: int
+    end: int
+    data: Any  # _Note, _Rest, _MultiRest, _Barline, _InlineField; the text or length of others
+
+
+class _Note(NamedTuple):
+    accidental: str  # "", "^", "^^", "=", "_", "__"
+    letter: str  # as written: case gives the octave
+    octave_marks: str  # "," and "'"
+    length: Fraction  # multiplier of the unit length
+
+
+class _Rest(NamedTuple):
+    symbol: str  # z (a rest) or x (an invisible rest)
+    length: Fraction
+
+
+class _MultiRest(NamedTuple):
+    symbol: str  # Z or X
+    bars: int
+
+
+class _Barline(NamedTuple):
+    token: str  # "|", "||", ":|", "|:", "[|", ...
+    ending: str | None  # "1", "2", "1,3" when an ending number follows ("|1")
+
+
+class _InlineField(NamedTuple):
+    name: str  # K M L V P T ...
+    value: str
 _NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
 _REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
 _MREST_RE = re.compile(r"([ZX])([0-9]*)")
@@ -609,9 +643,9 @@ def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
     return Fraction(n, d)
 
 
-def _tokenize_line(text: str, line: int) -> list[tuple]:
+def _tokenize_line(text: str, line: int) -> list[_Token]:
     """Split one music line into tokens; ABCError on a symbol that is not ABC."""
-    toks: list[tuple] = []
+    toks: list[_Token] = []
     pos, n = 0, len(text)
     while pos < n:
         c = text[pos]
@@ -625,14 +659,14 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if not m:
                 raise ABCError(f"accidental {c!r} without a note after it", line, pos + 1)
             length = _length(m.group(4), m.group(5), m.group(6), line, pos + 1)
-            toks.append(("note", pos, m.end(),
-                         (m.group(1) or "", m.group(2), m.group(3), length)))
+            toks.append(_Token("note", pos, m.end(),
+                               _Note(m.group(1) or "", m.group(2), m.group(3), length)))
             pos = m.end()
             continue
         if c in "zx":
             m = _REST_RE.match(text, pos)
             length = _length(m.group(2), m.group(3), m.group(4), line, pos + 1)
-            toks.append(("rest", pos, m.end(), (c, length)))
+            toks.append(_Token("rest", pos, m.end(), _Rest(c, length)))
             pos = m.end()
             continue
         if c in "ZX":
@@ -640,7 +674,7 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             count = m.group(2)
             if len(count) > 4:
                 raise ABCError(f"multi-bar rest {m.group(0)} is too long", line, pos + 1)
-            toks.append(("mrest", pos, m.end(), (c, int(count) if count else 1)))
+            toks.append(_Token("mrest", pos, m.end(), _MultiRest(c, int(count) if count else 1)))
             pos = m.end()
             continue
         if c == "y":
@@ -650,28 +684,29 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
         if c == "[":
             m = _INLINE_FIELD_RE.match(text, pos)
             if m:
-                toks.append(("field", pos, m.end(), (m.group(1), m.group(2).strip())))
+                field_ = _InlineField(m.group(1), m.group(2).strip())
+                toks.append(_Token("field", pos, m.end(), field_))
                 pos = m.end()
                 continue
             m = _ENDING_RE.match(text, pos)
             if m:
-                toks.append(("ending", pos, m.end(), m.group(1)))
+                toks.append(_Token("ending", pos, m.end(), m.group(1)))
                 pos = m.end()
                 continue
             if pos + 1 < n and text[pos + 1] == "|":
                 m = _BAR_RE.match(text, pos)
-                toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+                toks.append(_Token("bar", pos, m.end(), _Barline(m.group(1), m.group(2))))
                 pos = m.end()
                 continue
             if pos + 2 < n and text[pos + 1].isalpha() and text[pos + 2] == ":":
                 raise ABCError("inline field [X:...] is not closed with ]", line, pos + 1)
-            toks.append(("chord_open", pos, pos + 1, None))
+            toks.append(_Token("chord_open", pos, pos + 1, None))
             pos += 1
             continue
         if c == "]":
             m = _CHORD_CLOSE_RE.match(text, pos)
             length = _length(m.group(1), m.group(2), m.group(3), line, pos + 1)
-            toks.append(("chord_close", pos, m.end(), length))
+            toks.append(_Token("chord_close", pos, m.end(), length))
             pos = m.end()
             continue
         if c in "|:" or (c == "." and text.startswith(".|", pos)):
@@ -679,7 +714,7 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if not m:
                 raise ABCError(f"unexpected {c!r} (a barline like | :| |: :: || |] ?)",
                                line, pos + 1)
-            toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+            toks.append(_Token("bar", pos, m.end(), _Barline(m.group(1), m.group(2))))
             pos = m.end()
             continue
         if c == "(":
@@ -691,34 +726,34 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                 if p < 2 or p > 9 and q is None:
                     raise ABCError(f"tuplet ({m.group(1)} needs 2-9 notes or an explicit "
                                    "(p:q:r)", line, pos + 1)
-                toks.append(("tuplet", pos, m.end(), (p, q, r)))
+                toks.append(_Token("tuplet", pos, m.end(), (p, q, r)))
                 pos = m.end()
                 continue
-            toks.append(("slur_open", pos, pos + 1, None))
+            toks.append(_Token("slur_open", pos, pos + 1, None))
             pos += 1
             continue
         if c == ")":
-            toks.append(("slur_close", pos, pos + 1, None))
+            toks.append(_Token("slur_close", pos, pos + 1, None))
             pos += 1
             continue
         if c == "{":
             end = pos + 2 if text.startswith("{/", pos) else pos + 1
-            toks.append(("grace_open", pos, end, None))
+            toks.append(_Token("grace_open", pos, end, None))
             pos = end
             continue
         if c == "}":
-            toks.append(("grace_close", pos, pos + 1, None))
+            toks.append(_Token("grace_close", pos, pos + 1, None))
             pos += 1
             continue
         if c in "<>":
             end = pos
             while end < n and text[end] == c and end - pos < 3:
                 end += 1
-            toks.append(("broken", pos, end, text[pos:end]))
+            toks.append(_Token("broken", pos, end, text[pos:end]))
             pos = end
             continue
         if c == "-":
-            toks.append(("tie", pos, pos + 1, None))
+            toks.append(_Token("tie", pos, pos + 1, None))
             pos += 1
             continue
         if c == '"':
@@ -726,14 +761,14 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if end < 0:
                 raise ABCError('chord symbol or annotation "... is not closed with "',
                                line, pos + 1)
-            toks.append(("symbol", pos, end + 1, text[pos + 1:end]))
+            toks.append(_Token("symbol", pos, end + 1, text[pos + 1:end]))
             pos = end + 1
             continue
         if c in "!+":
             end = text.find(c, pos + 1)
             inner = text[pos + 1:end] if end > 0 else ""
             if end > 0 and inner and " " not in inner and "|" not in inner:
-                toks.append(("deco", pos, end + 1, inner))
+                toks.append(_Token("deco", pos, end + 1, inner))
                 pos = end + 1
                 continue
             if c == "!":  # ABC 2.0 line break
@@ -741,13 +776,13 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                 continue
             raise ABCError(f"decoration +{inner}... is not closed with +", line, pos + 1)
         if c in _DECO_CHARS:
-            toks.append(("deco", pos, pos + 1, c))
+            toks.append(_Token("deco", pos, pos + 1, c))
             pos += 1
             continue
         if c == "\\":
             if text[pos + 1:].strip() and not text[pos + 1:].lstrip().startswith("%"):
                 raise ABCError("line continuation \\ must end the line", line, pos + 1)
-            toks.append(("cont", pos, pos + 1, None))
+            toks.append(_Token("cont", pos, pos + 1, None))
             break
         raise ABCError(f"unknown symbol {c!r} (not an ABC note, rest, bar or decoration)",
                        line, pos + 1)
@@ -768,6 +803,26 @@ class Event:
     pitches: tuple[int, ...] = ()  # every note of a chord (one for a note, none for a rest)
     kind: str = "note"  # note | chord | rest | invisible_rest | measure_rest
     voice: str = ""
+
+
+@dataclass(slots=True, eq=False)  # eq=False: the scanner tells events apart by identity
+class _PendingEvent:
+    """An Event while the scanner still fills it in: its bar once the bar closes, `tie` when a
+    "-" follows, a longer or shorter `duration` when a broken rhythm (> <) follows."""
+
+    pitch: int | None
+    duration: Fraction
+    bar: int
+    line: int
+    col: int
+    tie: bool
+    pitches: tuple[int, ...]
+    kind: str
+    voice: str
+
+    def event(self) -> Event:
+        return Event(self.pitch, self.duration, self.bar, self.line, self.col, self.tie,
+                     self.pitches, self.kind, self.voice)
 
 
 @dataclass
@@ -869,14 +924,14 @@ class _Voice:
         self.meter = meter
         self.unit = unit
         self.bar_acc: dict[str, int] = {}
-        self.bar_events: list[list] = []
+        self.bar_events: list[_PendingEvent] = []
         self.bar_dur = Fraction(0)
         self.bar_start: tuple[int, int] | None = None
         self.bar_left = ""
         self.bar_ending = ""
         self.tuplet: list[int] | None = None  # [remaining notes, p, q]
         self.broken: str | None = None  # pending broken rhythm for the next note
-        self.last_event: list | None = None
+        self.last_event: _PendingEvent | None = None
         self.bar_has_mrest = False
         self.expected: Fraction | None = None
         self.pending_break = False
@@ -918,7 +973,7 @@ class _Scanner:
     def __init__(self, tune: Tune):
         self.tune = tune
         self.scan = _Scan()
-        self.raw_events: list[list] = []  # [pitch, dur, bar, line, col, tie, pitches, kind, voice]
+        self.raw_events: list[_PendingEvent] = []
         self.meter = tune.meter
         key = parse_key(tune.key)
         self.voices: dict[str, _Voice] = {}
@@ -1002,7 +1057,7 @@ class _Scanner:
                             raise ABCError("rest inside a chord [...]", line, col)
                         in_chord.append(self._pitch(v, data))
                         if in_chord[0] is None:
-                            in_chord[0] = (data[3], line, col)
+                            in_chord[0] = (data.length, line, col)
                         continue
                     if in_grace:
                         if kind == "note":
@@ -1010,10 +1065,10 @@ class _Scanner:
                         continue
                     if kind == "note":
                         p = self._pitch(v, data)
-                        self._emit(v, p, (p,), data[3], line, col, "note")
+                        self._emit(v, p, (p,), data.length, line, col, "note")
                     else:
-                        self._emit(v, None, (), data[1], line, col,
-                                   "rest" if data[0] == "z" else "invisible_rest")
+                        self._emit(v, None, (), data.length, line, col,
+                                   "rest" if data.symbol == "z" else "invisible_rest")
                 elif kind == "chord_open":
                     if in_chord is not None:
                         raise ABCError("chord [ inside a chord (missing ])", line, col)
@@ -1034,15 +1089,15 @@ class _Scanner:
                 elif kind == "bar":
                     if in_grace:
                         raise ABCError("grace notes { are not closed with }", line, col)
-                    self._barline(v, data[0], line, col, end >= len(text.rstrip()))
-                    if data[1]:
-                        v.bar_ending = data[1]
+                    self._barline(v, data.token, line, col, end >= len(text.rstrip()))
+                    if data.ending:
+                        v.bar_ending = data.ending
                 elif kind == "ending":
                     if v.bar_events:  # "f2 [1 g2": an ending start also ends the bar
                         self._close_bar(v, "", line_end=False)
                     v.bar_ending = data
                 elif kind == "field":
-                    self._field(data[0], data[1], line, col)
+                    self._field(data.name, data.value, line, col)
                 elif kind == "tuplet":
                     p, q, r = data
                     if q is None:
@@ -1058,7 +1113,7 @@ class _Scanner:
                     if in_chord is not None:
                         continue
                     if v.last_event is not None:
-                        v.last_event[5] = True
+                        v.last_event.tie = True
                 elif kind == "grace_open":
                     if in_grace:
                         raise ABCError("grace notes { inside grace notes", line, col)
@@ -1068,7 +1123,7 @@ class _Scanner:
                         raise ABCError("} without an opening {", line, col)
                     in_grace = False
                 elif kind == "mrest":
-                    count = data[1]
+                    count = data.bars
                     exp = v.expected if v.expected is not None else v.unit * 4
                     self._emit(v, None, (), Fraction(count), line, col, "measure_rest",
                                duration=exp * count)
@@ -1102,8 +1157,7 @@ class _Scanner:
             if v.repeat_open is not None:
                 self.scan.problems.append(ABCError("repeat |: is never closed with :|",
                                                    *v.repeat_open))
-        self.scan.events = [Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
-                            for r in self.raw_events]
+        self.scan.events = [r.event() for r in self.raw_events]
         _classify(self.scan)
         return self.scan
 
@@ -1111,7 +1165,7 @@ class _Scanner:
         if v.last_bar is not None:
             v.last_bar.line_end = True
 
-    def _pitch(self, v: _Voice, data: tuple) -> int:
+    def _pitch(self, v: _Voice, data: _Note) -> int:
         acc, letter, octs, _ = data
         up = letter.upper()
         if acc:
@@ -1137,26 +1191,26 @@ class _Scanner:
                 left, right = _BROKEN[v.broken]
                 prev = v.last_event
                 if prev is not None:
-                    old = prev[1]
-                    prev[1] = old * left
-                    self._adjust_bar(v, prev, prev[1] - old)
+                    old = prev.duration
+                    prev.duration = old * left
+                    self._adjust_bar(v, prev, prev.duration - old)
                 duration = duration * right
                 v.broken = None
         if v.bar_start is None:
             v.bar_start = (line, col)
-        ev = [pitch, duration, -1, line, col, False, pitches, kind, v.name]
+        ev = _PendingEvent(pitch, duration, -1, line, col, False, pitches, kind, v.name)
         self.raw_events.append(ev)
         v.bar_events.append(ev)
         v.bar_dur += duration
         v.last_event = ev
 
-    def _adjust_bar(self, v: _Voice, ev: list, delta: Fraction) -> None:
+    def _adjust_bar(self, v: _Voice, ev: _PendingEvent, delta: Fraction) -> None:
         # `ev` is the voice's last event: in the open bar it is that bar's last (an identity
         # test; `ev in v.bar_events` compared lists and made long bars quadratic)
         if v.bar_events and v.bar_events[-1] is ev:
             v.bar_dur += delta
-        elif ev[2] >= 0:  # broken rhythm across a barline: fix the closed bar
-            self.scan.bars[ev[2]].duration += delta
+        elif ev.bar >= 0:  # broken rhythm across a barline: fix the closed bar
+            self.scan.bars[ev.bar].duration += delta
 
     def _barline(self, v: _Voice, token: str, line: int, col: int, at_line_end: bool) -> None:
         if token.startswith(":"):
@@ -1188,7 +1242,7 @@ class _Scanner:
     def _close_bar(self, v: _Voice, token: str, line_end: bool) -> None:
         index = len(self.scan.bars)
         for ev in v.bar_events:
-            ev[2] = index
+            ev.bar = index
         line, col = v.bar_start or (0, 0)
         bar = Bar(index=index, duration=v.bar_dur, expected=v.expected, line=line, col=col,
                   text=self._source(line, col - 1, *self.where), left=v.bar_left, right=token,
@@ -1583,12 +1637,12 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
                 moved = _transpose_symbol(data, semitones, mk.letter_shift, mk.prefer_flats)
                 pieces += [text[last:col0], f'"{moved}"']
                 last = end
-            elif kind == "field" and data[0] == "K":
-                v.key = _move_key(data[1], semitones)
+            elif kind == "field" and data.name == "K":
+                v.key = _move_key(data.value, semitones)
                 pieces += [text[last:col0], f"[K:{v.key.text}]"]
                 last = end
-            elif kind == "field" and data[0] == "V":
-                current[0] = data[1].split()[0] if data[1].split() else ""
+            elif kind == "field" and data.name == "V":
+                current[0] = data.value.split()[0] if data.value.split() else ""
         pieces.append(text[last:])
         out_lines.append("".join(pieces))
     return "\n".join(out_lines)

@@ -344,7 +344,7 @@ def _detect_schema(row: dict) -> str:
                      f"pass schema= one of {list(HUB_SCHEMAS)}")
 
 
-def extract_abc(text: str) -> list[str]:
+def tunes_in_text(text: str) -> list[str]:
     """ABC tunes found inside free text (a chat answer, a MusicPile document)."""
     if not text:
         return []
@@ -378,7 +378,7 @@ def _row_texts(row: dict, schema: str) -> tuple[list[str], dict]:
         turns = row.get("conversation") or []
         abcs, prompts = [], []
         for t in turns:
-            abcs += extract_abc(t.get("output", ""))
+            abcs += tunes_in_text(t.get("output", ""))
             prompts.append(t.get("input", ""))
         return abcs, {"prompt": prompts[0]} if prompts else {}
     if schema == "sft":
@@ -388,10 +388,10 @@ def _row_texts(row: dict, schema: str) -> tuple[list[str], dict]:
         else:
             answers = [row.get("output", "")]
             prompts = [" ".join(x for x in (row.get("instruction", ""), row.get("input", "")) if x)]
-        abcs = [t for a in answers for t in extract_abc(a or "")]
+        abcs = [t for a in answers for t in tunes_in_text(a or "")]
         return abcs, {"prompt": prompts[0]} if prompts and prompts[0] else {}
     if schema in ("musicpile", "text"):
-        return extract_abc(row.get("text", "")), {}
+        return tunes_in_text(row.get("text", "")), {}
     raise ValueError(f"unknown schema {schema!r}: choose one of {list(HUB_SCHEMAS)} or 'auto'")
 
 
@@ -1028,7 +1028,7 @@ def build_manifest(records: Sequence[TuneRecord], report: CleaningReport, profil
 # --------------------------------------------------------------------------------------------
 # Plots for notebook 01 (each returns the Figure)
 # --------------------------------------------------------------------------------------------
-def _bar(ax: Any, counter: Counter, title: str, top: int = 12, horizontal: bool = True) -> None:
+def _bar_chart(ax: Any, counter: Counter, title: str, top: int = 12, horizontal: bool = True) -> None:
     items = counter.most_common(top)
     names = [str(k) for k, _ in items][::-1]
     values = [v for _, v in items][::-1]
@@ -1043,17 +1043,17 @@ def plot_corpus_overview(records: Sequence[TuneRecord]) -> Any:
 
     originals = [r for r in records if not r.augmented_from]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    _bar(axes[0, 0], Counter(r.source for r in originals), "tunes per source")
-    _bar(axes[0, 1], Counter(r.key for r in originals), "keys (K:), top 12")
-    _bar(axes[0, 2], Counter(r.meter for r in originals), "meters (M:), top 12")
-    _bar(axes[0, 3], Counter(r.split or "(none)" for r in records), "records per split")
+    _bar_chart(axes[0, 0], Counter(r.source for r in originals), "tunes per source")
+    _bar_chart(axes[0, 1], Counter(r.key for r in originals), "keys (K:), top 12")
+    _bar_chart(axes[0, 2], Counter(r.meter for r in originals), "meters (M:), top 12")
+    _bar_chart(axes[0, 3], Counter(r.split or "(none)" for r in records), "records per split")
     axes[1, 0].hist([len(r.abc) for r in originals], bins=40, color="#55A868")
     axes[1, 0].set_title("length (characters)", fontsize=10)
     axes[1, 1].hist([r.n_notes for r in originals], bins=40, color="#55A868")
     axes[1, 1].set_title("notes per tune", fontsize=10)
     axes[1, 2].hist([r.n_bars for r in originals], bins=40, color="#55A868")
     axes[1, 2].set_title("bars per tune", fontsize=10)
-    _bar(axes[1, 3], Counter(_label_en(r.labels.get("emotion")) for r in originals), "emotion labels")
+    _bar_chart(axes[1, 3], Counter(_label_en(r.labels.get("emotion")) for r in originals), "emotion labels")
     fig.tight_layout()
     return fig
 
@@ -1064,10 +1064,10 @@ def plot_label_balance(records: Sequence[TuneRecord]) -> Any:
 
     originals = [r for r in records if not r.augmented_from]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    _bar(axes[0], Counter(_label_en(r.labels.get("style")) for r in originals), "style labels", top=15)
-    _bar(axes[1], Counter(_label_en(r.labels.get("emotion")) for r in originals), "emotion labels", top=15)
+    _bar_chart(axes[0], Counter(_label_en(r.labels.get("style")) for r in originals), "style labels", top=15)
+    _bar_chart(axes[1], Counter(_label_en(r.labels.get("emotion")) for r in originals), "emotion labels", top=15)
     chords = Counter(c for r in originals for c in r.labels.get("chords", []))
-    _bar(axes[2], chords, "chords (all bars)", top=15)
+    _bar_chart(axes[2], chords, "chords (all bars)", top=15)
     fig.tight_layout()
     return fig
 

@@ -49,7 +49,8 @@ NEAR_COPY = 0.95  # novelty: an answer this similar to a training tune is a near
 # --------------------------------------------------------------------------------------------
 # Confidence intervals
 # --------------------------------------------------------------------------------------------
-def _z(confidence: float) -> float:
+def _normal_quantile(confidence: float) -> float:
+    """The z value a two-sided interval at `confidence` reaches (0.95 -> 1.96)."""
     from statistics import NormalDist
 
     return NormalDist().inv_cdf(0.5 + confidence / 2)
@@ -60,7 +61,7 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
     (`successes` may be fractional: rate x effective sample size)."""
     if n <= 0:
         return (math.nan, math.nan)
-    z = _z(confidence)
+    z = _normal_quantile(confidence)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -644,8 +645,9 @@ class MetricSummary:
     n: int
 
 
-def summarize(name: str, values: Sequence[float | None], weights: Sequence[float | None] | None = None,
-              seed: int = 0, clusters: Sequence[Any] | None = None) -> MetricSummary:
+def summarize_metric(name: str, values: Sequence[float | None],
+                     weights: Sequence[float | None] | None = None, seed: int = 0,
+                     clusters: Sequence[Any] | None = None) -> MetricSummary:
     """Aggregate one metric's per-answer values (None skipped) with its 95 % interval: Wilson
     for yes/no rates, a seeded bootstrap for means and pooled ratios. With `clusters` (the
     request of each answer) the independent unit is the cluster: Wilson counts clusters, the
@@ -697,8 +699,8 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: system, summary, rows, per-request groups."""
-        return {"system": self.system, "summary": [_clean(asdict(s)) for s in self.summary],
-                "rows": [_clean(r) for r in self.rows], "groups": [_clean(g) for g in self.groups]}
+        return {"system": self.system, "summary": [_json_safe(asdict(s)) for s in self.summary],
+                "rows": [_json_safe(r) for r in self.rows], "groups": [_json_safe(g) for g in self.groups]}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON text; also written to `path` when given."""
@@ -709,7 +711,8 @@ class EvaluationResult:
         return text
 
 
-def _clean(d: dict) -> dict:
+def _json_safe(d: dict) -> dict:
+    """The row with NaN as None and Fractions, numpy scalars as plain floats (JSON can hold it)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, float) and math.isnan(v):
@@ -733,7 +736,8 @@ def music21_valid(text: str) -> bool:
         return False
 
 
-def _request_key(request: ComposeRequest) -> str:
+def _request_identity(request: ComposeRequest) -> str:
+    """The request as canonical JSON: one text per request (its answers form one cluster)."""
     return json.dumps(request.to_dict(), sort_keys=True, ensure_ascii=False)
 
 
@@ -757,7 +761,7 @@ def score_answers(pairs: Sequence[Pair], train_index: NoveltyIndex | None = None
         rows[i]["music21_agreement"] = float(rows[i]["music21_valid"] == rows[i]["valid"])
     grouped: dict[str, list[int]] = defaultdict(list)
     for i, (request, _) in enumerate(pairs):
-        grouped[_request_key(request)].append(i)
+        grouped[_request_identity(request)].append(i)
     groups = []
     for key, idx in grouped.items():
         if len(idx) < 2:
@@ -772,8 +776,8 @@ def score_answers(pairs: Sequence[Pair], train_index: NoveltyIndex | None = None
             values = [r.get(spec.name) for r in rows]
         weights = [r.get(spec.den) for r in rows] if spec.den else None
         clusters = None if spec.name in ("distinct_4", "pairwise_similarity") else \
-            [_request_key(request) for request, _ in pairs]
-        s = summarize(spec.name, values, weights, seed=seed, clusters=clusters)
+            [_request_identity(request) for request, _ in pairs]
+        s = summarize_metric(spec.name, values, weights, seed=seed, clusters=clusters)
         if s.n:
             summary.append(s)
     return EvaluationResult(system=system, rows=rows, summary=summary, groups=groups,
@@ -911,7 +915,7 @@ def collect_answers(composer: Any, requests: Sequence[ComposeRequest], n: int = 
                 text = out if isinstance(out, str) else (getattr(out, "abc", None) or getattr(out, "text", ""))
                 key = keys_of[i][k]
                 if results_path is not None and key not in done:
-                    score = _clean(score_answer(request, text or "")) if request.task != "describe" else {}
+                    score = _json_safe(score_answer(request, text or "")) if request.task != "describe" else {}
                     jsonl.append_jsonl({"request_id": key[0], "sample": k, "settings": settings_of[i],
                                         "request": request.to_dict(), "answer": text or "",
                                         "score": score}, results_path)
@@ -925,7 +929,7 @@ _COMPOSE_MANY_OPTIONS = {"temperature", "top_p", "top_k", "max_new_tokens", "con
 
 def _request_id(request: ComposeRequest) -> str:
     """A short stable id of a request's content (every field)."""
-    return hashlib.sha256(_request_key(request).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(_request_identity(request).encode("utf-8")).hexdigest()[:16]
 
 
 def _settings_key(settings: dict) -> str:

@@ -722,7 +722,7 @@ def _as_rng(rng: random.Random | int | None, profile: Profile) -> random.Random:
 PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
 
 
-def moved(record: Any, semitones: int) -> Any:
+def transposed(record: Any, semitones: int) -> Any:
     """The tune (a TuneRecord or ABC text) moved by `semitones`, the same kind of thing back.
     A record keeps its labels; its labeller's chorded copy moves with it, so chord tasks don't
     fit chords anew."""
@@ -772,7 +772,7 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
             source = record
             if transposed_share and key_rng.random() < transposed_share:
                 try:
-                    source = moved(record, key_rng.choice([s for s in PHRASE_SHIFTS if s]))
+                    source = transposed(record, key_rng.choice([s for s in PHRASE_SHIFTS if s]))
                 except abc.ABCError:
                     source = record  # a tune transpose cannot read stays in its own key
             for attempt in range(len(deal)):
@@ -801,7 +801,7 @@ def phrase_request(record: Any, lang: str, rng: random.Random) -> tuple[ComposeR
     """One short chat's request and answer: the tune moved by a random interval, its opening
     4 or 8 bars (4 when the tune is shorter than 9) as the answer, and an "emotion" request that always names key and meter and
     asks for exactly that many bars. Raises ValueError when the tune is too short."""
-    moved_record = moved(record, rng.choice(PHRASE_SHIFTS))
+    moved_record = transposed(record, rng.choice(PHRASE_SHIFTS))
     moved_text = _text_of(moved_record)
     tune = _tune_of(moved_record)
     pickup = abc.check_bars(tune).bars[0].kind == "pickup"
@@ -959,14 +959,6 @@ def summarize(rows: Iterable[dict]) -> dict:
 def _lang_of(row: dict) -> str:
     user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
     return "zh" if re.search(r"[\u4e00-\u9fff]", user) else "en"
-
-
-def sample_records(rows: Sequence[dict], n: int = 3, task: str | None = None,
-                   lang: str | None = None, seed: int = 0) -> list[dict]:
-    """A few records for display, optionally of one task kind / language (seeded pick)."""
-    pool = [r for r in rows if (task is None or r.get("task") == task)
-            and (lang is None or ((r.get("request") or {}).get("lang") or _lang_of(r)) == lang)]
-    return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
 def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,

@@ -89,7 +89,7 @@ def _chunks(items: list[str], size: int) -> list[str]:
     return ["\n".join(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def _a(phrase: str) -> str:
+def _with_article(phrase: str) -> str:
     """English indefinite article + phrase ("an Italian composer", "a German composer")."""
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
@@ -110,7 +110,7 @@ def _composer_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, s
     else:
         period_en = f" of the {period} period"
     was = "was" if died else "is"
-    composer = _a(f"{nat} composer" if nat else "composer")
+    composer = _with_article(f"{nat} composer" if nat else "composer")
     to_zh = rng.choice([
         f"{en} ({life_en}) {was} {composer}{period_en}. In Chinese the name is written {zh}.",
         f"The Chinese name of the {nat} composer {en} ({life_en}) is {zh}.",
@@ -134,7 +134,7 @@ def _work_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
     written = f"written in {year}" if year else "of unknown date"
     year_zh = f"于{year}年" if year else ""
     to_zh = rng.choice([
-        f"{en} is {_a(form or 'work')} by {c_en}, {written}; its Chinese title is {zh}.",
+        f"{en} is {_with_article(form or 'work')} by {c_en}, {written}; its Chinese title is {zh}.",
         f"In Chinese, {c_en}'s {form or 'work'} {en} is called {zh}.",
         f"Q: What is the Chinese title of {en} by {c_en}? A: {zh} ({c_zh}).",
         f"{en} ({c_en}{', ' + year if year else ''}) → {zh}",

@@ -199,14 +199,6 @@ class Utf8LogitsProcessor:
         return scores.masked_fill(~mask, float("-inf"))
 
 
-def processor_list(tokenizer: Any, model: Any | None = None):
-    """`LogitsProcessorList([Utf8LogitsProcessor(...)])` sized to the model's vocabulary."""
-    from transformers import LogitsProcessorList
-
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    return LogitsProcessorList([Utf8LogitsProcessor(tokenizer, size)])
-
-
 def answer_bytes(table: Utf8Table, ids: Sequence[int]) -> bytes:
     """The raw bytes a run of token ids writes (special tokens write none)."""
     return b"".join(table.token_bytes[i] or b"" for i in ids if i < len(table.token_bytes))

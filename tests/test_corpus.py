@@ -377,7 +377,7 @@ def test_split_property_no_leakage_and_deterministic(families, seed, val, test):
 @settings(max_examples=80, deadline=None)
 @given(st.text(max_size=300))
 def test_extract_abc_and_clean_title_never_crash_on_any_text(text):
-    for tune in corpus.extract_abc(text):
+    for tune in corpus.tunes_in_text(text):
         assert "K:" in tune
     assert isinstance(labels.clean_title(text), str)
 
