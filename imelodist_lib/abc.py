@@ -580,6 +580,35 @@ def normalize(tune_or_text: Tune | str, x: int = 1) -> str:
 
 
 # --------------------------------------------------------------------------- tokenizer
+# A token is (kind, col0, end, data). Kinds: note rest mrest spacer bar ending field chord_open
+# chord_close grace_open grace_close tuplet slur_open slur_close broken tie deco symbol cont.
+_NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
+_REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
+_MREST_RE = re.compile(r"([ZX])([0-9]*)")
+_SPACER_RE = re.compile(r"y([0-9]*)(/*)([0-9]*)")
+_BAR_RE = re.compile(r"(:*(?:\[\|\]?|\|\]|\|\||\||\.\|):*|::+)([0-9]+(?:[,-][0-9]+)*)?")
+_ENDING_RE = re.compile(r"\[([0-9]+(?:[,-][0-9]+)*)")
+_INLINE_FIELD_RE = re.compile(r"\[([A-Za-z]):([^\]\n]*)\]")
+_TUPLET_RE = re.compile(r"\(([0-9]+)(?::([0-9]*))?(?::([0-9]*))?")
+_CHORD_CLOSE_RE = re.compile(r"\]([0-9]*)(/*)([0-9]*)")
+_DECO_CHARS = set("~.HLMOPSTuvJR")
+_MAX_LEN = 4096  # longer note lengths are typos or noise, not music
+
+
+def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
+    """Length multiplier of a note: "" 1, "2" 2, "/" 1/2, "//" 1/4, "3/2", "3/" 3/2."""
+    if len(num) > 4 or len(den) > 4 or len(slashes) > 12:
+        raise ABCError(f"note length {num}{slashes}{den} is too long", line, col)
+    n = int(num) if num else 1
+    if slashes:
+        d = int(den) * 2 ** (len(slashes) - 1) if den else 2 ** len(slashes)
+    else:
+        d = 1
+    if n == 0 or d == 0 or d > _MAX_LEN:
+        raise ABCError(f"bad note length {num}{slashes}{den!s} (zero or too small)", line, col)
+    return Fraction(n, d)
+
+
 class _Token(NamedTuple):
     """One symbol of a music line: its kind, where it stands (0-based, end exclusive), and what
     it says. Kinds: note rest mrest bar ending field chord_open chord_close grace_open
@@ -616,31 +645,6 @@ class _Barline(NamedTuple):
 class _InlineField(NamedTuple):
     name: str  # K M L V P T ...
     value: str
-_NOTE_RE = re.compile(r"(\^\^|\^|__|_|=)?([A-Ga-g])([,']*)([0-9]*)(/*)([0-9]*)")
-_REST_RE = re.compile(r"([zx])([0-9]*)(/*)([0-9]*)")
-_MREST_RE = re.compile(r"([ZX])([0-9]*)")
-_SPACER_RE = re.compile(r"y([0-9]*)(/*)([0-9]*)")
-_BAR_RE = re.compile(r"(:*(?:\[\|\]?|\|\]|\|\||\||\.\|):*|::+)([0-9]+(?:[,-][0-9]+)*)?")
-_ENDING_RE = re.compile(r"\[([0-9]+(?:[,-][0-9]+)*)")
-_INLINE_FIELD_RE = re.compile(r"\[([A-Za-z]):([^\]\n]*)\]")
-_TUPLET_RE = re.compile(r"\(([0-9]+)(?::([0-9]*))?(?::([0-9]*))?")
-_CHORD_CLOSE_RE = re.compile(r"\]([0-9]*)(/*)([0-9]*)")
-_DECO_CHARS = set("~.HLMOPSTuvJR")
-_MAX_LEN = 4096  # longer note lengths are typos or noise, not music
-
-
-def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
-    """Length multiplier of a note: "" 1, "2" 2, "/" 1/2, "//" 1/4, "3/2", "3/" 3/2."""
-    if len(num) > 4 or len(den) > 4 or len(slashes) > 12:
-        raise ABCError(f"note length {num}{slashes}{den} is too long", line, col)
-    n = int(num) if num else 1
-    if slashes:
-        d = int(den) * 2 ** (len(slashes) - 1) if den else 2 ** len(slashes)
-    else:
-        d = 1
-    if n == 0 or d == 0 or d > _MAX_LEN:
-        raise ABCError(f"bad note length {num}{slashes}{den!s} (zero or too small)", line, col)
-    return Fraction(n, d)
 
 
 def _tokenize_line(text: str, line: int) -> list[_Token]:
