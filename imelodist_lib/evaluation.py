@@ -645,9 +645,8 @@ class MetricSummary:
     n: int
 
 
-def summarize_metric(name: str, values: Sequence[float | None],
-                     weights: Sequence[float | None] | None = None, seed: int = 0,
-                     clusters: Sequence[Any] | None = None) -> MetricSummary:
+def summarize(name: str, values: Sequence[float | None], weights: Sequence[float | None] | None = None,
+              seed: int = 0, clusters: Sequence[Any] | None = None) -> MetricSummary:
     """Aggregate one metric's per-answer values (None skipped) with its 95 % interval: Wilson
     for yes/no rates, a seeded bootstrap for means and pooled ratios. With `clusters` (the
     request of each answer) the independent unit is the cluster: Wilson counts clusters, the
@@ -777,7 +776,7 @@ def score_answers(pairs: Sequence[Pair], train_index: NoveltyIndex | None = None
         weights = [r.get(spec.den) for r in rows] if spec.den else None
         clusters = None if spec.name in ("distinct_4", "pairwise_similarity") else \
             [_request_identity(request) for request, _ in pairs]
-        s = summarize_metric(spec.name, values, weights, seed=seed, clusters=clusters)
+        s = summarize(spec.name, values, weights, seed=seed, clusters=clusters)
         if s.n:
             summary.append(s)
     return EvaluationResult(system=system, rows=rows, summary=summary, groups=groups,

@@ -940,7 +940,7 @@ def knowledge_digest(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def summarize(rows: Iterable[dict]) -> dict:
+def dataset_counts(rows: Iterable[dict]) -> dict:
     """Counts per task kind, per language and per (task, language) of chat records; for
     `{"text"}` rows, the count and characters."""
     rows = list(rows)
@@ -999,7 +999,7 @@ def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progre
             if split == "train" else []
         sft_rows += phrases
         jsonl.write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
-        counts["sft"][split] = summarize(sft_rows)
+        counts["sft"][split] = dataset_counts(sft_rows)
         # Nothing vanishes uncounted: tunes that could serve no task kind at all.
         made = sum(r["task"] not in (IDENTITY_TASK, PHRASE_TASK) for r in sft_rows)
         counts["sft"][split]["tunes_without_instruction"] = (

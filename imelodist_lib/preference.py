@@ -26,7 +26,7 @@ from imelodist_lib.evaluation import (
     musical_statistics,
     parse_answer,
     score_answer,
-    summarize_metric,
+    summarize,
 )
 from imelodist_lib.instructions import ComposeRequest
 from imelodist_lib.profiles import Profile
@@ -236,14 +236,14 @@ PART_NAMES = tuple(REWARD_WEIGHTS)
 
 def reward_table(systems: Mapping[str, Sequence[Sequence[ScoredAnswer]]]) -> list[dict]:
     """Rows (system, metric, mean, 95 % interval, n) for the reward and its parts, the answers of
-    one request counted as one unit (`evaluation.summarize_metric` with clusters)."""
+    one request counted as one unit (`evaluation.summarize` with clusters)."""
     rows = []
     for name, per_request in systems.items():
         flat = [(i, s) for i, answers in enumerate(per_request) for s in answers]
         clusters = [i for i, _ in flat]
         for metric in ("reward",) + PART_NAMES:
             values = [s.reward if metric == "reward" else s.parts[metric] for _, s in flat]
-            summary = summarize_metric("valid" if metric in ("valid", "near_copy") else metric, values,
+            summary = summarize("valid" if metric in ("valid", "near_copy") else metric, values,
                                 clusters=clusters)
             rows.append({"system": name, "metric": metric, "mean": summary.mean,
                          "ci_low": summary.ci_low, "ci_high": summary.ci_high, "n": summary.n})

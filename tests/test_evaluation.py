@@ -50,7 +50,7 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert a[0] < sum(values) / len(values) < a[1]
     assert ev.bootstrap_interval([0.4] * 6) == pytest.approx((0.4, 0.4))
     # Pooled ratio: 1 error in 4 bars and 0 in 12 -> 1/16, not the mean of rates 1/8.
-    s = ev.summarize_metric("bar_error_rate", [0.25, 0.0], weights=[4, 12])
+    s = ev.summarize("bar_error_rate", [0.25, 0.0], weights=[4, 12])
     assert s.mean == pytest.approx(1 / 16) and s.n == 2
 
 
@@ -307,7 +307,7 @@ def test_samples_of_one_request_widen_the_interval():
     assert clustered == pytest.approx(ev.bootstrap_interval(per_request, seed=0))
     naive = ev.bootstrap_interval(values, seed=0)
     assert clustered[1] - clustered[0] > naive[1] - naive[0]
-    s = ev.summarize_metric("key_match", [1, 1, 0, 0], clusters=["a", "a", "b", "b"])
+    s = ev.summarize("key_match", [1, 1, 0, 0], clusters=["a", "a", "b", "b"])
     # a rate over 2 requests (not 4 answers): Wilson with n=2
     assert (s.mean, s.n) == (0.5, 4)
     assert (s.ci_low, s.ci_high) == pytest.approx(ev.wilson_interval(1, 2))

@@ -250,7 +250,7 @@ def test_instruction_records_are_balanced(tunes):
     profile = get_profile("cpu", instructions_per_tune=3)
     rows = ins.build_instruction_records(tunes, profile, random.Random(0))
     assert len(rows) == 3 * len(tunes)
-    stats = ins.summarize(rows)
+    stats = ins.dataset_counts(rows)
     assert set(stats["by_task"]) == set(ins.TASKS)
     assert max(stats["by_lang"].values()) - min(stats["by_lang"].values()) <= 2
     assert max(stats["by_task"].values()) - min(stats["by_task"].values()) <= 4
