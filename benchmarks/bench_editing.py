@@ -7,7 +7,7 @@ that carry human chord symbols, music21's 2 MusicXML lead sheets imported with
 shipped IMelodist-tiny (the "harmonise" task's prompt in Chinese; grammar: melody forced, one
 chord per bar from the key's vocabulary). Each chord sequence is scored with
 `evaluation.chord_adherence` (share of strong-beat melody notes that are tones of the bar's
-chord) on the same melody: the model's, the corpus labeller's (`corpus.fit_chords`), the human
+chord) on the same melody: the model's, the corpus labeller's (`labels.fit_chords`), the human
 chords (the first chord of each bar, the previous one carried into bars without; only the
 chorded tunes), and a random pick from the same vocabulary (seeded); means with bootstrap 95 %
 intervals over tunes.

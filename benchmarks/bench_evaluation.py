@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from imelodist_lib import evaluation as ev
+from imelodist_lib import probes
+from imelodist_lib.ngram import NGramComposer
 from imelodist_lib.profiles import REPO_ROOT, get_profile
 
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -74,12 +76,12 @@ def _prompt_section(reads_prompt: dict | None, copying: dict | None) -> list[str
             f"[{r['swapped_interval'][0]:.2f}, {r['swapped_interval'][1]:.2f}] | {1 / r['candidates']:.2f} |"
             for f, r in reads_prompt.items()]
     return ["## Does the model read the request?", "",
-            "Forced choice (`evaluation.prompt_following`): after the reference answer's header up to "
+            "Forced choice (`probes.prompt_following`): after the reference answer's header up to "
             "`K:`/`M:`, which candidate value is likeliest? *swapped*: the same request asking for "
             "another value; a model that ignores the prompt scores about chance there.", "",
             "| field | requests | candidates | asked value wins | swapped value wins [95 %] | chance |",
             "|---|---|---|---|---|---|", *rows, "",
-            f"In-context copying (`evaluation.copy_test`, 8 x 50 random tokens written twice): loss "
+            f"In-context copying (`probes.copy_test`, 8 x 50 random tokens written twice): loss "
             f"{copying['first_copy_loss']:.2f} nats/token on the first copy, "
             f"{copying['second_copy_loss']:.2f} on the second (gain {copying['copy_gain']:.2f}; "
             f"uniform would be {copying['uniform_loss']:.2f}).", ""]
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     index = ev.NoveltyIndex(train)
     timings["novelty_index_build_s"] = time.perf_counter() - t0  # includes parsing every tune
     t0 = time.perf_counter()
-    ngram = ev.NGramComposer(train, order=3)
+    ngram = NGramComposer(train, order=3)
     timings["ngram_fit_s"] = time.perf_counter() - t0
 
     requests = ev.build_benchmark(test, profile, n=args.requests)
@@ -147,12 +149,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                temperature=temperature, results_path=answers)
             timings[f"{name.replace(' ', '_')}_compose_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        perplexity = ev.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)
+        perplexity = probes.perplexity(model, tokenizer, [r.abc for r in test[:64]], max_len=profile.max_seq_len)
         timings["perplexity_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reads_prompt = {f: vars(ev.prompt_following(model, tokenizer, systems["human"], f))
+        reads_prompt = {f: vars(probes.prompt_following(model, tokenizer, systems["human"], f))
                         for f in ("key", "meter")}
-        copying = ev.copy_test(model, tokenizer)
+        copying = probes.copy_test(model, tokenizer)
         timings["prompt_test_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -30,13 +30,17 @@ Decisions (documented once, relied on by the other modules):
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
+
+from imelodist_lib.music import NATURAL_PITCH_CLASS
 
 __all__ = [
     "ABCError", "Tune", "Event", "Bar", "BarError", "BarReport", "Key", "ValidationReport",
+    "meter_parts", "header_text", "bar_segments", "note_midi", "note_name", "note_text",
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
     "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "meter_choices",
@@ -102,15 +106,16 @@ def length_suffix(units: Fraction) -> str:
     return f"{units.numerator}/{units.denominator}"
 
 
-def _meter_fraction(meter: str) -> Fraction | None:
-    """Meter as a fraction of a whole note ("6/8" -> 3/4); None for free meter."""
+def meter_parts(meter: str) -> tuple[int, int] | None:
+    """An M: value as (beats, beat unit): "6/8" -> (6, 8), "(2+2+3)/8" -> (7, 8), "C" -> (4, 4),
+    "C|" -> (2, 2); None for free meter ("none" or empty); ABCError when it is no meter."""
     text = _strip_comment(meter).strip()
     if text == "" or text.lower() == "none":
         return None
     if text == "C":
-        return Fraction(1)
+        return (4, 4)
     if text == "C|":
-        return Fraction(1)
+        return (2, 2)
     if _METERS_RE.match(text):  # "M:2/4 3/4": the first meter sets defaults (L:, tuplets)
         text = text.split()[0]
     m = _METER_RE.match(text)
@@ -120,7 +125,13 @@ def _meter_fraction(meter: str) -> Fraction | None:
     den = int(m.group(2))
     if num == 0 or den == 0:
         raise ABCError(f"bad meter M:{text}: numbers must be positive")
-    return Fraction(num, den)
+    return (num, den)
+
+
+def _meter_fraction(meter: str) -> Fraction | None:
+    """Meter as a fraction of a whole note ("6/8" -> 3/4); None for free meter."""
+    parts = meter_parts(meter)
+    return None if parts is None else Fraction(*parts)
 
 
 _METERS_RE = re.compile(r"^[0-9]{1,3}/[0-9]{1,3}(?:\s+[0-9]{1,3}/[0-9]{1,3}){1,7}$")
@@ -153,13 +164,11 @@ def unit_length_of(meter: str) -> Fraction:
 
 def _is_compound(meter: str | None) -> bool:
     """Compound meter (6/8, 9/8, 12/8): tuplet defaults (5, 7, 9) use 3 instead of 2."""
-    if not meter:
+    try:
+        parts = meter_parts(meter or "")
+    except ABCError:
         return False
-    m = _METER_RE.match(_strip_comment(meter).strip())
-    if not m:
-        return False
-    num = sum(int(x) for x in m.group(1).split("+"))
-    return num > 3 and num % 3 == 0
+    return parts is not None and parts[0] > 3 and parts[0] % 3 == 0
 
 
 # --------------------------------------------------------------------------- keys
@@ -395,6 +404,22 @@ class Tune:
         value = self._last("Q")
         qpm = None if value is None else parse_tempo(value, self.unit_length)
         return None if qpm is None else round(qpm)
+
+
+_HEADER_PROPERTIES = {"T": "title", "K": "key", "M": "meter", "L": "unit_length", "Q": "tempo"}
+
+
+def header_text(tune: Tune, letter: str) -> str:
+    """A header value as text: the Tune property when it is text (T:, K:, M:), else the field
+    as written (Q: "1/4=120" rather than the parsed 120), else the parsed value (the default
+    L: when none is written)."""
+    value = getattr(tune, _HEADER_PROPERTIES[letter], None)
+    if isinstance(value, str):
+        return value.strip()
+    raw = tune.field(letter)
+    if raw is None:
+        return "" if value is None else str(value)
+    return raw.strip()
 
 
 _QUOTED_RE = re.compile(r'"[^"\n]*"')
@@ -708,9 +733,47 @@ def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
     return Fraction(n, d)
 
 
-def _tokenize_line(text: str, line: int) -> list[tuple]:
+class _Token(NamedTuple):
+    """One symbol of a music line: its kind, where it stands (0-based, end exclusive), and what
+    it says. Kinds: note rest mrest bar ending field chord_open chord_close grace_open
+    grace_close tuplet slur_open slur_close broken tie deco symbol cont."""
+
+    kind: str
+    start: int
+    end: int
+    data: Any  # _Note, _Rest, _MultiRest, _Barline, _InlineField; the text or length of others
+
+
+class _Note(NamedTuple):
+    accidental: str  # "", "^", "^^", "=", "_", "__"
+    letter: str  # as written: case gives the octave
+    octave_marks: str  # "," and "'"
+    length: Fraction  # multiplier of the unit length
+
+
+class _Rest(NamedTuple):
+    symbol: str  # z (a rest) or x (an invisible rest)
+    length: Fraction
+
+
+class _MultiRest(NamedTuple):
+    symbol: str  # Z or X
+    bars: int
+
+
+class _Barline(NamedTuple):
+    token: str  # "|", "||", ":|", "|:", "[|", ...
+    ending: str | None  # "1", "2", "1,3" when an ending number follows ("|1")
+
+
+class _InlineField(NamedTuple):
+    name: str  # K M L V P T ...
+    value: str
+
+
+def _tokenize_line(text: str, line: int) -> list[_Token]:
     """Split one music line into tokens; ABCError on a symbol that is not ABC."""
-    toks: list[tuple] = []
+    toks: list[_Token] = []
     pos, n = 0, len(text)
     while pos < n:
         c = text[pos]
@@ -724,14 +787,14 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if not m:
                 raise ABCError(f"accidental {c!r} without a note after it", line, pos + 1)
             length = _length(m.group(4), m.group(5), m.group(6), line, pos + 1)
-            toks.append(("note", pos, m.end(),
-                         (m.group(1) or "", m.group(2), m.group(3), length)))
+            toks.append(_Token("note", pos, m.end(),
+                               _Note(m.group(1) or "", m.group(2), m.group(3), length)))
             pos = m.end()
             continue
         if c in "zx":
             m = _REST_RE.match(text, pos)
             length = _length(m.group(2), m.group(3), m.group(4), line, pos + 1)
-            toks.append(("rest", pos, m.end(), (c, length)))
+            toks.append(_Token("rest", pos, m.end(), _Rest(c, length)))
             pos = m.end()
             continue
         if c in "ZX":
@@ -739,7 +802,7 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             count = m.group(2)
             if len(count) > 4:
                 raise ABCError(f"multi-bar rest {m.group(0)} is too long", line, pos + 1)
-            toks.append(("mrest", pos, m.end(), (c, int(count) if count else 1)))
+            toks.append(_Token("mrest", pos, m.end(), _MultiRest(c, int(count) if count else 1)))
             pos = m.end()
             continue
         if c == "y":
@@ -749,28 +812,29 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
         if c == "[":
             m = _INLINE_FIELD_RE.match(text, pos)
             if m:
-                toks.append(("field", pos, m.end(), (m.group(1), m.group(2).strip())))
+                field_ = _InlineField(m.group(1), m.group(2).strip())
+                toks.append(_Token("field", pos, m.end(), field_))
                 pos = m.end()
                 continue
             m = _ENDING_RE.match(text, pos)
             if m:
-                toks.append(("ending", pos, m.end(), m.group(1)))
+                toks.append(_Token("ending", pos, m.end(), m.group(1)))
                 pos = m.end()
                 continue
             if pos + 1 < n and text[pos + 1] == "|":
                 m = _BAR_RE.match(text, pos)
-                toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+                toks.append(_Token("bar", pos, m.end(), _Barline(m.group(1), m.group(2))))
                 pos = m.end()
                 continue
             if pos + 2 < n and text[pos + 1].isalpha() and text[pos + 2] == ":":
                 raise ABCError("inline field [X:...] is not closed with ]", line, pos + 1)
-            toks.append(("chord_open", pos, pos + 1, None))
+            toks.append(_Token("chord_open", pos, pos + 1, None))
             pos += 1
             continue
         if c == "]":
             m = _CHORD_CLOSE_RE.match(text, pos)
             length = _length(m.group(1), m.group(2), m.group(3), line, pos + 1)
-            toks.append(("chord_close", pos, m.end(), length))
+            toks.append(_Token("chord_close", pos, m.end(), length))
             pos = m.end()
             continue
         if c in "|:" or (c == "." and text.startswith(".|", pos)):
@@ -778,7 +842,7 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if not m:
                 raise ABCError(f"unexpected {c!r} (a barline like | :| |: :: || |] ?)",
                                line, pos + 1)
-            toks.append(("bar", pos, m.end(), (m.group(1), m.group(2))))
+            toks.append(_Token("bar", pos, m.end(), _Barline(m.group(1), m.group(2))))
             pos = m.end()
             continue
         if c == "&" or text.startswith("(&", pos):
@@ -797,34 +861,34 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                 if p < 2 or p > 9 and q is None:
                     raise ABCError(f"tuplet ({m.group(1)} needs 2-9 notes or an explicit "
                                    "(p:q:r)", line, pos + 1)
-                toks.append(("tuplet", pos, m.end(), (p, q, r)))
+                toks.append(_Token("tuplet", pos, m.end(), (p, q, r)))
                 pos = m.end()
                 continue
-            toks.append(("slur_open", pos, pos + 1, None))
+            toks.append(_Token("slur_open", pos, pos + 1, None))
             pos += 1
             continue
         if c == ")":
-            toks.append(("slur_close", pos, pos + 1, None))
+            toks.append(_Token("slur_close", pos, pos + 1, None))
             pos += 1
             continue
         if c == "{":
             end = pos + 2 if text.startswith("{/", pos) else pos + 1
-            toks.append(("grace_open", pos, end, None))
+            toks.append(_Token("grace_open", pos, end, None))
             pos = end
             continue
         if c == "}":
-            toks.append(("grace_close", pos, pos + 1, None))
+            toks.append(_Token("grace_close", pos, pos + 1, None))
             pos += 1
             continue
         if c in "<>":
             end = pos
             while end < n and text[end] == c and end - pos < 3:
                 end += 1
-            toks.append(("broken", pos, end, text[pos:end]))
+            toks.append(_Token("broken", pos, end, text[pos:end]))
             pos = end
             continue
         if c == "-":
-            toks.append(("tie", pos, pos + 1, None))
+            toks.append(_Token("tie", pos, pos + 1, None))
             pos += 1
             continue
         if c == '"':
@@ -832,14 +896,14 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
             if end < 0:
                 raise ABCError('chord symbol or annotation "... is not closed with "',
                                line, pos + 1)
-            toks.append(("symbol", pos, end + 1, text[pos + 1:end]))
+            toks.append(_Token("symbol", pos, end + 1, text[pos + 1:end]))
             pos = end + 1
             continue
         if c in "!+":
             end = text.find(c, pos + 1)
             inner = text[pos + 1:end] if end > 0 else ""
             if end > 0 and inner and " " not in inner and "|" not in inner:
-                toks.append(("deco", pos, end + 1, inner))
+                toks.append(_Token("deco", pos, end + 1, inner))
                 pos = end + 1
                 continue
             if c == "!":  # ABC 2.0 line break
@@ -847,13 +911,13 @@ def _tokenize_line(text: str, line: int) -> list[tuple]:
                 continue
             raise ABCError(f"decoration +{inner}... is not closed with +", line, pos + 1)
         if c in _DECO_CHARS:
-            toks.append(("deco", pos, pos + 1, c))
+            toks.append(_Token("deco", pos, pos + 1, c))
             pos += 1
             continue
         if c == "\\":
             if text[pos + 1:].strip() and not text[pos + 1:].lstrip().startswith("%"):
                 raise ABCError("line continuation \\ must end the line", line, pos + 1)
-            toks.append(("cont", pos, pos + 1, None))
+            toks.append(_Token("cont", pos, pos + 1, None))
             break
         raise ABCError(f"unknown symbol {c!r} (not an ABC note, rest, bar or decoration)",
                        line, pos + 1)
@@ -874,6 +938,26 @@ class Event:
     pitches: tuple[int, ...] = ()  # every note of a chord (one for a note, none for a rest)
     kind: str = "note"  # note | chord | rest | invisible_rest | measure_rest
     voice: str = ""
+
+
+@dataclass(slots=True, eq=False)  # eq=False: the scanner tells events apart by identity
+class _PendingEvent:
+    """An Event while the scanner still fills it in: its bar once the bar closes, `tie` when a
+    "-" follows, a longer or shorter `duration` when a broken rhythm (> <) follows."""
+
+    pitch: int | None
+    duration: Fraction
+    bar: int
+    line: int
+    col: int
+    tie: bool
+    pitches: tuple[int, ...]
+    kind: str
+    voice: str
+
+    def event(self) -> Event:
+        return Event(self.pitch, self.duration, self.bar, self.line, self.col, self.tie,
+                     self.pitches, self.kind, self.voice)
 
 
 @dataclass
@@ -924,7 +1008,28 @@ class BarReport:
 
 
 _SECTION_BARS = {"||", "|]", "[|", "::"}
-_SEMITONE = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+_SEMITONE = NATURAL_PITCH_CLASS  # semitones above C of each letter: one table, in music.py
+
+
+def note_midi(letter: str, octave_marks: str, alter: int) -> int:
+    """MIDI number of an ABC note: letter case and , ' marks give the octave (C is middle C,
+    60; c is 72), `alter` the semitones its accidental (or key, or bar) adds."""
+    octave = (1 if letter.islower() else 0) + octave_marks.count("'") - octave_marks.count(",")
+    return 60 + _SEMITONE[letter.upper()] + 12 * octave + alter
+
+
+def note_name(letter: str, octave: int) -> str:
+    """ABC letter and octave marks for an upper-case `letter` in scientific `octave` (C4: C,
+    C5: c, C6: c', C3: C,); the inverse of `note_midi`'s octave rule."""
+    if octave >= 5:
+        return letter.lower() + "'" * (octave - 5)
+    return letter + "," * (4 - octave)
+
+
+def note_text(letter: str, octave: int, alter: int | None = None) -> str:
+    """An ABC note without its length: the accidental for `alter` when given (0 writes "="),
+    then `note_name`: note_text("F", 4, 1) -> "^F", note_text("B", 5, -1) -> "_b"."""
+    return ("" if alter is None else _ACC_TEXT[alter]) + note_name(letter, octave)
 
 
 def _is_section_bar(token: str) -> bool:
@@ -961,14 +1066,14 @@ class _Voice:
         self.octave = 0  # K:/V: octave=N: the notes sound N octaves from where written
         self.layers: list[Fraction] = []  # lengths of the bar's layers before each & overlay
         self.choices: tuple[Fraction, ...] = meter_choices(meter)  # "2/4 3/4": 2 or 3
-        self.bar_events: list[list] = []
+        self.bar_events: list[_PendingEvent] = []
         self.bar_dur = Fraction(0)
         self.bar_start: tuple[int, int] | None = None
         self.bar_left = ""
         self.bar_ending = ""
         self.tuplet: list[int] | None = None  # [remaining notes, p, q]
         self.broken: str | None = None  # pending broken rhythm for the next note
-        self.last_event: list | None = None
+        self.last_event: _PendingEvent | None = None
         self.bar_has_mrest = False
         self.expected: Fraction | None = None
         self.pending_break = False
@@ -1013,7 +1118,7 @@ class _Scanner:
     def __init__(self, tune: Tune):
         self.tune = tune
         self.scan = _Scan()
-        self.raw_events: list[list] = []  # [pitch, dur, bar, line, col, tie, pitches, kind, voice]
+        self.raw_events: list[_PendingEvent] = []
         self.meter = tune.meter
         key = parse_key(tune.key)
         self.voices: dict[str, _Voice] = {}
@@ -1122,7 +1227,7 @@ class _Scanner:
                             raise ABCError("rest inside a chord [...]", line, col)
                         in_chord.append(self._pitch(v, data))
                         if in_chord[0] is None:
-                            in_chord[0] = (data[3], line, col)
+                            in_chord[0] = (data.length, line, col)
                         continue
                     if in_grace:
                         if kind == "note":
@@ -1130,10 +1235,10 @@ class _Scanner:
                         continue
                     if kind == "note":
                         p = self._pitch(v, data)
-                        self._emit(v, p, (p,), data[3], line, col, "note")
+                        self._emit(v, p, (p,), data.length, line, col, "note")
                     else:
-                        self._emit(v, None, (), data[1], line, col,
-                                   "rest" if data[0] == "z" else "invisible_rest")
+                        self._emit(v, None, (), data.length, line, col,
+                                   "rest" if data.symbol == "z" else "invisible_rest")
                 elif kind == "chord_open":
                     if in_chord is not None:
                         raise ABCError("chord [ inside a chord (missing ])", line, col)
@@ -1154,15 +1259,15 @@ class _Scanner:
                 elif kind == "bar":
                     if in_grace:
                         raise ABCError("grace notes { are not closed with }", line, col)
-                    self._barline(v, data[0], line, col, end >= len(text.rstrip()))
-                    if data[1]:
-                        v.bar_ending = data[1]
+                    self._barline(v, data.token, line, col, end >= len(text.rstrip()))
+                    if data.ending:
+                        v.bar_ending = data.ending
                 elif kind == "ending":
                     if v.bar_events:  # "f2 [1 g2": an ending start also ends the bar
                         self._close_bar(v, "", line_end=False)
                     v.bar_ending = data
                 elif kind == "field":
-                    self._field(data[0], data[1], line, col)
+                    self._field(data.name, data.value, line, col)
                 elif kind == "tuplet":
                     p, q, r = data
                     if q is None:
@@ -1178,7 +1283,7 @@ class _Scanner:
                     if in_chord is not None:
                         continue
                     if v.last_event is not None:
-                        v.last_event[5] = True
+                        v.last_event.tie = True
                 elif kind == "grace_open":
                     if in_grace:
                         raise ABCError("grace notes { inside grace notes", line, col)
@@ -1188,7 +1293,7 @@ class _Scanner:
                         raise ABCError("} without an opening {", line, col)
                     in_grace = False
                 elif kind == "mrest":
-                    count = data[1]
+                    count = data.bars
                     exp = v.expected if v.expected is not None else v.unit * 4
                     self._emit(v, None, (), Fraction(count), line, col, "measure_rest",
                                duration=exp * count)
@@ -1234,8 +1339,7 @@ class _Scanner:
             if v.repeat_open is not None:
                 self.scan.problems.append(ABCError("repeat |: is never closed with :|",
                                                    *v.repeat_open))
-        self.scan.events = [Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
-                            for r in self.raw_events]
+        self.scan.events = [r.event() for r in self.raw_events]
         _classify(self.scan)
         return self.scan
 
@@ -1243,7 +1347,7 @@ class _Scanner:
         if v.last_bar is not None:
             v.last_bar.line_end = True
 
-    def _pitch(self, v: _Voice, data: tuple) -> int:
+    def _pitch(self, v: _Voice, data: _Note) -> int:
         acc, letter, octs, _ = data
         up = letter.upper()
         if acc:
@@ -1273,27 +1377,27 @@ class _Scanner:
                 left, right = _BROKEN[v.broken]
                 prev = v.last_event
                 if prev is not None:
-                    old = prev[1]
-                    prev[1] = old * left
-                    self._adjust_bar(v, prev, prev[1] - old)
+                    old = prev.duration
+                    prev.duration = old * left
+                    self._adjust_bar(v, prev, prev.duration - old)
                 duration = duration * right
                 v.broken = None
         if v.bar_start is None:
             v.bar_start = (line, col)
         voice = f"{v.name}&{len(v.layers)}" if v.layers else v.name  # an & overlay layer
-        ev = [pitch, duration, -1, line, col, False, pitches, kind, voice]
+        ev = _PendingEvent(pitch, duration, -1, line, col, False, pitches, kind, voice)
         self.raw_events.append(ev)
         v.bar_events.append(ev)
         v.bar_dur += duration
         v.last_event = ev
 
-    def _adjust_bar(self, v: _Voice, ev: list, delta: Fraction) -> None:
+    def _adjust_bar(self, v: _Voice, ev: _PendingEvent, delta: Fraction) -> None:
         # `ev` is the voice's last event: in the open bar it is that bar's last (an identity
         # test; `ev in v.bar_events` compared lists and made long bars quadratic)
         if v.bar_events and v.bar_events[-1] is ev:
             v.bar_dur += delta
-        elif ev[2] >= 0:  # broken rhythm across a barline: fix the closed bar
-            self.scan.bars[ev[2]].duration += delta
+        elif ev.bar >= 0:  # broken rhythm across a barline: fix the closed bar
+            self.scan.bars[ev.bar].duration += delta
 
     def _barline(self, v: _Voice, token: str, line: int, col: int, at_line_end: bool) -> None:
         if token.startswith(":"):
@@ -1326,7 +1430,7 @@ class _Scanner:
     def _close_bar(self, v: _Voice, token: str, line_end: bool) -> None:
         index = len(self.scan.bars)
         for ev in v.bar_events:
-            ev[2] = index
+            ev.bar = index
         line, col = v.bar_start or (0, 0)
         layers = tuple(v.layers + [v.bar_dur]) if v.layers else ()
         duration = layers[0] if layers else v.bar_dur
@@ -1470,6 +1574,64 @@ def bar_duration_errors(tune_or_text: Tune | str) -> list[BarError]:
     return check_bars(tune_or_text).errors
 
 
+def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    """Where each bar of a tune lies in its text: (offset where the body starts, [(start, end)]
+    per bar of the first voice), a bar running from just after the previous bar's closing
+    barline to just after its own, so a chord symbol written at a bar's start falls inside it.
+    Positions come from `events` (1-based line/col); only barlines are scanned here."""
+    body_start, spans = _bar_segments(abc_text)
+    return body_start, list(spans)  # a copy: the memoised list stays untouched
+
+
+@functools.lru_cache(maxsize=2048)
+def _bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
+    tune = parse_tune(abc_text)
+    bars = check_bars(tune).bars
+    if not bars:
+        raise ValueError("tune has no bars")
+    voice = bars[0].voice
+    wanted = {b.index for b in bars if b.voice == voice}
+    line_starts = [0]
+    for line in abc_text.split("\n"):
+        line_starts.append(line_starts[-1] + len(line) + 1)
+    last_event: dict[int, int] = {}
+    for ev in events(tune):
+        if int(ev.bar) in wanted and 1 <= ev.line < len(line_starts):
+            last_event[int(ev.bar)] = line_starts[ev.line - 1] + max(ev.col - 1, 0)
+    body_start = line_starts[max(tune.first_body_line - 1, 0)]
+    right = {b.index: b.right for b in bars}
+    spans, cursor = [], body_start
+    for index in sorted(last_event):
+        if right.get(index):
+            end = _after_barline(abc_text, last_event[index])
+        else:  # no barline: the bar ends with its line (Essen style) or with the tune
+            newline = abc_text.find("\n", last_event[index])
+            end = len(abc_text.rstrip("\n")) if newline < 0 else newline
+        spans.append((cursor, end))
+        cursor = end
+    return body_start, spans
+
+
+def _after_barline(text: str, pos: int) -> int:
+    """Offset just after the first barline at or after `pos` (quoted text skipped), or the end."""
+    i, n = pos, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            close = text.find('"', i + 1)
+            i = n if close < 0 else close + 1
+            continue
+        if ch == "|":
+            i += 1
+            while i < n and text[i] in "|]:":  # the whole token: ||, |], |:
+                i += 1
+            return i
+        if text.startswith("::", i):
+            return i + 2
+        i += 1
+    return len(text.rstrip("\n"))
+
+
 # --------------------------------------------------------------------------- validate
 @dataclass
 class ValidationReport:
@@ -1574,11 +1736,8 @@ def _spell(pitch: int, letter_shift: int, old_letter: str, prefer_flats: bool) -
 
 def _note_text(letter: str, alter: int, pitch: int, write_acc: bool) -> str:
     """ABC text for a note: accidental, letter case and octave marks for MIDI `pitch`."""
-    octave = (pitch - alter - _SEMITONE[letter] - 60) // 12  # 0: C..B of middle octave
-    acc = {2: "^^", 1: "^", 0: "=", -1: "_", -2: "__"}[alter] if write_acc else ""
-    if octave >= 1:
-        return acc + letter.lower() + "'" * (octave - 1)
-    return acc + letter + "," * (-octave)
+    octave = (pitch - alter - _SEMITONE[letter]) // 12 - 1
+    return note_text(letter, octave, alter if write_acc else None)
 
 
 def _transpose_symbol(text: str, semitones: int, letter_shift: int, prefer_flats: bool) -> str:
@@ -1675,8 +1834,7 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
                     v.old_acc[up] = alter
                 else:
                     alter = v.old_acc.get(up, mk.old.accidentals.get(up, 0))
-                octave = (1 if letter.islower() else 0) + octs.count("'") - octs.count(",")
-                pitch = 60 + _SEMITONE[up] + 12 * octave + alter + semitones
+                pitch = note_midi(letter, octs, alter) + semitones
                 new_letter, new_alter = _spell(pitch, mk.letter_shift, up, mk.prefer_flats)
                 current_alter = v.new_acc.get(new_letter, mk.new.accidentals.get(new_letter, 0))
                 write = bool(acc) or current_alter != new_alter
@@ -1693,12 +1851,12 @@ def _transpose_body(tune: Tune, semitones: int, header: _MovedKey) -> str:
                 moved = _transpose_symbol(data, semitones, mk.letter_shift, mk.prefer_flats)
                 pieces += [text[last:col0], f'"{moved}"']
                 last = end
-            elif kind == "field" and data[0] == "K":
-                v.key = _move_key(data[1], semitones)
+            elif kind == "field" and data.name == "K":
+                v.key = _move_key(data.value, semitones)
                 pieces += [text[last:col0], f"[K:{v.key.text}]"]
                 last = end
-            elif kind == "field" and data[0] == "V":
-                current[0] = data[1].split()[0] if data[1].split() else ""
+            elif kind == "field" and data.name == "V":
+                current[0] = data.value.split()[0] if data.value.split() else ""
         pieces.append(text[last:])
         out_lines.append("".join(pieces))
     return "\n".join(out_lines)

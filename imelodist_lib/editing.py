@@ -18,7 +18,9 @@ from typing import Any
 
 from imelodist_lib import abc
 from imelodist_lib.grammar import BarPlan, bar_fill_rules, ebnf_literal, plan_bars, reachable_rules
-from imelodist_lib.instructions import ComposeRequest, bar_segments
+from imelodist_lib.instructions import ComposeRequest
+from imelodist_lib.labels import diatonic_triads
+from imelodist_lib.music import FLAT_NAMES, pitch_class
 
 __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate", "harmonise",
            "harmonise_grammar", "harmonise_budget", "strip_chords", "chord_vocabulary", "suffix_logprob"]
@@ -27,9 +29,8 @@ __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate"
 # white space, bar lines, an ending marker ([1, [2, |2), an inline field ([K:D]).
 _LEAD = re.compile(r"\s+|:*\|[|\]:]*|::+|\[\|\]?|\[[0-9]+(?:[,-][0-9]+)*|\[[A-Za-z]:[^\]\n]*\]")
 _TRAIL = re.compile(r"(?:\s*(?::*\|[|\]:]*[0-9]*|::+|\[\|\]?))+\s*$")
-_SHARP_ROOTS = ["C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B"]
-_FLAT_ROOTS = ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
-_NATURAL_PC = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+# chord roots as lead sheets spell them in sharp keys (Eb, Ab, Bb rather than D#, G#, A#)
+_SHARP_ROOTS = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def bar_spans(abc_text: str) -> list[BarSpan]:
     if len({ev.voice for ev in abc.events(tune)}) > 1:
         raise ValueError("the tune has several voices (V:): edit one voice at a time")
     bars = abc.check_bars(tune).bars
-    _, segments = bar_segments(abc_text)
+    _, segments = abc.bar_segments(abc_text)
     if len(segments) != len(bars):
         raise ValueError(f"could not place the tune's {len(bars)} bars in its text: write one bar "
                          f"line between bars (abc.normalize helps)")
@@ -212,15 +213,13 @@ def strip_chords(abc_text: str) -> str:
 
 def chord_vocabulary(key: str, region: bool = True) -> list[str]:
     """Chord symbols a harmonisation may choose from: with `region`, the key's major and minor
-    triads (`corpus.diatonic_triads`) and its dominant seventh; else all 24 major/minor triads
+    triads (`labels.diatonic_triads`) and its dominant seventh; else all 24 major/minor triads
     and the 12 dominant sevenths (roots spelled with flats in flat keys)."""
-    from imelodist_lib.corpus import diatonic_triads
-
     parsed = abc.parse_key(key)
     flats = parsed.fifths < 0
-    roots = _FLAT_ROOTS if flats else _SHARP_ROOTS
+    roots = FLAT_NAMES if flats else _SHARP_ROOTS
     if region:
-        tonic = (_NATURAL_PC[parsed.tonic[0]] + {"#": 1, "b": -1}.get(parsed.tonic[1:2], 0)) % 12
+        tonic = pitch_class(parsed.tonic)
         triads = [c.name for c in diatonic_triads(key)]
         return list(dict.fromkeys(triads + [roots[(tonic + 7) % 12] + "7"]))
     return [r + q for q in ("", "m", "7") for r in roots]

@@ -1,5 +1,6 @@
-"""Evaluation: how good are a composer's answers? Metrics with confidence intervals, a Markov
-(n-gram) baseline that any model must beat, and a novelty index against the training split.
+"""Evaluation: how good are a composer's answers? Metrics with confidence intervals and a
+novelty index against the training split. (The n-gram baseline any model must beat is in
+`ngram`; the probes that read a model's own likelihoods, such as perplexity, are in `probes`.)
 
 For a list of (request, answer) pairs, `score_answers` measures every answer on
 - syntax: does it parse with our ABC core (and, on a sample, does music21 agree)?
@@ -33,6 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from imelodist_lib import abc, jsonl
+from imelodist_lib.music import NATURAL_PITCH_CLASS, mode_family, pitch_class
 from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest,
                                         request_from_tune, target_for)
 from imelodist_lib.profiles import Profile
@@ -47,7 +49,8 @@ NEAR_COPY = 0.95  # novelty: an answer this similar to a training tune is a near
 # --------------------------------------------------------------------------------------------
 # Confidence intervals
 # --------------------------------------------------------------------------------------------
-def _z(confidence: float) -> float:
+def _normal_quantile(confidence: float) -> float:
+    """The z value a two-sided interval at `confidence` reaches (0.95 -> 1.96)."""
     from statistics import NormalDist
 
     return NormalDist().inv_cdf(0.5 + confidence / 2)
@@ -58,7 +61,7 @@ def wilson_interval(successes: float, n: int, confidence: float = CONFIDENCE) ->
     (`successes` may be fractional: rate x effective sample size)."""
     if n <= 0:
         return (math.nan, math.nan)
-    z = _z(confidence)
+    z = _normal_quantile(confidence)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -110,31 +113,6 @@ def entropy_bits(counts: Iterable[float]) -> float:
 # --------------------------------------------------------------------------------------------
 # Music helpers: keys, chords, strong beats
 # --------------------------------------------------------------------------------------------
-_LETTER_PC = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-_MODE_ALIASES = {"": "major", "maj": "major", "major": "major", "ion": "major", "ionian": "major",
-                 "m": "minor", "min": "minor", "minor": "minor", "aeo": "minor",
-                 "aeolian": "minor", "dor": "dorian", "phr": "phrygian", "lyd": "lydian",
-                 "mix": "mixolydian", "loc": "locrian"}
-_MINOR_LIKE = {"minor", "dorian", "phrygian", "locrian"}
-
-
-def canonical_mode(mode: str | None) -> str:
-    """'m', 'min', 'Aeolian' -> 'minor'; 'Dor' -> 'dorian'; '' -> 'major'."""
-    m = (mode or "").strip().lower()
-    return _MODE_ALIASES.get(m, _MODE_ALIASES.get(m[:3], m))
-
-
-def tonic_pitch_class(tonic: str) -> int:
-    """'F#' -> 6, 'Bb' -> 10 (ABC and chord spellings: #, b, ♯, ♭)."""
-    t = tonic.strip()
-    if not t or t[0].upper() not in _LETTER_PC:
-        raise ValueError(f"not a tonic: {tonic!r} (expected a letter A-G with optional # or b)")
-    pc = _LETTER_PC[t[0].upper()]
-    for ch in t[1:]:
-        pc += {"#": 1, "♯": 1, "b": -1, "♭": -1}.get(ch, 0)
-    return pc % 12
-
-
 @dataclass(frozen=True)
 class KeyInfo:
     """A key reduced to what metrics need: tonic pitch class, mode family, scale pitch classes."""
@@ -146,13 +124,18 @@ class KeyInfo:
     scale: frozenset[int]  # the seven pitch classes of the signature (explicit K: accidentals too)
     signature: tuple[tuple[str, int], ...]  # alteration per letter, ("F", 1) in G major
 
+    @property
+    def family(self) -> str:
+        """major, minor or modal (`music.mode_family`, the family the corpus labels use)."""
+        return mode_family(self.mode)
+
 
 def key_info(key: str) -> KeyInfo:
     """Parse an ABC K: value with the core parser; raises abc.ABCError on nonsense."""
     k = abc.parse_key(key)
     tonic = str(k.tonic)
-    scale = frozenset((_LETTER_PC[letter] + alt) % 12 for letter, alt in k.accidentals.items())
-    return KeyInfo(tonic=tonic, tonic_pc=tonic_pitch_class(tonic), mode=canonical_mode(k.mode),
+    scale = frozenset((NATURAL_PITCH_CLASS[letter] + alt) % 12 for letter, alt in k.accidentals.items())
+    return KeyInfo(tonic=tonic, tonic_pc=pitch_class(tonic), mode=k.mode,
                    fifths=int(k.fifths), scale=scale, signature=tuple(sorted(k.accidentals.items())))
 
 
@@ -165,7 +148,7 @@ def chord_pitch_classes(symbol: str) -> frozenset[int] | None:
     m = _CHORD_SYMBOL.match(symbol or "")
     if not m:
         return None
-    root = tonic_pitch_class(m.group(1).upper() + m.group(2))
+    root = pitch_class(m.group(1).upper() + m.group(2))
     q = m.group(3).strip()
     ql = q.lower()
     if q.startswith(("maj7", "M7", "Δ")) or ql.startswith("maj7"):
@@ -193,22 +176,18 @@ def chord_pitch_classes(symbol: str) -> frozenset[int] | None:
         return None
     pcs = {(root + s) % 12 for s in steps}
     if m.group(4):
-        pcs.add(tonic_pitch_class(m.group(4).upper() if len(m.group(4)) == 1 else
+        pcs.add(pitch_class(m.group(4).upper() if len(m.group(4)) == 1 else
                                   m.group(4)[0].upper() + m.group(4)[1:]))
     return frozenset(pcs)
 
 
-def meter_fraction(meter: str) -> tuple[int, int] | None:
-    """'6/8' -> (6, 8), 'C' -> (4, 4), 'C|' -> (2, 2); None for free meter ('none')."""
-    m = (meter or "").strip()
-    if m == "C":
-        return (4, 4)
-    if m == "C|":
-        return (2, 2)
-    match = re.match(r"^\(?([\d+]+)\)?/(\d+)$", m)
-    if not match:
+def meter_fraction(meter: str | None) -> tuple[int, int] | None:
+    """'6/8' -> (6, 8), 'C' -> (4, 4), 'C|' -> (2, 2) as `abc.meter_parts` reads it; None for
+    free meter ('none') and for text that is no meter."""
+    try:
+        return abc.meter_parts(meter or "")
+    except abc.ABCError:
         return None
-    return (sum(int(x) for x in match.group(1).split("+") if x), int(match.group(2)))
 
 
 def strong_beats(meter: str) -> list[Fraction]:
@@ -722,8 +701,8 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: system, summary, rows, per-request groups."""
-        return {"system": self.system, "summary": [_clean(asdict(s)) for s in self.summary],
-                "rows": [_clean(r) for r in self.rows], "groups": [_clean(g) for g in self.groups]}
+        return {"system": self.system, "summary": [_json_safe(asdict(s)) for s in self.summary],
+                "rows": [_json_safe(r) for r in self.rows], "groups": [_json_safe(g) for g in self.groups]}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON text; also written to `path` when given."""
@@ -734,7 +713,8 @@ class EvaluationResult:
         return text
 
 
-def _clean(d: dict) -> dict:
+def _json_safe(d: dict) -> dict:
+    """The row with NaN as None and Fractions, numpy scalars as plain floats (JSON can hold it)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, float) and math.isnan(v):
@@ -758,7 +738,8 @@ def music21_valid(text: str) -> bool:
         return False
 
 
-def _request_key(request: ComposeRequest) -> str:
+def _request_identity(request: ComposeRequest) -> str:
+    """The request as canonical JSON: one text per request (its answers form one cluster)."""
     return json.dumps(request.to_dict(), sort_keys=True, ensure_ascii=False)
 
 
@@ -782,7 +763,7 @@ def score_answers(pairs: Sequence[Pair], train_index: NoveltyIndex | None = None
         rows[i]["music21_agreement"] = float(rows[i]["music21_valid"] == rows[i]["valid"])
     grouped: dict[str, list[int]] = defaultdict(list)
     for i, (request, _) in enumerate(pairs):
-        grouped[_request_key(request)].append(i)
+        grouped[_request_identity(request)].append(i)
     groups = []
     for key, idx in grouped.items():
         if len(idx) < 2:
@@ -797,218 +778,12 @@ def score_answers(pairs: Sequence[Pair], train_index: NoveltyIndex | None = None
             values = [r.get(spec.name) for r in rows]
         weights = [r.get(spec.den) for r in rows] if spec.den else None
         clusters = None if spec.name in ("distinct_4", "pairwise_similarity") else \
-            [_request_key(request) for request, _ in pairs]
+            [_request_identity(request) for request, _ in pairs]
         s = summarize(spec.name, values, weights, seed=seed, clusters=clusters)
         if s.n:
             summary.append(s)
     return EvaluationResult(system=system, rows=rows, summary=summary, groups=groups,
                             answers=[a for _, a in pairs])
-
-
-# --------------------------------------------------------------------------------------------
-# The floor: an n-gram (Markov) composer
-# --------------------------------------------------------------------------------------------
-_START = "<s>"  # context padding before a tune's first note
-_TICKS = 8  # n-gram durations in 1/8 quarter lengths (ints hash fast; plain ABC lengths only)
-_ACCIDENTAL = {-2: "__", -1: "_", 0: "=", 1: "^", 2: "^^"}
-
-
-def _spell(pitch: int, signature: dict[str, int], flats: bool) -> tuple[str, int, int]:
-    """(letter, alteration, octave) for a MIDI pitch: the key's own spelling when the pitch is
-    in the key, else a natural, else a sharp (sharp keys) or flat (flat keys)."""
-    pc = pitch % 12
-    options = [(letter, alt) for letter, base in _LETTER_PC.items() for alt in (-1, 0, 1)
-               if (base + alt) % 12 == pc]
-    in_key = [o for o in options if signature[o[0]] == o[1]]
-    natural = [o for o in options if o[1] == 0]
-    accidental = sorted((o for o in options if o[1] != 0), key=lambda o: (o[1] > 0) == flats)
-    letter, alt = (in_key or natural or accidental)[0]
-    octave = (pitch - alt) // 12 - 1
-    return letter, alt, octave
-
-
-class _BarWriter:
-    """Writes (pitch, duration) events as ABC notes, keeping accidentals right within a bar."""
-
-    def __init__(self, key: KeyInfo, unit_ql: Fraction) -> None:
-        self.signature = dict(key.signature)
-        self.flats = key.fifths < 0
-        self.unit_ql = unit_ql
-        self.bar_state: dict[str, int] = {}
-
-    def new_bar(self) -> None:
-        self.bar_state = {}
-
-    def note(self, pitch: int | None, duration: Fraction) -> str:
-        length = abc.length_suffix(Fraction(duration) / self.unit_ql)
-        if pitch is None:
-            return "z" + length
-        letter, alt, octave = _spell(pitch, self.signature, self.flats)
-        # An explicit accidental when the key would not give this pitch, or when this letter
-        # was already altered in the bar (then be explicit either way: octave rules differ
-        # between readers).
-        prefix = ""
-        if letter in self.bar_state or alt != self.signature[letter]:
-            prefix = _ACCIDENTAL[alt]
-            self.bar_state[letter] = alt
-        name = letter if octave <= 4 else letter.lower()
-        marks = "," * (4 - octave) if octave < 4 else "'" * (octave - 5) if octave > 5 else ""
-        return prefix + name + marks + length
-
-
-def _mode_family(mode: str) -> str:
-    return "minor" if mode in _MINOR_LIKE else "major"
-
-
-def _unit_ql(tune_text: str) -> Fraction:
-    """The unit note length L: of a tune in quarter lengths (default 1/8 note)."""
-    m = re.search(r"^L:\s*(\d+)/(\d+)", tune_text, flags=re.M)
-    return Fraction(4 * int(m.group(1)), int(m.group(2))) if m else Fraction(1, 2)
-
-
-class NGramComposer:
-    """The floor any model must beat: an order-n Markov chain over (pitch relative to the tonic,
-    duration) events of the training tunes, conditioned on mode family and meter (with back-off
-    to shorter contexts and to all tunes), written back as real ABC with the requested header.
-    Bars are filled exactly (durations that would overflow the bar are not drawn), chord
-    symbols are written but not listened to, and a continuation copies the given bars first."""
-
-    def __init__(self, train_abcs: Iterable[str] | Iterable[Any], order: int = 3) -> None:
-        if order < 1:
-            raise ValueError(f"order must be >= 1, got {order}")
-        self.order = order
-        self.counts: dict[tuple, dict[tuple, Counter]] = defaultdict(lambda: defaultdict(Counter))
-        self.keys: Counter = Counter()
-        self.meters: Counter = Counter()
-        self.lengths: list[int] = []
-        self.tunes = 0
-        flat: Counter = Counter()
-        for item in train_abcs:
-            text = item if isinstance(item, str) else item.abc
-            try:
-                tune = parse_answer(text)
-                key = key_info(tune.key or "")
-            except (abc.ABCError, ValueError):
-                continue
-            if not tune.meter or meter_fraction(tune.meter) is None:
-                continue
-            self.tunes += 1
-            self.keys[tune.key] += 1
-            self.meters[tune.meter] += 1
-            self.lengths.append(len(tune.bars))
-            conds = self._conditions(key, tune.meter)
-            for seq in self._segments(tune, key):
-                padded = [_START] * (order - 1) + seq
-                # (condition, context, token) keys counted in one C-level Counter.update
-                flat.update((cond, tuple(padded[i + order - 1 - k:i + order - 1]), token)
-                            for i, token in enumerate(seq) for k in range(order) for cond in conds)
-        if not self.tunes:
-            raise ValueError("NGramComposer found no training tune with a key and a meter")
-        for (cond, ctx, token), count in flat.items():
-            self.counts[cond][ctx][token] = count
-
-    @staticmethod
-    def _conditions(key: KeyInfo, meter: str) -> list[tuple]:
-        frac = meter_fraction(meter)
-        return [(_mode_family(key.mode), frac), (_mode_family(key.mode),), ()]
-
-    @staticmethod
-    def _segments(tune: ParsedTune, key: KeyInfo) -> list[list[tuple]]:
-        """Event runs as tokens (pitch - tonic in the C4 octave, duration); runs break at
-        durations ABC cannot write without tuplets (we only write plain lengths)."""
-        ref = 60 + key.tonic_pc
-        seqs, cur = [], []
-        for _, p, d in tune.notes:
-            ticks, rest = divmod(d.numerator * _TICKS, d.denominator)
-            if rest or ticks > 8 * _TICKS or ticks <= 0:
-                if cur:
-                    seqs.append(cur)
-                cur = []
-                continue
-            cur.append((None if p is None else p - ref, ticks))
-        if cur:
-            seqs.append(cur)
-        return seqs
-
-    def _draw(self, rng: random.Random, conds: list[tuple], history: list[tuple],
-              room: int) -> tuple | None:
-        """A token from the longest known context whose continuations fit in `room`."""
-        padded = [_START] * (self.order - 1) + history
-        for k in range(self.order - 1, -1, -1):
-            ctx = tuple(padded[len(padded) - k:]) if k else ()
-            for cond in conds:
-                options = self.counts.get(cond, {}).get(ctx)
-                if not options:
-                    continue
-                fitting = [(t, c) for t, c in options.items() if t[1] <= room]
-                if fitting:
-                    tokens, weights = zip(*fitting)
-                    return rng.choices(tokens, weights=weights)[0]
-        return None
-
-    def _bars(self, rng: random.Random, key: KeyInfo, meter: str, n_bars: int,
-              history: list[tuple]) -> list[list[tuple]]:
-        frac = meter_fraction(meter) or (4, 4)
-        bar_len = int(Fraction(4 * frac[0], frac[1]) * _TICKS)
-        conds = self._conditions(key, meter)
-        bars = []
-        for _ in range(n_bars):
-            bar, room = [], bar_len
-            while room > 0:
-                token = self._draw(rng, conds, history, room) or (None, room)
-                bar.append(token)
-                history.append(token)
-                room -= token[1]
-            bars.append(bar)
-        return bars
-
-    def compose(self, request: ComposeRequest, n: int = 1, seed: int = 0) -> list[str]:
-        """`n` tunes answering the request (each one normalised ABC), reproducible by `seed`."""
-        if request.task == "describe":
-            raise ValueError("NGramComposer composes tunes; task 'describe' asks for prose")
-        return [self._compose_one(request, random.Random(f"{seed}/{i}")) for i in range(n)]
-
-    def _compose_one(self, request: ComposeRequest, rng: random.Random) -> str:
-        seed_tune = None
-        if request.task == "continue":
-            seed_tune = parse_answer(request.seed_abc or "")
-        key_text = request.key or (seed_tune.key if seed_tune else None) or self.keys.most_common(1)[0][0]
-        meter = request.meter or (seed_tune.meter if seed_tune else None) or self.meters.most_common(1)[0][0]
-        key = key_info(key_text)
-        if meter_fraction(meter) is None:
-            raise ValueError(f"NGramComposer needs a numeric meter such as 4/4 or 6/8, got {meter!r}")
-        ref = 60 + key.tonic_pc
-        typical = int(np.median(self.lengths)) if self.lengths else 8
-        if request.chords:
-            n_bars = len(request.chords)
-        elif seed_tune is not None:
-            n_bars = max(1, (request.bars or len(seed_tune.bars) + max(4, typical // 2)) - len(seed_tune.bars))
-        else:
-            n_bars = request.bars or min(32, max(8, typical))
-        history: list[tuple] = []
-        if seed_tune is not None:
-            history = [(None if p is None else p - ref, round(d * _TICKS)) for _, p, d in seed_tune.notes]
-        bars = self._bars(rng, key, meter, n_bars, history)
-        unit = _unit_ql(request.seed_abc) if seed_tune is not None else Fraction(1, 2)
-        writer = _BarWriter(key, unit)
-        written = []
-        for i, bar in enumerate(bars):
-            writer.new_bar()
-            notes = " ".join(writer.note(None if rp is None else ref + rp, Fraction(ticks, _TICKS))
-                             for rp, ticks in bar)
-            if request.chords and i < len(request.chords):
-                notes = f'"{request.chords[i]}"' + notes
-            written.append(notes)
-        lines = [" | ".join(written[i:i + 4]) for i in range(0, len(written), 4)]
-        body = " |\n".join(lines) + " |]\n"
-        if seed_tune is not None:
-            return abc.normalize(request.seed_abc.rstrip() + "\n" + body)
-        title = request.theme or ("无题" if request.lang == "zh" else "Untitled")
-        header = ["X:1", f"T:{title}", f"M:{meter}", "L:1/8"]
-        if request.tempo:
-            header.append(f"Q:1/4={request.tempo}")
-        header.append(f"K:{key_text}")
-        return abc.normalize("\n".join(header) + "\n" + body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1142,7 +917,7 @@ def collect_answers(composer: Any, requests: Sequence[ComposeRequest], n: int = 
                 text = out if isinstance(out, str) else (getattr(out, "abc", None) or getattr(out, "text", ""))
                 key = keys_of[i][k]
                 if results_path is not None and key not in done:
-                    score = _clean(score_answer(request, text or "")) if request.task != "describe" else {}
+                    score = _json_safe(score_answer(request, text or "")) if request.task != "describe" else {}
                     jsonl.append_jsonl({"request_id": key[0], "sample": k, "settings": settings_of[i],
                                         "request": request.to_dict(), "answer": text or "",
                                         "score": score}, results_path)
@@ -1156,7 +931,7 @@ _COMPOSE_MANY_OPTIONS = {"temperature", "top_p", "top_k", "max_new_tokens", "con
 
 def _request_id(request: ComposeRequest) -> str:
     """A short stable id of a request's content (every field)."""
-    return hashlib.sha256(_request_key(request).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(_request_identity(request).encode("utf-8")).hexdigest()[:16]
 
 
 def _settings_key(settings: dict) -> str:
@@ -1167,188 +942,6 @@ def _composer_name(composer: Any) -> str:
     """Which kind of composer answered (a function's name, else the class): one file per system
     keeps different models apart."""
     return getattr(composer, "__name__", None) or type(composer).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# Perplexity of a model on held-out text
-# --------------------------------------------------------------------------------------------
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_len: int = 512,
-               batch_size: int = 8) -> float:
-    """Token-level perplexity exp(mean negative log-likelihood) of `texts` under a causal LM,
-    batch by batch in plain torch (right padding, padded positions masked out)."""
-    import torch
-    import torch.nn.functional as F
-
-    if not texts:
-        raise ValueError("perplexity needs at least one text")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            encoded = [tokenizer(t, truncation=True, max_length=max_len)["input_ids"]
-                       for t in texts[start:start + batch_size]]
-            encoded = [ids for ids in encoded if len(ids) >= 2]  # one token predicts nothing
-            if not encoded:
-                continue
-            width = max(len(ids) for ids in encoded)
-            ids = torch.zeros((len(encoded), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(encoded):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target, keep = ids[:, 1:], mask[:, 1:].bool()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                  reduction="none").view_as(target)
-            total_nll += float(nll[keep].sum())
-            total_tokens += int(keep.sum())
-    if was_training:
-        model.train()
-    if total_tokens == 0:
-        raise ValueError("perplexity: no text had two or more tokens")
-    return math.exp(total_nll / total_tokens)
-
-
-# --------------------------------------------------------------------------------------------
-# Does the model read the request? A forced-choice test on the answer's header
-# --------------------------------------------------------------------------------------------
-PROBE_VALUES = {
-    "meter": ("2/4", "3/4", "4/4", "6/8", "3/8", "9/8", "C", "C|"),
-    "key": ("C", "G", "D", "A", "E", "F", "Bb", "Eb", "Am", "Em", "Dm", "Gm"),
-}
-_HEADER_LETTER = {"meter": "M", "key": "K"}
-
-
-@dataclass
-class PromptFollowing:
-    """Forced-choice prompt test for one header field (see `prompt_following`)."""
-
-    field: str
-    n: int  # requests that name the field
-    candidates: int  # values scored per request (chance = 1 / candidates)
-    asked: float  # share where the requested value is the likeliest
-    swapped: float  # share where, asked for another value, that value is the likeliest
-    swapped_interval: tuple[float, float] = (0.0, 0.0)
-
-
-def _answer_loglik(model: Any, tokenizer: Any, prompt_ids: list[int], answers: Sequence[str]) -> list[float]:
-    """Summed log-probability of each answer text after the same chat prompt. The tokens all
-    rows share (the prompt and the common start of the answers) run once, with a KV cache that
-    the rows' own endings then extend in one batch: a candidate costs its few last tokens."""
-    import torch
-
-    rows = [prompt_ids + tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
-    shared = len(prompt_ids)
-    while all(len(r) > shared for r in rows) and len({r[shared] for r in rows}) == 1:
-        shared += 1
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True)
-        head_logp = torch.log_softmax(head.logits[0].float(), dim=-1)
-        # the answer's shared start, scored once (row i's total includes it), then the token after it
-        common = sum(float(head_logp[j - 1, rows[0][j]]) for j in range(len(prompt_ids), shared))
-        first = head_logp[-1]  # predicts token `shared`
-        tails = [r[shared:] for r in rows]
-        width = max(len(t) for t in tails)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=device)
-        mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails], device=device)
-        name = "cache" if "cache" in head.keys() else "past_key_values"  # transformers >= 5.2 says "cache"
-        cache = head[name]
-        cache.batch_repeat_interleave(len(rows))
-        logits = model(input_ids=ids, attention_mask=mask, **{name: cache}).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-    return [common + float(first[t[0]]) + float(logp[i, :len(t) - 1].sum()) for i, t in enumerate(tails)]
-
-
-def prompt_following(model: Any, tokenizer: Any, pairs: Sequence[Pair], field: str,
-                     seed: int = 0) -> PromptFollowing:
-    """Does the model take the key or meter from the request? For every (request, reference
-    answer) that names `field`, the answer's header up to `K:`/`M:` is followed by each candidate
-    value (`PROBE_VALUES` plus the requested one) and the likeliest is the model's choice.
-    `asked`: the requested value wins. `swapped`: the request is re-rendered asking for another
-    candidate (seeded), same wording otherwise; a model that ignores the prompt and picks by its
-    prior wins here at most about 1/candidates of the time. Needs no sampling: seconds on a CPU."""
-    from imelodist_lib.instructions import render_prompt
-    from imelodist_lib.profiles import SYSTEM_PROMPT
-
-    if field not in _HEADER_LETTER:
-        raise ValueError(f"field must be 'key' or 'meter', got {field!r}")
-    letter = _HEADER_LETTER[field]
-    rng = random.Random(seed)
-    asked_hits, swapped_hits, n, width = 0, 0, 0, 0
-    was_training = model.training
-    model.eval()
-    for request, reference in pairs:
-        value = getattr(request, field)
-        at = re.search(rf"^{letter}:", reference, re.M)
-        if value is None or at is None:
-            continue
-        prefix = reference[:at.end()]
-        candidates = sorted(set(PROBE_VALUES[field]) | {value})
-        other = rng.choice([c for c in candidates if c != value])
-        width = len(candidates)
-        template_seed = rng.randrange(2**32)
-        for wanted in (value, other):
-            asking = request if wanted == value else _with_field(request, field, wanted)
-            user = render_prompt(asking, rng=random.Random(template_seed))
-            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-            prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                            return_dict=True)["input_ids"])
-            scores = _answer_loglik(model, tokenizer, prompt_ids, [f"{prefix}{c}\n" for c in candidates])
-            best = candidates[int(np.argmax(scores))]
-            if wanted == value:
-                asked_hits += best == value
-            else:
-                swapped_hits += best == other
-        n += 1
-    if was_training:
-        model.train()
-    if n == 0:
-        raise ValueError(f"prompt_following: no request names a {field}")
-    return PromptFollowing(field=field, n=n, candidates=width, asked=asked_hits / n,
-                           swapped=swapped_hits / n, swapped_interval=wilson_interval(swapped_hits, n))
-
-
-def copy_test(model: Any, tokenizer: Any, length: int = 50, n: int = 8, seed: int = 0) -> dict[str, float]:
-    """In-context copying ("induction") test: `n` sequences of `length` random tokens, each
-    written twice. A model that can copy from its context predicts the second copy far better
-    than the first (loss near 0 for large models); one that cannot scores both near
-    log(vocabulary). Returns the mean loss (nats/token) on each half and their difference."""
-    import torch
-
-    vocab = len(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    pool = torch.tensor([i for i in range(vocab) if i not in special])
-    generator = torch.Generator().manual_seed(seed)
-    seq = pool[torch.randint(len(pool), (n, length), generator=generator)]
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else int(pool[0])
-    ids = torch.cat([torch.full((n, 1), bos), seq, seq], dim=1)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(device)).logits.float()
-    if was_training:
-        model.train()
-    nll = -torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None].to(device))[..., 0]
-    first, second = float(nll[:, 1:length].mean()), float(nll[:, length + 1:].mean())
-    return {"first_copy_loss": first, "second_copy_loss": second, "copy_gain": first - second,
-            "uniform_loss": math.log(vocab)}
-
-
-def _with_field(request: ComposeRequest, field: str, value: str) -> ComposeRequest:
-    """The request asking for another key or meter; a continuation's given bars follow it."""
-
-    changed = replace(request, **{field: value})
-    if request.seed_abc:
-        letter = _HEADER_LETTER[field]
-        changed = replace(changed, seed_abc=re.sub(rf"^{letter}:.*$", f"{letter}:{value}",
-                                                   request.seed_abc, count=1, flags=re.M))
-    return changed
 
 
 # --------------------------------------------------------------------------------------------
@@ -1552,7 +1145,7 @@ class EditingEvaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: summary and per-tune rows."""
-        return {"summary": [_clean(asdict(s)) for s in self.summary], "rows": [_clean(r) for r in self.rows]}
+        return {"summary": [_json_safe(asdict(s)) for s in self.summary], "rows": [_json_safe(r) for r in self.rows]}
 
 
 def editing_evaluation(composer: Any, tunes: Sequence[str], seed: int = 0, lang: str = "zh",
@@ -1563,12 +1156,12 @@ def editing_evaluation(composer: Any, tunes: Sequence[str], seed: int = 0, lang:
     Harmonise: each tune's chords are stripped and the composer harmonises the melody
     (`editing.harmonise`: notes forced, one chord per bar from the key's vocabulary); its chords
     are scored with `chord_adherence` on that melody beside the corpus labeller's
-    (`corpus.fit_chords`), a seeded random pick from the same vocabulary and, for tunes that
+    (`labels.fit_chords`), a seeded random pick from the same vocabulary and, for tunes that
     carry them, the human chords (a bar without one keeps the previous). Regenerate: the
     `regenerate_bars` middle bars written anew (`editing.regenerate`); valid = passes
     `abc.validate` with no bar-length error, kept = every other bar byte for byte. Adherence is
     a bootstrap mean, the two regenerate figures Wilson rates, over tunes."""
-    from imelodist_lib.corpus import fit_chords
+    from imelodist_lib.labels import fit_chords
     from imelodist_lib.editing import bar_spans, chord_vocabulary, harmonise, regenerate, strip_chords
     from imelodist_lib.instructions import chords_per_bar
 

@@ -20,7 +20,7 @@ from fractions import Fraction
 
 from typing import TYPE_CHECKING
 
-from imelodist_lib.abc import meter_duration
+from imelodist_lib.abc import ABCError, meter_duration, unit_length_of
 
 if TYPE_CHECKING:
     from imelodist_lib.instructions import ComposeRequest
@@ -335,6 +335,16 @@ def header_fields(abc_text: str) -> tuple[dict[str, str], str]:
     return fields, ""
 
 
+def _default_unit(meter: str) -> str | None:
+    """A seed without L: means ABC 2.1's default for its meter (`abc.unit_length_of`), as the
+    seed's notes are read; None when the meter is unreadable."""
+    try:
+        unit = unit_length_of(meter)
+    except ABCError:
+        return None
+    return f"{unit.numerator}/{unit.denominator}"
+
+
 def _request_grammar_args(request: "ComposeRequest", unit_length: str = "1/8",
                           bar_range: tuple[int, int] = REQUEST_BAR_RANGE) -> dict:
     """The `abc_grammar` arguments that answer one composing request (see grammar_for_request)."""
@@ -343,7 +353,8 @@ def _request_grammar_args(request: "ComposeRequest", unit_length: str = "1/8",
                          "tasks (emotion, chords, theme_chords, continue)")
     seed_fields, seed_body = header_fields(request.seed_abc) if request.seed_abc else ({}, "")
     meter = request.meter or seed_fields.get("M") or "4/4"
-    unit = seed_fields.get("L") or unit_length
+    unit = seed_fields.get("L") or (_default_unit(seed_fields.get("M", "none")) if request.seed_abc
+                                    else None) or unit_length
     key = request.key or seed_fields.get("K") or "C"
     title = request.theme if request.task == "theme_chords" else None
     if request.task == "continue":

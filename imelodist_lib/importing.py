@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imelodist_lib import abc
+from imelodist_lib.music import NATURAL_PITCH_CLASS, spell_pitch
 
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a long folk-tune score is well under 1 MB
 MAX_NOTES = 20_000  # a melody of a few hundred notes; a symphony is not one melody
@@ -49,14 +50,8 @@ BARS_PER_LINE = 4
 KINDS = ("midi", "musicxml", "abc")
 _SUFFIX_KIND = {".mid": "midi", ".midi": "midi", ".musicxml": "musicxml", ".xml": "musicxml",
                 ".mxl": "musicxml", ".abc": "abc"}
-_ACCIDENTAL = {-2: "__", -1: "_", 0: "=", 1: "^", 2: "^^"}
 _MODE_SUFFIX = {"major": "", "minor": "m", "dorian": "Dor", "mixolydian": "Mix", "phrygian": "Phr",
                 "lydian": "Lyd", "locrian": "Loc", "aeolian": "m", "ionian": ""}
-_STEP_PC = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-_SHARP_SPELL = [("C", 0), ("C", 1), ("D", 0), ("D", 1), ("E", 0), ("F", 0), ("F", 1), ("G", 0),
-                ("G", 1), ("A", 0), ("A", 1), ("B", 0)]
-_FLAT_SPELL = [("C", 0), ("D", -1), ("D", 0), ("E", -1), ("E", 0), ("F", 0), ("G", -1), ("G", 0),
-               ("A", -1), ("A", 0), ("B", -1), ("B", 0)]
 
 
 class MusicImportError(abc.ABCError):
@@ -564,23 +559,6 @@ def _estimate_pickup(line: list[_Note], meter: str) -> Fraction:
 
 
 # --------------------------------------------------------------------------- line -> ABC
-def _spell(midi: int, prefer_flats: bool, key: abc.Key) -> tuple[str, int, int]:
-    """(letter, alteration, octave) for a MIDI pitch: the key's own letter when it fits."""
-    pc = midi % 12
-    for letter, step_pc in _STEP_PC.items():
-        alter = key.accidentals.get(letter, 0)
-        if (step_pc + alter) % 12 == pc:
-            return letter, alter, (midi - step_pc - alter) // 12 - 1
-    letter, alter = (_FLAT_SPELL if prefer_flats else _SHARP_SPELL)[pc]
-    return letter, alter, (midi - _STEP_PC[letter] - alter) // 12 - 1
-
-
-def _note_name(letter: str, octave: int) -> str:
-    if octave >= 5:
-        return letter.lower() + "'" * (octave - 5)
-    return letter + "," * (4 - octave)
-
-
 def _is_triplet(duration: Fraction) -> bool:
     return duration.denominator % 3 == 0
 
@@ -609,14 +587,15 @@ def _write_bar(pieces: list[tuple[_Note, Fraction, bool, Fraction]], unit: Fract
             if note.pitch is None:
                 out.append("z" + length)
             else:
-                letter, alter, octave = note.spelling or _spell(note.pitch, prefer_flats, key)
-                if _STEP_PC[letter] + alter + 12 * (octave + 1) != note.pitch:  # spelling off: respell
-                    letter, alter, octave = _spell(note.pitch, prefer_flats, key)
-                acc = ""
-                if state.get(letter, 0) != alter:
-                    acc = _ACCIDENTAL[alter]
+                spelled = spell_pitch(note.pitch, key.accidentals, prefer_flats)
+                letter, alter, octave = note.spelling or spelled
+                if NATURAL_PITCH_CLASS[letter] + alter + 12 * (octave + 1) != note.pitch:  # spelling off: respell
+                    letter, alter, octave = spelled
+                explicit = state.get(letter, 0) != alter
+                if explicit:
                     state[letter] = alter
-                out.append(acc + _note_name(letter, octave) + length + ("-" if tie else ""))
+                out.append(abc.note_text(letter, octave, alter if explicit else None) + length
+                           + ("-" if tie else ""))
             position += dur
             if position % beat == 0:
                 out.append(" ")

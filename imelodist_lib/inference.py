@@ -964,15 +964,13 @@ def seed_openings(count: int, bars: int = 2) -> list[str]:
     """Opening bars (header + first `bars` bars) of real tunes from music21's bundled corpus."""
     from music21 import corpus
 
-    from imelodist_lib.instructions import bar_segments
-
     seeds = []
     for path in sorted(corpus.getPaths(fileExtensions=("abc",)), key=str)[::7]:
         for text in abc.split_tunes(Path(path).read_text(encoding="latin-1"))[:3]:
             try:
                 tune = abc.normalize(text)
                 report = abc.validate(tune)
-                _, spans = bar_segments(tune)
+                _, spans = abc.bar_segments(tune)
             except (abc.ABCError, ValueError):
                 continue
             if not report.ok or report.bars.errors or len(spans) < 8 or "V:" in tune:

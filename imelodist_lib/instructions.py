@@ -1,5 +1,5 @@
-"""Second half of the data stage: knowledge text, prompt templates (zh/en), `ComposeRequest`,
-and the builders that turn the tune corpus into the two training sets.
+"""Second half of the data stage: prompt templates (zh/en), `ComposeRequest`, and the builders
+that turn the tune corpus (and the knowledge text of `knowledge`) into the two training sets.
 
 * continued pretraining (`pt_*.jsonl`): `{"text": ...}` — every tune as ABC text, plus music
   knowledge (ABC guide, music history, composer/work names zh<->en, identity dialogues) in the
@@ -14,7 +14,6 @@ prompt is rendered from it (`render_prompt`), and a tune's ground-truth answer c
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -28,7 +27,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from imelodist_lib import abc, jsonl
-from imelodist_lib.corpus import STYLE_ZH
+from imelodist_lib.knowledge import load_knowledge, read_identity
+from imelodist_lib.labels import STYLE_ZH, add_chord_symbols
+from imelodist_lib.music import pitch_class_name
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
 
 TASKS = ("emotion", "chords", "theme_chords", "continue", "describe", "harmonise")
@@ -412,79 +413,21 @@ def _with_header(tune: abc.Tune, *, title: str | None = None, tempo: int | None 
     return abc.normalize(abc.Tune(fields=fields, body=tune.body, first_body_line=tune.first_body_line))
 
 
-def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
-    """Where each bar of a tune lies in its text: (offset where the body starts, [(start, end)]
-    per bar of the first voice), a bar running from just after the previous bar's closing
-    barline to just after its own, so a chord symbol written at a bar's start falls inside it.
-    Positions come from `abc.events` (1-based line/col); only barlines are scanned here."""
-    body_start, spans = _bar_segments(abc_text)
-    return body_start, list(spans)  # a copy: the memoised list stays untouched
-
-
-@functools.lru_cache(maxsize=2048)
-def _bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
-    tune = _parse(abc_text)
-    bars = abc.check_bars(tune).bars
-    if not bars:
-        raise ValueError("tune has no bars")
-    voice = bars[0].voice
-    wanted = {b.index for b in bars if b.voice == voice}
-    line_starts = [0]
-    for line in abc_text.split("\n"):
-        line_starts.append(line_starts[-1] + len(line) + 1)
-    last_event: dict[int, int] = {}
-    for ev in abc.events(tune):
-        if int(ev.bar) in wanted and 1 <= ev.line < len(line_starts):
-            last_event[int(ev.bar)] = line_starts[ev.line - 1] + max(ev.col - 1, 0)
-    body_start = line_starts[max(tune.first_body_line - 1, 0)]
-    right = {b.index: b.right for b in bars}
-    spans, cursor = [], body_start
-    for index in sorted(last_event):
-        if right.get(index):
-            end = _after_barline(abc_text, last_event[index])
-        else:  # no barline: the bar ends with its line (Essen style) or with the tune
-            newline = abc_text.find("\n", last_event[index])
-            end = len(abc_text.rstrip("\n")) if newline < 0 else newline
-        spans.append((cursor, end))
-        cursor = end
-    return body_start, spans
-
-
-def _after_barline(text: str, pos: int) -> int:
-    """Offset just after the first barline at or after `pos` (quoted text skipped), or the end."""
-    i, n = pos, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == '"':
-            close = text.find('"', i + 1)
-            i = n if close < 0 else close + 1
-            continue
-        if ch == "|":
-            i += 1
-            while i < n and text[i] in "|]:":  # the whole token: ||, |], |:
-                i += 1
-            return i
-        if text.startswith("::", i):
-            return i + 2
-        i += 1
-    return len(text.rstrip("\n"))
-
-
 def chords_per_bar(abc_text: str) -> list[str | None]:
     """The first chord symbol ("G", "Am7"...) in each bar of a tune, None where a bar has none."""
-    _, spans = bar_segments(abc_text)
+    _, spans = abc.bar_segments(abc_text)
     return [(m.group(1) if (m := _CHORD_RE.search(abc_text[a:b])) else None) for a, b in spans]
 
 
 def count_bars(abc_text: str) -> int:
     """Bars holding notes or rests (first voice): the unit of `ComposeRequest.bars`."""
-    return len(bar_segments(abc_text)[1])
+    return len(abc.bar_segments(abc_text)[1])
 
 
 def _chorded_text(record: Any) -> str:
     """The tune's ABC with one chord symbol per bar: kept if the source has them, else the
     corpus labeller's `labels["abc_with_chords"]` (when it is this very tune plus chord
-    symbols, i.e. not stale after a transposition), else fitted now by `corpus.add_chord_symbols`.
+    symbols, i.e. not stale after a transposition), else fitted now by `labels.add_chord_symbols`.
     Source chords that skip bars (a chord holds until the next one) are written into those bars."""
     text = _text_of(record)
     chords = chords_per_bar(text)
@@ -495,9 +438,7 @@ def _chorded_text(record: Any) -> str:
         if labelled is not None:
             text = labelled
         else:
-            from imelodist_lib import corpus  # lazy: corpus is a sibling of the same data stage
-
-            text = corpus.add_chord_symbols(text)
+            text = add_chord_symbols(text)
     # Bars left without a symbol (only rests, or a source that writes a chord only when it
     # changes) get the chord still sounding.
     return _hold_chords(text)
@@ -521,7 +462,7 @@ _BAR_START_RE = re.compile(r"(?:[\s:\\]+|\[?[0-9]+(?:[,-][0-9]+)*|^[HIKLMNPQRTUV
 def _hold_chords(text: str) -> str:
     """Write the chord that is still sounding into each bar that has no chord symbol of its own
     (lead-sheet reading: a chord holds until the next); a leading pickup takes the first chord."""
-    _, spans = bar_segments(text)
+    _, spans = abc.bar_segments(text)
     per_bar = [_CHORD_RE.findall(text[a:b]) for a, b in spans]
     first = next((c[0] for c in per_bar if c), None)
     if first is None:
@@ -555,7 +496,7 @@ def _title(record: Any, tune: abc.Tune) -> str | None:
 def _seed_bars(target: str, n_bars: int) -> str:
     """The target's header plus its first `n_bars` bars (cut after that bar's closing barline),
     so the target text starts with the seed text."""
-    _, spans = bar_segments(target)
+    _, spans = abc.bar_segments(target)
     if len(spans) <= n_bars:
         raise ValueError(f"tune has {len(spans)} bars; cannot take {n_bars} as the opening")
     return target[:spans[n_bars - 1][1]].rstrip() + "\n"
@@ -648,8 +589,6 @@ def target_for(record: Any, request: ComposeRequest) -> str:
 # --------------------------------------------------------------------------------------------
 # "describe": prose from the tune's facts
 # --------------------------------------------------------------------------------------------
-_SHARP_NAMES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
-_FLAT_NAMES = ["C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B"]
 _INTERVAL_EN = ["a unison", "a minor second", "a major second", "a minor third", "a major third",
                 "a perfect fourth", "a tritone", "a perfect fifth", "a minor sixth",
                 "a major sixth", "a minor seventh", "a major seventh", "an octave"]
@@ -659,8 +598,7 @@ _INTERVAL_ZH = ["同度", "小二度", "大二度", "小三度", "大三度", "�
 
 def pitch_name(midi: int, flats: bool = False) -> str:
     """Scientific pitch name of a MIDI number (60 -> "C4"), flats for flat keys."""
-    names = _FLAT_NAMES if flats else _SHARP_NAMES
-    return f"{names[midi % 12]}{midi // 12 - 1}"
+    return f"{pitch_class_name(midi, flats)}{midi // 12 - 1}"
 
 
 def interval_name(semitones: int, lang: str) -> str:
@@ -770,200 +708,6 @@ def describe_tune(record: Any, lang: str = "en") -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Knowledge text for continued pretraining
-# --------------------------------------------------------------------------------------------
-_NATIONALITY_ZH = {
-    "german": "德国", "austrian": "奥地利", "french": "法国", "italian": "意大利", "russian": "俄罗斯",
-    "english": "英国", "british": "英国", "polish": "波兰", "hungarian": "匈牙利", "czech": "捷克",
-    "bohemian": "波希米亚", "norwegian": "挪威", "finnish": "芬兰", "spanish": "西班牙",
-    "american": "美国", "chinese": "中国", "japanese": "日本", "dutch": "荷兰", "flemish": "佛兰德",
-    "franco-flemish": "法兰德斯", "belgian": "比利时", "danish": "丹麦", "swedish": "瑞典",
-    "irish": "爱尔兰", "scottish": "苏格兰", "brazilian": "巴西", "argentine": "阿根廷",
-    "argentinian": "阿根廷", "armenian": "亚美尼亚", "estonian": "爱沙尼亚", "romanian": "罗马尼亚",
-    "swiss": "瑞士", "mexican": "墨西哥", "canadian": "加拿大", "australian": "澳大利亚",
-    "greek": "希腊", "georgian": "格鲁吉亚", "ukrainian": "乌克兰", "latvian": "拉脱维亚",
-    "lithuanian": "立陶宛", "portuguese": "葡萄牙", "welsh": "威尔士", "cuban": "古巴",
-    "soviet": "苏联", "korean": "韩国", "icelandic": "冰岛", "slovak": "斯洛伐克", "croatian": "克罗地亚",
-    "german-british": "德裔英国", "russian-american": "俄裔美国", "austrian-american": "奥地利裔美国",
-    "chinese-american": "美籍华裔", "french-american": "法裔美国", "chinese-french": "法籍华裔",
-    "austro-hungarian": "奥匈帝国", "swiss-french": "瑞士裔法国",
-}
-_PERIOD_ZH = {
-    "medieval": "中世纪", "renaissance": "文艺复兴", "baroque": "巴洛克", "classical": "古典主义",
-    "romantic": "浪漫主义", "late romantic": "晚期浪漫主义", "early romantic": "早期浪漫主义",
-    "modern": "现代", "20th century": "20世纪", "20th-century": "20世纪", "contemporary": "当代",
-    "impressionist": "印象主义", "modernist": "现代主义", "minimalist": "简约主义",
-    "nationalist": "民族乐派", "early modern": "近代", "classical/romantic": "古典至浪漫主义",
-}
-_FORM_ZH = {
-    "symphony": "交响曲", "concerto": "协奏曲", "violin concerto": "小提琴协奏曲",
-    "piano concerto": "钢琴协奏曲", "opera": "歌剧", "sonata": "奏鸣曲", "piano sonata": "钢琴奏鸣曲",
-    "string quartet": "弦乐四重奏", "suite": "组曲", "ballet": "芭蕾舞剧", "oratorio": "清唱剧",
-    "cantata": "康塔塔", "mass": "弥撒曲", "requiem": "安魂曲", "overture": "序曲", "song": "歌曲",
-    "song cycle": "声乐套曲", "symphonic poem": "交响诗", "tone poem": "交响诗", "etude": "练习曲",
-    "nocturne": "夜曲", "prelude": "前奏曲", "waltz": "圆舞曲", "march": "进行曲", "fugue": "赋格",
-    "folk song": "民歌", "erhu solo": "二胡独奏曲", "pipa solo": "琵琶独奏曲",
-    "guqin piece": "古琴曲", "piano piece": "钢琴曲", "chamber music": "室内乐", "rhapsody": "狂想曲",
-    "variations": "变奏曲", "serenade": "小夜曲", "orchestral work": "管弦乐作品", "choral": "合唱作品",
-    "orchestral piece": "管弦乐曲", "film score": "电影配乐", "concertante": "协奏性作品",
-    "chinese ensemble": "民族器乐合奏曲", "lied": "艺术歌曲", "art song": "艺术歌曲",
-    "folk song arrangement": "民歌改编曲", "folk song arrangements": "民歌改编曲",
-    "film song": "电影歌曲", "concert overture": "音乐会序曲", "solo instrumental": "器乐独奏曲",
-    "operetta": "轻歌剧", "opera excerpt": "歌剧选段", "violin piece": "小提琴曲",
-    "violin sonata": "小提琴奏鸣曲", "tango": "探戈", "sacred vocal": "宗教声乐作品",
-    "ragtime": "拉格泰姆", "piano suite": "钢琴组曲", "passion": "受难曲",
-    "keyboard collection": "键盘曲集", "harp tune": "竖琴曲", "fiddle tune": "提琴曲", "dance": "舞曲",
-    "concerto grosso": "大协奏曲", "theatre piece": "剧场作品", "symphonic suite": "交响组曲",
-    "symphonic fairy tale": "交响童话", "suona solo": "唢呐独奏曲", "song symphony": "交响声乐套曲",
-    "salon piece": "沙龙小品", "popular song": "流行歌曲", "pipe tune": "风笛曲",
-    "piano collection": "钢琴曲集", "orchestral rhapsody": "管弦乐狂想曲", "opera-ballet": "歌剧芭蕾",
-    "opera cycle": "系列歌剧", "musical": "音乐剧", "motet": "经文歌", "minimalist": "简约主义作品",
-    "melodrama": "情节剧", "liturgical drama": "礼拜剧", "keyboard piece": "键盘曲", "jig": "吉格舞曲",
-    "jazz standard": "爵士标准曲", "incidental music": "戏剧配乐", "guzheng solo": "古筝独奏曲",
-    "guqin song": "琴歌", "guitar piece": "吉他曲", "fanfare": "号角曲", "experimental": "实验音乐作品",
-    "erhu concerto": "二胡协奏曲", "consort music": "合奏曲", "carol": "颂歌", "anthem": "赞美歌",
-    "chinese instrumental": "民族器乐曲", "cantonese music": "广东音乐",
-}
-
-
-def _zh_word(value: str, table: dict[str, str]) -> str:
-    """English label -> Chinese where the table knows it (already-Chinese text passes through);
-    a hyphenated nationality the table lacks reads "<first>裔<second>" (German-Polish -> 德国裔波兰)."""
-    v = (value or "").strip()
-    if v.lower() in table:
-        return table[v.lower()]
-    parts = v.lower().split("-")
-    if table is _NATIONALITY_ZH and len(parts) == 2 and all(p in table for p in parts):
-        return f"{table[parts[0]]}裔{table[parts[1]]}"
-    return v
-
-
-def _read_tsv(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in rows]
-
-
-def _chunks(items: list[str], size: int) -> list[str]:
-    return ["\n".join(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-def _a(phrase: str) -> str:
-    """English indefinite article + phrase ("an Italian composer", "a German composer")."""
-    return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
-
-
-def _composer_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
-    en, zh = row.get("english", ""), row.get("chinese", "")
-    born, died = row.get("born", ""), row.get("died", "")
-    nat, period = row.get("nationality", ""), row.get("period", "")
-    life_en = f"{born}–{died}" if died else f"born {born}"
-    life_zh = f"{born}—{died}" if died else f"{born}年生"
-    nat_zh, period_zh = _zh_word(nat, _NATIONALITY_ZH), _zh_word(period, _PERIOD_ZH)
-    if period and not period_zh.endswith(("世纪", "当代", "现代")):
-        period_zh += "时期"
-    if not period:
-        period_en = ""
-    elif "century" in period.lower():
-        period_en = f" of the {period}"
-    else:
-        period_en = f" of the {period} period"
-    was = "was" if died else "is"
-    composer = _a(f"{nat} composer" if nat else "composer")
-    to_zh = rng.choice([
-        f"{en} ({life_en}) {was} {composer}{period_en}. In Chinese the name is written {zh}.",
-        f"The Chinese name of the {nat} composer {en} ({life_en}) is {zh}.",
-        f"Q: How do you write {en} in Chinese? A: {zh} — {composer}{period_en} ({life_en}).",
-        f"{en} → {zh} ({nat}, {life_en}{', ' + period if period else ''})",
-    ])
-    to_en = rng.choice([
-        f"{zh}（{en}，{life_zh}）是{nat_zh}{period_zh}的作曲家。",
-        f"{nat_zh}作曲家{zh}的英文名是 {en}（{life_zh}）。",
-        f"问：{zh}的英文名怎么写？答：{en}。这位{nat_zh}作曲家属于{period_zh or '近代'}（{life_zh}）。",
-        f"{zh} → {en}（{nat_zh}，{life_zh}{'，' + period_zh if period_zh else ''}）",
-    ])
-    return to_zh, to_en
-
-
-def _work_sentences(row: dict[str, str], rng: random.Random) -> tuple[str, str]:
-    en, zh = row.get("english", ""), row.get("chinese", "")
-    c_en, c_zh = row.get("composer_english", ""), row.get("composer_chinese", "")
-    year, form = row.get("year", ""), row.get("form", "")
-    form_zh = _zh_word(form, _FORM_ZH)
-    written = f"written in {year}" if year else "of unknown date"
-    year_zh = f"于{year}年" if year else ""
-    to_zh = rng.choice([
-        f"{en} is {_a(form or 'work')} by {c_en}, {written}; its Chinese title is {zh}.",
-        f"In Chinese, {c_en}'s {form or 'work'} {en} is called {zh}.",
-        f"Q: What is the Chinese title of {en} by {c_en}? A: {zh} ({c_zh}).",
-        f"{en} ({c_en}{', ' + year if year else ''}) → {zh}",
-    ])
-    to_en = rng.choice([
-        f"《{zh}》是{c_zh}{year_zh}创作的{form_zh}，英文名为 {en}。",
-        f"{c_zh}（{c_en}）的{form_zh}《{zh}》英文名是 {en}。",
-        f"问：《{zh}》的英文名是什么？答：{en}，作曲者 {c_en}。",
-        f"《{zh}》（{c_zh}{'，' + year if year else ''}） → {en}",
-    ])
-    return to_zh, to_en
-
-
-def _markdown_sections(text: str) -> list[str]:
-    """Split a guide at its level-1/level-2 headings; each section keeps its heading."""
-    sections, current = [], []
-    for line in text.splitlines():
-        if re.match(r"#{1,2} ", line) and any(s.strip() for s in current):
-            sections.append("\n".join(current).strip())
-            current = []
-        current.append(line)
-    if any(s.strip() for s in current):
-        sections.append("\n".join(current).strip())
-    return [s for s in sections if len(s) > 40]  # a heading alone teaches nothing
-
-
-def read_identity(knowledge_dir: Path = KNOWLEDGE_DIR) -> list[dict[str, str]]:
-    """The identity Q&A pairs ({"lang","question","answer"}) from identity.jsonl."""
-    path = Path(knowledge_dir) / "identity.jsonl"
-    if not path.exists():
-        return []
-    pairs = []
-    for n, row in enumerate(jsonl.read_jsonl(path), 1):
-        if not {"lang", "question", "answer"} <= set(row):
-            raise ValueError(f"{path}: row {n}: identity rows need lang, question and answer")
-        pairs.append({"lang": row["lang"], "question": row["question"], "answer": row["answer"]})
-    return pairs
-
-
-def load_knowledge(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> list[str]:
-    """The knowledge folder as continued-pretraining documents: guide and history sections,
-    composer and work names as zh<->en sentences both ways, identity Q&A as dialogue text."""
-    folder = Path(knowledge_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"knowledge folder {folder} not found: it ships with the repo under "
-                                "data/knowledge/ (restore it with git, or pass knowledge_dir=...)")
-    docs: list[str] = []
-    for md in sorted(folder.glob("*.md")):
-        if md.name.lower() == "readme.md":
-            continue
-        docs.extend(_markdown_sections(md.read_text(encoding="utf-8")))
-    for name, render in (("composers.tsv", _composer_sentences), ("works.tsv", _work_sentences)):
-        path = folder / name
-        if not path.exists():
-            continue
-        pairs = [render(row, random.Random(f"{name}/{i}")) for i, row in enumerate(_read_tsv(path))]
-        docs.extend(_chunks([p[0] for p in pairs], 10))
-        docs.extend(_chunks([p[1] for p in pairs], 10))
-    dialogue = []
-    for pair in read_identity(folder):
-        user, bot = ("用户", "IMelodist") if pair["lang"] == "zh" else ("User", "IMelodist")
-        dialogue.append(f"{user}：{pair['question']}\n{bot}：{pair['answer']}" if pair["lang"] == "zh"
-                        else f"{user}: {pair['question']}\n{bot}: {pair['answer']}")
-    docs.extend("\n\n".join(dialogue[i:i + 6]) for i in range(0, len(dialogue), 6))
-    if not docs:
-        raise FileNotFoundError(f"knowledge folder {folder} holds no .md, .tsv or identity.jsonl files")
-    return docs
-
-
-# --------------------------------------------------------------------------------------------
 # Dataset builders
 # --------------------------------------------------------------------------------------------
 def build_pretraining_records(records: Iterable[Any], knowledge_docs: Sequence[str] = ()) -> list[dict]:
@@ -1006,7 +750,7 @@ def _as_rng(rng: random.Random | int | None, profile: Profile) -> random.Random:
 PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
 
 
-def moved(record: Any, semitones: int) -> Any:
+def transposed(record: Any, semitones: int) -> Any:
     """The tune (a TuneRecord or ABC text) moved by `semitones`, the same kind of thing back.
     A record keeps its labels; its labeller's chorded copy moves with it, so chord tasks don't
     fit chords anew."""
@@ -1056,7 +800,7 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
             source = record
             if transposed_share and key_rng.random() < transposed_share:
                 try:
-                    source = moved(record, key_rng.choice([s for s in PHRASE_SHIFTS if s]))
+                    source = transposed(record, key_rng.choice([s for s in PHRASE_SHIFTS if s]))
                 except abc.ABCError:
                     source = record  # a tune transpose cannot read stays in its own key
             for attempt in range(len(deal)):
@@ -1085,7 +829,7 @@ def phrase_request(record: Any, lang: str, rng: random.Random) -> tuple[ComposeR
     """One short chat's request and answer: the tune moved by a random interval, its opening
     4 or 8 bars (4 when the tune is shorter than 9) as the answer, and an "emotion" request that always names key and meter and
     asks for exactly that many bars. Raises ValueError when the tune is too short."""
-    moved_record = moved(record, rng.choice(PHRASE_SHIFTS))
+    moved_record = transposed(record, rng.choice(PHRASE_SHIFTS))
     moved_text = _text_of(moved_record)
     tune = _tune_of(moved_record)
     pickup = abc.check_bars(tune).bars[0].kind == "pickup"
@@ -1225,7 +969,7 @@ def knowledge_digest(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def summarize(rows: Iterable[dict]) -> dict:
+def dataset_counts(rows: Iterable[dict]) -> dict:
     """Counts per task kind, per language and per (task, language) of chat records; for
     `{"text"}` rows, the count and characters."""
     rows = list(rows)
@@ -1244,14 +988,6 @@ def summarize(rows: Iterable[dict]) -> dict:
 def _lang_of(row: dict) -> str:
     user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
     return "zh" if re.search(r"[\u4e00-\u9fff]", user) else "en"
-
-
-def sample_records(rows: Sequence[dict], n: int = 3, task: str | None = None,
-                   lang: str | None = None, seed: int = 0) -> list[dict]:
-    """A few records for display, optionally of one task kind / language (seeded pick)."""
-    pool = [r for r in rows if (task is None or r.get("task") == task)
-            and (lang is None or ((r.get("request") or {}).get("lang") or _lang_of(r)) == lang)]
-    return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
 def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
@@ -1343,7 +1079,7 @@ def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progre
             if split == "train" else []
         sft_rows += phrases
         jsonl.write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
-        counts["sft"][split] = summarize(sft_rows)
+        counts["sft"][split] = dataset_counts(sft_rows)
         # Nothing vanishes uncounted: tunes that could serve no task kind at all.
         made = sum(r["task"] not in (IDENTITY_TASK, PHRASE_TASK) for r in sft_rows)
         counts["sft"][split]["tunes_without_instruction"] = (

@@ -1,7 +1,7 @@
 """Short knowledge chats for instruction tuning: composer and work names zh<->en, who IMelodist
 is, and ABC facts, asked and answered in many phrasings (issue 13, section 3).
 
-Continued pretraining reads these facts as prose (`instructions.load_knowledge`), but a 5M model
+Continued pretraining reads these facts as prose (`knowledge.load_knowledge`), but a 5M model
 does not turn prose into answers to questions; SFT on question/answer pairs does. The question
 and answer forms are data (`data/knowledge/knowledge_qa_templates.json`, CC BY 4.0); they never
 use the held-out phrasings of `probes.py` (`data/knowledge/probe_templates.json`), so the probe
@@ -15,13 +15,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
-from imelodist_lib.instructions import (
-    _read_tsv,
-    build_instruction_records,
-    chat_record,
-    phrase_records,
-    read_identity,
-)
+from imelodist_lib.instructions import build_instruction_records, chat_record, phrase_records
+from imelodist_lib.knowledge import read_identity, read_tsv
 from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile, parse_override
 
 TEMPLATES_FILE = "knowledge_qa_templates.json"
@@ -54,14 +49,14 @@ def fill(template: str, values: dict[str, str]) -> str:
 def composer_values(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> list[dict[str, str]]:
     """{en, zh} per composer in composers.tsv."""
     return [{"en": r["english"], "zh": r["chinese"]}
-            for r in _read_tsv(Path(knowledge_dir) / "composers.tsv") if r.get("english") and r.get("chinese")]
+            for r in read_tsv(Path(knowledge_dir) / "composers.tsv") if r.get("english") and r.get("chinese")]
 
 
 def work_values(knowledge_dir: Path | str = KNOWLEDGE_DIR) -> list[dict[str, str]]:
     """{title_en, title_zh, composer_en, composer_zh} per work in works.tsv."""
     return [{"title_en": r["english"], "title_zh": r["chinese"], "composer_en": r["composer_english"],
              "composer_zh": r["composer_chinese"]}
-            for r in _read_tsv(Path(knowledge_dir) / "works.tsv") if r.get("english") and r.get("chinese")]
+            for r in read_tsv(Path(knowledge_dir) / "works.tsv") if r.get("english") and r.get("chinese")]
 
 
 def _chat(kind: str, question: str, answer: str) -> dict:

@@ -104,10 +104,11 @@ def _header_lines(text: str) -> tuple[list[str], int | None]:
 
 def tempo_qpm(abc: str) -> float | None:
     """Quarter notes per minute written in the tune's header `Q:` field (None when absent or
-    unreadable); the Q: value is read by `abc.parse_tempo`, the one tempo parser."""
+    unreadable); the Q: value is read by `abc.parse_tempo`, the one tempo parser, with the L:
+    written or else the default `abc.unit_length_of` gives for the meter."""
     lines, k = _header_lines(abc)
     header = lines[: k if k is not None else len(lines)]
-    unit = Fraction(1, 8)
+    unit, meter = None, "none"
     q_value = None
     for line in header:
         if line.startswith("L:"):
@@ -115,9 +116,18 @@ def tempo_qpm(abc: str) -> float | None:
                 unit = abc_lib.parse_fraction(line[2:].split("%")[0])
             except abc_lib.ABCError:
                 pass
+        elif line.startswith("M:"):
+            meter = line[2:]
         elif line.startswith("Q:") and q_value is None:
             q_value = line[2:]
-    qpm = None if q_value is None else abc_lib.parse_tempo(q_value, unit)
+    if q_value is None:
+        return None
+    if unit is None:
+        try:
+            unit = abc_lib.unit_length_of(meter)
+        except abc_lib.ABCError:  # an unreadable M: sets no default: the common L:1/8
+            unit = Fraction(1, 8)
+    qpm = abc_lib.parse_tempo(q_value, unit)
     return None if qpm is None else float(qpm)
 
 

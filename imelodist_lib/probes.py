@@ -8,20 +8,27 @@ sentence it saw. An answer is right when it contains an expected string (case-, 
 punctuation-insensitive; a name without its parenthesis counts). Greedy decoding, so one run
 is one measurement; rates come with Wilson intervals (`evaluation.wilson_interval`).
 
+The probes that read a model's own likelihoods: `perplexity` on held-out text,
+`prompt_following` (does the answer's header take the requested key or meter?) and
+`copy_test` (can the model copy from its context?).
+
     python -m imelodist_lib.probes --model data/models/imelodist-tiny
 """
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from imelodist_lib.evaluation import wilson_interval
+from imelodist_lib.evaluation import Pair, wilson_interval
+from imelodist_lib.instructions import ComposeRequest
 from imelodist_lib.knowledge_chats import composer_values, fill, work_values
 from imelodist_lib.profiles import KNOWLEDGE_DIR
 
@@ -190,6 +197,189 @@ def knowledge_probe(composer_or_model: Any, tokenizer: Any = None, items: Sequen
             k = sum(hits)
             scores[category] = CategoryScore(category, len(hits), k, k / len(hits), wilson_interval(k, len(hits)))
     return ProbeResult(scores, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Perplexity of a model on held-out text
+# --------------------------------------------------------------------------------------------
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_len: int = 512,
+               batch_size: int = 8) -> float:
+    """Token-level perplexity exp(mean negative log-likelihood) of `texts` under a causal LM,
+    batch by batch in plain torch (right padding, padded positions masked out)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not texts:
+        raise ValueError("perplexity needs at least one text")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            encoded = [tokenizer(t, truncation=True, max_length=max_len)["input_ids"]
+                       for t in texts[start:start + batch_size]]
+            encoded = [ids for ids in encoded if len(ids) >= 2]  # one token predicts nothing
+            if not encoded:
+                continue
+            width = max(len(ids) for ids in encoded)
+            ids = torch.zeros((len(encoded), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(encoded):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target, keep = ids[:, 1:], mask[:, 1:].bool()
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                  reduction="none").view_as(target)
+            total_nll += float(nll[keep].sum())
+            total_tokens += int(keep.sum())
+    if was_training:
+        model.train()
+    if total_tokens == 0:
+        raise ValueError("perplexity: no text had two or more tokens")
+    return math.exp(total_nll / total_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Does the model read the request? A forced-choice test on the answer's header
+# --------------------------------------------------------------------------------------------
+PROBE_VALUES = {
+    "meter": ("2/4", "3/4", "4/4", "6/8", "3/8", "9/8", "C", "C|"),
+    "key": ("C", "G", "D", "A", "E", "F", "Bb", "Eb", "Am", "Em", "Dm", "Gm"),
+}
+_HEADER_LETTER = {"meter": "M", "key": "K"}
+
+
+@dataclass
+class PromptFollowing:
+    """Forced-choice prompt test for one header field (see `prompt_following`)."""
+
+    field: str
+    n: int  # requests that name the field
+    candidates: int  # values scored per request (chance = 1 / candidates)
+    asked: float  # share where the requested value is the likeliest
+    swapped: float  # share where, asked for another value, that value is the likeliest
+    swapped_interval: tuple[float, float] = (0.0, 0.0)
+
+
+def _answer_loglik(model: Any, tokenizer: Any, prompt_ids: list[int], answers: Sequence[str]) -> list[float]:
+    """Summed log-probability of each answer text after the same chat prompt. The tokens all
+    rows share (the prompt and the common start of the answers) run once, with a KV cache that
+    the rows' own endings then extend in one batch: a candidate costs its few last tokens."""
+    import torch
+
+    rows = [prompt_ids + tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    shared = len(prompt_ids)
+    while all(len(r) > shared for r in rows) and len({r[shared] for r in rows}) == 1:
+        shared += 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True)
+        head_logp = torch.log_softmax(head.logits[0].float(), dim=-1)
+        # the answer's shared start, scored once (row i's total includes it), then the token after it
+        common = sum(float(head_logp[j - 1, rows[0][j]]) for j in range(len(prompt_ids), shared))
+        first = head_logp[-1]  # predicts token `shared`
+        tails = [r[shared:] for r in rows]
+        width = max(len(t) for t in tails)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=device)
+        mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails], device=device)
+        name = "cache" if "cache" in head.keys() else "past_key_values"  # transformers >= 5.2 says "cache"
+        cache = head[name]
+        cache.batch_repeat_interleave(len(rows))
+        logits = model(input_ids=ids, attention_mask=mask, **{name: cache}).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+    return [common + float(first[t[0]]) + float(logp[i, :len(t) - 1].sum()) for i, t in enumerate(tails)]
+
+
+def prompt_following(model: Any, tokenizer: Any, pairs: Sequence[Pair], field: str,
+                     seed: int = 0) -> PromptFollowing:
+    """Does the model take the key or meter from the request? For every (request, reference
+    answer) that names `field`, the answer's header up to `K:`/`M:` is followed by each candidate
+    value (`PROBE_VALUES` plus the requested one) and the likeliest is the model's choice.
+    `asked`: the requested value wins. `swapped`: the request is re-rendered asking for another
+    candidate (seeded), same wording otherwise; a model that ignores the prompt and picks by its
+    prior wins here at most about 1/candidates of the time. Needs no sampling: seconds on a CPU."""
+    from imelodist_lib.instructions import render_prompt
+    from imelodist_lib.profiles import SYSTEM_PROMPT
+
+    if field not in _HEADER_LETTER:
+        raise ValueError(f"field must be 'key' or 'meter', got {field!r}")
+    letter = _HEADER_LETTER[field]
+    rng = random.Random(seed)
+    asked_hits, swapped_hits, n, width = 0, 0, 0, 0
+    was_training = model.training
+    model.eval()
+    for request, reference in pairs:
+        value = getattr(request, field)
+        at = re.search(rf"^{letter}:", reference, re.M)
+        if value is None or at is None:
+            continue
+        prefix = reference[:at.end()]
+        candidates = sorted(set(PROBE_VALUES[field]) | {value})
+        other = rng.choice([c for c in candidates if c != value])
+        width = len(candidates)
+        template_seed = rng.randrange(2**32)
+        for wanted in (value, other):
+            asking = request if wanted == value else _with_field(request, field, wanted)
+            user = render_prompt(asking, rng=random.Random(template_seed))
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+            prompt_ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                            return_dict=True)["input_ids"])
+            scores = _answer_loglik(model, tokenizer, prompt_ids, [f"{prefix}{c}\n" for c in candidates])
+            best = candidates[int(np.argmax(scores))]
+            if wanted == value:
+                asked_hits += best == value
+            else:
+                swapped_hits += best == other
+        n += 1
+    if was_training:
+        model.train()
+    if n == 0:
+        raise ValueError(f"prompt_following: no request names a {field}")
+    return PromptFollowing(field=field, n=n, candidates=width, asked=asked_hits / n,
+                           swapped=swapped_hits / n, swapped_interval=wilson_interval(swapped_hits, n))
+
+
+def copy_test(model: Any, tokenizer: Any, length: int = 50, n: int = 8, seed: int = 0) -> dict[str, float]:
+    """In-context copying ("induction") test: `n` sequences of `length` random tokens, each
+    written twice. A model that can copy from its context predicts the second copy far better
+    than the first (loss near 0 for large models); one that cannot scores both near
+    log(vocabulary). Returns the mean loss (nats/token) on each half and their difference."""
+    import torch
+
+    vocab = len(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pool = torch.tensor([i for i in range(vocab) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    seq = pool[torch.randint(len(pool), (n, length), generator=generator)]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else int(pool[0])
+    ids = torch.cat([torch.full((n, 1), bos), seq, seq], dim=1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device)).logits.float()
+    if was_training:
+        model.train()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None].to(device))[..., 0]
+    first, second = float(nll[:, 1:length].mean()), float(nll[:, length + 1:].mean())
+    return {"first_copy_loss": first, "second_copy_loss": second, "copy_gain": first - second,
+            "uniform_loss": math.log(vocab)}
+
+
+def _with_field(request: ComposeRequest, field: str, value: str) -> ComposeRequest:
+    """The request asking for another key or meter; a continuation's given bars follow it."""
+    from dataclasses import replace
+
+    changed = replace(request, **{field: value})
+    if request.seed_abc:
+        letter = _HEADER_LETTER[field]
+        changed = replace(changed, seed_abc=re.sub(rf"^{letter}:.*$", f"{letter}:{value}",
+                                                   request.seed_abc, count=1, flags=re.M))
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

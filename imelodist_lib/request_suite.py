@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from imelodist_lib import abc
-from imelodist_lib.corpus import EMOTION_RULES, STYLE_ZH, diatonic_triads
-from imelodist_lib.evaluation import score_answer, summarize, tonic_pitch_class
+from imelodist_lib.evaluation import score_answer, summarize
+from imelodist_lib.labels import EMOTION_RULES, STYLE_ZH, diatonic_triads
+from imelodist_lib.music import pitch_class
 from imelodist_lib.instructions import COMPOSE_TASKS, LANGS, ComposeRequest, request_from_tune
 
 __all__ = ["SUITE_KEYS", "SUITE_METERS", "SUITE_LENGTHS", "SuiteRow", "any_request_suite",
@@ -64,7 +65,7 @@ _ROOT = re.compile(r"[A-G][#b]?")
 
 def _root_pc(symbol: str) -> int:
     """Pitch class of a chord symbol's or tonic's root ("F#m" -> 6)."""
-    return tonic_pitch_class(_ROOT.match(symbol).group())
+    return pitch_class(_ROOT.match(symbol).group())
 
 
 def chord_progression(key: str, bars: int, rng: random.Random) -> list[str]:

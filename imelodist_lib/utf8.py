@@ -1,7 +1,7 @@
 """Text that is always text: a decoding-time mask that admits only tokens continuing valid UTF-8.
 
 IMelodist-tiny's tokenizer is a byte-level BPE of 2,048 tokens. Measured on the knowledge corpus
-(`instructions.load_knowledge()`, 32,613 Han characters, 1,475 distinct): only 144 distinct
+(`knowledge.load_knowledge()`, 32,613 Han characters, 1,475 distinct): only 144 distinct
 characters (10 %) are one token, covering 64.5 % of the occurrences; the other 90 % are spelled
 in two or three byte tokens, and a 5M model writes byte sequences that are not UTF-8 (answers
 with replacement characters). A tokenizer that keeps Chinese characters whole would need about
@@ -199,14 +199,6 @@ class Utf8LogitsProcessor:
         return scores.masked_fill(~mask, float("-inf"))
 
 
-def processor_list(tokenizer: Any, model: Any | None = None):
-    """`LogitsProcessorList([Utf8LogitsProcessor(...)])` sized to the model's vocabulary."""
-    from transformers import LogitsProcessorList
-
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    return LogitsProcessorList([Utf8LogitsProcessor(tokenizer, size)])
-
-
 def answer_bytes(table: Utf8Table, ids: Sequence[int]) -> bytes:
     """The raw bytes a run of token ids writes (special tokens write none)."""
     return b"".join(table.token_bytes[i] or b"" for i in ids if i < len(table.token_bytes))
@@ -264,7 +256,7 @@ if __name__ == "__main__":
 
     from transformers import AutoTokenizer
 
-    from imelodist_lib.instructions import load_knowledge
+    from imelodist_lib.knowledge import load_knowledge
     from imelodist_lib.profiles import SHIPPED_MODEL_DIR
 
     print(json.dumps(han_token_figures(AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR), load_knowledge()),

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from imelodist_lib import abc, corpus, evaluation, inference, player
+from imelodist_lib import abc, corpus, evaluation, inference, labels, player
 from imelodist_lib.abc import ABCError
 
 F = Fraction
@@ -52,7 +52,7 @@ def test_tempo_with_a_long_digit_run_is_linear():
     with finishes_within(2):
         assert abc.parse_tune(text).tempo is None
         assert player.tempo_qpm(text) is None
-        assert corpus.quarter_bpm(value) is None
+        assert labels.quarter_bpm(value) is None
         assert abc.parse_tempo("1/4" + " 1/4" * 20_000 + "x") is None
 
 
@@ -62,7 +62,7 @@ def test_unreadable_tempo_is_none_not_a_crash(value):
     text = HEADER + f"Q:{value}\nK:G\nGABc|\n"
     assert abc.parse_tune(text).tempo is None
     assert player.tempo_qpm(text) is None
-    assert corpus.quarter_bpm(value) is None
+    assert labels.quarter_bpm(value) is None
 
 
 # --------------------------------------------------------------------------- size and time
@@ -130,7 +130,7 @@ def test_one_bad_tempo_does_not_stop_the_corpus_build(tmp_path):
     kept, report = corpus.clean(records, profile)
     assert report.is_balanced() and report.n_in == 3
     assert [r.id for r in kept] == ["t/0", "t/1", "t/2"]  # unreadable Q: is no tempo, not a crash
-    assert [corpus.quarter_bpm(r.tempo) for r in kept] == [120, None, None]
+    assert [labels.quarter_bpm(r.tempo) for r in kept] == [120, None, None]
 
 
 def test_clean_counts_a_crashing_record_and_names_it(tmp_path):

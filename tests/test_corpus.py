@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imelodist_lib import abc, corpus
+from imelodist_lib import abc, corpus, labels
 from imelodist_lib.corpus import TuneRecord
 from imelodist_lib.profiles import get_profile
 
@@ -67,7 +67,7 @@ def test_load_abc_folder(tmp_path, all_raw):
 # ------------------------------------------------------------------ records
 def test_jsonl_round_trip(tmp_path, sample, profile):
     kept, _ = corpus.clean(sample[:20], profile)
-    recs = corpus.label_tunes(corpus.split_by_family(kept, profile))
+    recs = labels.label_tunes(corpus.split_by_family(kept, profile))
     path = corpus.write_jsonl(recs, tmp_path / "t.jsonl")
     back = corpus.read_jsonl(path)
     assert back == recs
@@ -162,7 +162,7 @@ def test_split_keeps_families_together(profile):
 # ------------------------------------------------------------------ augmentation
 def test_augment_transpositions_train_only(sample, profile):
     kept, _ = corpus.clean(sample[:60], profile)
-    recs = corpus.label_tunes(corpus.split_by_family(kept, profile))
+    recs = labels.label_tunes(corpus.split_by_family(kept, profile))
     counts = Counter()
     aug = corpus.augment_transpositions(recs, (-2, 0, 3), counts)
     n_train = sum(1 for r in recs if r.split == "train")
@@ -181,45 +181,45 @@ def test_augment_transpositions_train_only(sample, profile):
 # ------------------------------------------------------------------ labels
 def test_fit_chords_on_plain_triads():
     text = "X:1\nT:Triads\nM:4/4\nL:1/4\nK:C\nCEGc|FAcf|GBdg|cGEC|\n"
-    assert [c for _, c in corpus.fit_chords(text)] == ["C", "F", "G", "C"]
+    assert [c for _, c in labels.fit_chords(text)] == ["C", "F", "G", "C"]
     minor = "X:1\nT:Minor\nM:3/4\nL:1/4\nK:Am\nAce|dfa|E^GB|A3|\n"
-    assert [c for _, c in corpus.fit_chords(minor)] == ["Am", "Dm", "E", "Am"]
+    assert [c for _, c in labels.fit_chords(minor)] == ["Am", "Dm", "E", "Am"]
 
 
 def test_add_chord_symbols_reparses_with_one_chord_per_bar(sample, profile):
     kept, _ = corpus.clean(sample, profile)
     for r in kept[:80]:
-        fitted = corpus.fit_chords(r.abc, key=r.key)
-        with_chords = corpus.add_chord_symbols(r.abc, fitted)
+        fitted = labels.fit_chords(r.abc, key=r.key)
+        with_chords = labels.add_chord_symbols(r.abc, fitted)
         report = abc.validate(with_chords)
         assert report.ok, (r.id, report.error)
         # Same notes, same bars: chord symbols add no events and land one per fitted bar.
         assert [e.pitch for e in abc.events(with_chords)] == [e.pitch for e in abc.events(r.abc)]
-        assert corpus._given_chords(with_chords) == [c for _, c in fitted]
+        assert labels._given_chords(with_chords) == [c for _, c in fitted]
 
 
 def test_add_chord_symbols_places_chord_before_decorations():
     text = 'X:1\nM:3/4\nL:1/8\nK:G\nD2|G2 ^F2 {a}G2|~B4 (3ABc|d6|]\n'
-    out = corpus.add_chord_symbols(text)
+    out = labels.add_chord_symbols(text)
     assert abc.validate(out).ok
     assert re.search(r'\|"[A-G][#b]?m?"~B4', out), out
     assert out.splitlines()[-1].startswith('"')  # the pickup gets a chord too
     # Written chords: the symbol goes before the bracket, all notes count, endings stay intact.
-    chords = corpus.add_chord_symbols("X:1\nM:4/4\nL:1/4\nK:C\n[CEG]2 [CE]G|[FAc]4|[1 G2 B2:|[2 c4|]\n")
+    chords = labels.add_chord_symbols("X:1\nM:4/4\nL:1/4\nK:C\n[CEG]2 [CE]G|[FAc]4|[1 G2 B2:|[2 c4|]\n")
     assert chords.splitlines()[-1] == '"C"[CEG]2 [CE]G|"F"[FAc]4|[1 "G"G2 B2:|[2 "C"c4|]'
 
 
 def test_tunes_with_chords_keep_them(all_raw):
     nottingham = next(r for r in all_raw if r.source == "nottingham-dataset")
-    labelled = corpus.label_record(nottingham)
+    labelled = labels.label_record(nottingham)
     assert labelled.labels["chords"][:3] == ["D", "Em", "A"]
     assert labelled.labels["methods"]["chords"].startswith("given")
-    assert corpus.add_chord_symbols(nottingham.abc) == nottingham.abc
+    assert labels.add_chord_symbols(nottingham.abc) == nottingham.abc
 
 
 def test_labels_style_emotion_theme(sample, profile):
     kept, _ = corpus.clean(sample, profile)
-    out = corpus.label_tunes(kept)
+    out = labels.label_tunes(kept)
     for r in out:
         for name in ("emotion", "style"):
             assert set(r.labels[name]) == {"en", "zh"} and r.labels[name]["zh"]
@@ -228,8 +228,8 @@ def test_labels_style_emotion_theme(sample, profile):
     assert han and all(r.labels["style"] == {"en": "chinese folk song", "zh": "中国民歌"} for r in han)
     reels = [r for r in out if r.labels["style"]["en"] == "reel"]
     assert reels and all(r.labels["pace"] == "fast" for r in reels if not r.tempo)
-    assert corpus.clean_title("Acacia -- Reel") == "Acacia"
-    assert corpus.clean_title("The Lads of the Village.") == "Lads of the Village"
+    assert labels.clean_title("Acacia -- Reel") == "Acacia"
+    assert labels.clean_title("The Lads of the Village.") == "Lads of the Village"
 
 
 def test_emotion_rules_follow_mode_and_pace():
@@ -237,7 +237,7 @@ def test_emotion_rules_follow_mode_and_pace():
         text = f"X:1\nT:t\nM:{meter}\nL:1/8\nQ:{tempo}\nK:{key}\n{body}\n"
         rec = TuneRecord(id="t#1", abc=text, source="x", key=key, meter=meter, tempo=tempo,
                          n_bars=4, n_notes=16)
-        return corpus.label_record(rec).labels["emotion"]["en"]
+        return labels.label_record(rec).labels["emotion"]["en"]
 
     body = "CDEF GABc|cBAG FEDC|CDEF GABc|c8|"
     assert emotion("C", "4/4", "1/4=140", body) == "joyful"
@@ -351,7 +351,7 @@ def test_plots_return_figures(sample, profile):
 
     matplotlib.use("Agg")
     kept, _ = corpus.clean(sample[:50], profile)
-    recs = corpus.label_tunes(corpus.split_by_family(kept, profile))
+    recs = labels.label_tunes(corpus.split_by_family(kept, profile))
     fig = corpus.plot_corpus_overview(recs)
     assert len(fig.axes) == 8
     assert len(corpus.plot_label_balance(recs).axes) == 3
@@ -377,29 +377,29 @@ def test_split_property_no_leakage_and_deterministic(families, seed, val, test):
 @settings(max_examples=80, deadline=None)
 @given(st.text(max_size=300))
 def test_extract_abc_and_clean_title_never_crash_on_any_text(text):
-    for tune in corpus.extract_abc(text):
+    for tune in corpus.tunes_in_text(text):
         assert "K:" in tune
-    assert isinstance(corpus.clean_title(text), str)
+    assert isinstance(labels.clean_title(text), str)
 
 
 def test_quarter_bpm():
-    assert corpus.quarter_bpm("1/4=120") == 120
-    assert corpus.quarter_bpm("3/8=80") == 120
-    assert corpus.quarter_bpm('"Allegro" 1/2=100') == 200
-    assert corpus.quarter_bpm("") is None and corpus.quarter_bpm("fast") is None
+    assert labels.quarter_bpm("1/4=120") == 120
+    assert labels.quarter_bpm("3/8=80") == 120
+    assert labels.quarter_bpm('"Allegro" 1/2=100') == 200
+    assert labels.quarter_bpm("") is None and labels.quarter_bpm("fast") is None
 
 
 def test_mode_from_final_note_when_k_is_only_a_signature(all_raw):
-    assert corpus.effective_mode("G", 64)[0] == "minor"  # K:G ending on E: E minor
-    assert corpus.effective_mode("C", 62)[0] == "dorian"
-    assert corpus.effective_mode("C", 60) == ("major", "K: field")
-    assert corpus.effective_mode("Am", 72) == ("minor", "K: field")  # an explicit mode is trusted
+    assert labels.effective_mode("G", 64)[0] == "minor"  # K:G ending on E: E minor
+    assert labels.effective_mode("C", 62)[0] == "dorian"
+    assert labels.effective_mode("C", 60) == ("major", "K: field")
+    assert labels.effective_mode("Am", 72) == ("minor", "K: field")  # an explicit mode is trusted
     # "Renmin gongshe shizai hao" (Essen han1 #1): K:C, ends on D -> shang mode, Dorian family.
     song = next(r for r in all_raw if r.id == "essenFolksong/han1.abc#1")
     kept, _ = corpus.clean([song], get_profile("cpu"))
-    labels = corpus.label_record(kept[0]).labels
-    assert labels["mode"] == "dorian" and labels["chinese_mode"] == {"zh": "商调式", "en": "shang"}
-    assert labels["methods"]["mode"].startswith("final note")
+    derived = labels.label_record(kept[0]).labels
+    assert derived["mode"] == "dorian" and derived["chinese_mode"] == {"zh": "商调式", "en": "shang"}
+    assert derived["methods"]["mode"].startswith("final note")
 
 
 def test_local_jsonl_rows_keep_unicode_line_separators(tmp_path, all_raw):

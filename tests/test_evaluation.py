@@ -11,6 +11,8 @@ import pytest
 
 from imelodist_lib import abc, corpus
 from imelodist_lib import evaluation as ev
+from imelodist_lib import probes
+from imelodist_lib.ngram import NGramComposer, _BarWriter
 from imelodist_lib.instructions import ComposeRequest, chords_per_bar
 from imelodist_lib.profiles import SHIPPED_MODEL_DIR, get_profile
 
@@ -194,7 +196,7 @@ def real_tunes() -> list[corpus.TuneRecord]:
 
 @pytest.fixture(scope="module")
 def ngram(real_tunes):
-    return ev.NGramComposer([r for r in real_tunes if r.split == "train"], order=3)
+    return NGramComposer([r for r in real_tunes if r.split == "train"], order=3)
 
 
 def test_ngram_output_validates_and_has_the_requested_header(ngram):
@@ -273,8 +275,8 @@ def test_perplexity_matches_the_models_own_loss_whatever_the_batching(real_tunes
     model = models.new_tiny_model(tok, seed=0, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
     sample = [t[:300] for t in texts[:5]]
-    batched = ev.perplexity(model, tok, sample, max_len=64, batch_size=3)
-    single = ev.perplexity(model, tok, sample, max_len=64, batch_size=1)
+    batched = probes.perplexity(model, tok, sample, max_len=64, batch_size=3)
+    single = probes.perplexity(model, tok, sample, max_len=64, batch_size=1)
     nll = n = 0.0
     with torch.no_grad():
         for t in sample:
@@ -336,7 +338,7 @@ def test_ngram_writer_spells_every_pitch_so_it_reads_back(key):
     # A chromatic run up and back down inside one bar: accidentals carry through the bar in
     # ABC, so the writer must restate them; reading the text back must give the same pitches.
     info = ev.key_info(key)
-    writer = ev._BarWriter(info, Fraction(1, 2))
+    writer = _BarWriter(info, Fraction(1, 2))
     pitches = list(range(55, 80)) + list(range(79, 54, -1))
     body = " ".join(writer.note(p, Fraction(1, 2)) for p in pitches)
     text = f"X:1\nT:w\nM:{len(pitches)}/8\nL:1/8\nK:{key}\n{body} |]\n"
@@ -351,7 +353,7 @@ def test_answer_loglik_is_the_models_own_likelihood_of_each_answer(tiny):
     prompt = tok.apply_chat_template([{"role": "user", "content": "M:6/8"}], add_generation_prompt=True,
                                      return_dict=True)["input_ids"]
     answers = ["X:1\nM:6/8\n", "X:1\nM:C|\n", "X:1\nM:2/4\nL:1/8\n"]  # unequal lengths: padding
-    got = ev._answer_loglik(model, tok, list(prompt), answers)
+    got = probes._answer_loglik(model, tok, list(prompt), answers)
     for answer, score in zip(answers, got):
         ids = torch.tensor([list(prompt) + tok(answer, add_special_tokens=False)["input_ids"]])
         labels = ids.clone()
@@ -370,17 +372,17 @@ def test_prompt_following_counts_requests_and_swaps_the_prompt_text(tiny, real_t
         naming = sum(getattr(r, field) is not None for r, _ in pairs)
         if naming == 0:
             with pytest.raises(ValueError, match="no request names"):
-                ev.prompt_following(model, tok, pairs, field)
+                probes.prompt_following(model, tok, pairs, field)
             continue
-        got = ev.prompt_following(model, tok, pairs, field)
-        assert got.n == naming and got.candidates >= len(ev.PROBE_VALUES[field])
+        got = probes.prompt_following(model, tok, pairs, field)
+        assert got.n == naming and got.candidates >= len(probes.PROBE_VALUES[field])
         assert 0.0 <= got.asked <= 1.0 and 0.0 <= got.swapped <= 1.0
-        assert got == ev.prompt_following(model, tok, pairs, field)  # seeded: same answer twice
+        assert got == probes.prompt_following(model, tok, pairs, field)  # seeded: same answer twice
     with pytest.raises(ValueError, match="'key' or 'meter'"):
-        ev.prompt_following(model, tok, pairs, "tempo")
+        probes.prompt_following(model, tok, pairs, "tempo")
     # The swapped request asks for the other value everywhere the prompt shows it, given bars too.
     cont = next(r for r, _ in pairs if r.task == "continue")
-    swapped = ev._with_field(cont, "meter", "9/8")
+    swapped = probes._with_field(cont, "meter", "9/8")
     assert swapped.meter == "9/8" and "\nM:9/8\n" in swapped.seed_abc
     assert swapped.seed_abc.replace("M:9/8", f"M:{cont.meter}", 1) == cont.seed_abc
 
@@ -391,7 +393,7 @@ def test_copy_test_sees_a_model_that_copies(tiny):
     import torch
 
     model, tok = tiny
-    plain = ev.copy_test(model, tok, length=20, n=4)
+    plain = probes.copy_test(model, tok, length=20, n=4)
     assert abs(plain["copy_gain"]) < 0.5
     assert plain["first_copy_loss"] == pytest.approx(plain["uniform_loss"], abs=1.0)
 
@@ -406,7 +408,7 @@ def test_copy_test_sees_a_model_that_copies(tiny):
             logits.scatter_(2, back[..., None], 30.0)
             return type("Out", (), {"logits": logits})()
 
-    copier = ev.copy_test(Copier(), tok, length=20, n=4)
+    copier = probes.copy_test(Copier(), tok, length=20, n=4)
     assert copier["second_copy_loss"] < 0.01 and copier["copy_gain"] > 5
 
 
@@ -419,7 +421,7 @@ def test_shipped_model_reads_the_requested_meter(real_tunes):
     profile = get_profile("cpu")
     model, tok = load_model(SHIPPED_MODEL_DIR, profile)
     pairs = ev.human_reference([r for r in real_tunes if r.split == "test"], profile, n=24)
-    got = ev.prompt_following(model, tok, pairs, "meter")
+    got = probes.prompt_following(model, tok, pairs, "meter")
     assert got.n >= 8
     assert got.swapped >= 0.4 and got.swapped_interval[0] > 1 / got.candidates, got
 
@@ -442,7 +444,7 @@ def test_load_splits_holds_out_validation_or_test(real_tunes, tmp_path, monkeypa
 class _FlakyComposer:
     """The real n-gram composer behind a server that times out at call `fail_at` (0-based)."""
 
-    def __init__(self, inner: ev.NGramComposer, fail_at: int | None = None) -> None:
+    def __init__(self, inner: NGramComposer, fail_at: int | None = None) -> None:
         self.inner, self.fail_at, self.calls = inner, fail_at, 0
 
     def compose(self, request, n=1, seed=0):

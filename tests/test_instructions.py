@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from imelodist_lib import abc, corpus
+from imelodist_lib import abc, corpus, labels
 from imelodist_lib import instructions as ins
+from imelodist_lib.knowledge import load_knowledge, read_identity
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, get_profile
 
 ZH = re.compile(r"[\u4e00-\u9fff]")
@@ -25,7 +26,7 @@ def tunes() -> list[corpus.TuneRecord]:
            + corpus.load_music21_corpus(collections=["nottingham-dataset"], limit=4)
            + corpus.load_music21_corpus(collections=["essenFolksong"], limit=4))
     kept, _ = corpus.clean(raw, get_profile("cpu"))
-    labelled = corpus.label_tunes(kept)
+    labelled = labels.label_tunes(kept)
     assert len(labelled) >= 8, "expected at least 8 clean real tunes"
     return labelled
 
@@ -215,7 +216,7 @@ def test_target_refuses_a_mismatched_request(tunes):
 
 # ------------------------------------------------------------------ knowledge
 def test_load_knowledge_counts(knowledge_dir):
-    docs = ins.load_knowledge(knowledge_dir)
+    docs = load_knowledge(knowledge_dir)
     guide = [d for d in docs if d.startswith("#")]
     # One document per section ("# ABC guide" intro, "## Header", "## Notes"); README skipped.
     assert [d.splitlines()[0] for d in guide] == ["# ABC guide", "## Header", "## Notes"]
@@ -227,17 +228,17 @@ def test_load_knowledge_counts(knowledge_dir):
     assert any("梁祝小提琴协奏曲" in d and "The Butterfly Lovers" in d for d in docs)
     dialogue = [d for d in docs if "IMelodist" in d and ("你是谁" in d or "Who are you" in d)]
     assert len(dialogue) == 1 and "User: Who are you?" in dialogue[0]
-    assert ins.load_knowledge(knowledge_dir) == docs  # deterministic
+    assert load_knowledge(knowledge_dir) == docs  # deterministic
     with pytest.raises(FileNotFoundError, match="knowledge folder"):
-        ins.load_knowledge(knowledge_dir / "missing")
+        load_knowledge(knowledge_dir / "missing")
 
 
 def test_shipped_knowledge_loads():
     if not (KNOWLEDGE_DIR / "composers.tsv").exists():
         pytest.skip("data/knowledge not written yet")
-    docs = ins.load_knowledge()
+    docs = load_knowledge()
     assert len(docs) >= 30
-    assert len(ins.read_identity()) >= 40
+    assert len(read_identity()) >= 40
 
 
 # ------------------------------------------------------------------ builders
@@ -254,7 +255,7 @@ def test_instruction_records_are_balanced(tunes):
     profile = get_profile("cpu", instructions_per_tune=3)
     rows = ins.build_instruction_records(tunes, profile, random.Random(0))
     assert len(rows) == 3 * len(tunes)
-    stats = ins.summarize(rows)
+    stats = ins.dataset_counts(rows)
     assert set(stats["by_task"]) == set(ins.SFT_TASKS)  # harmonise has no training records
     assert max(stats["by_lang"].values()) - min(stats["by_lang"].values()) <= 2
     assert max(stats["by_task"].values()) - min(stats["by_task"].values()) <= 4
@@ -353,7 +354,7 @@ def test_build_datasets_is_deterministic(tunes, knowledge_dir, tmp_path, monkeyp
         assert getattr(a, field).read_bytes() == getattr(b, field).read_bytes(), field
     manifest = json.loads(a.manifest.read_text(encoding="utf-8"))
     n_train = sum(r.split == "train" for r in records)
-    knowledge = ins.load_knowledge(knowledge_dir)
+    knowledge = load_knowledge(knowledge_dir)
     assert manifest["counts"]["pt"]["train"]["records"] == n_train + len(knowledge)
     assert manifest["counts"]["pt"]["validation"]["records"] == 1  # tunes only: val loss = music
     assert manifest["counts"]["sft"]["train"]["tunes_without_instruction"] == 0
@@ -415,7 +416,7 @@ def test_datasets_round_trip_unicode_line_separators(tunes, knowledge_dir, tmp_p
     (knowledge_dir / "identity.jsonl").write_text(json.dumps(
         {"lang": "en", "question": "Who are you?", "answer": answer}, ensure_ascii=False) + "\n",
         encoding="utf-8")
-    assert ins.read_identity(knowledge_dir)[0]["answer"] == answer
+    assert read_identity(knowledge_dir)[0]["answer"] == answer
     profile = get_profile("cpu", workdir=tmp_path)
     ins.build_datasets(profile, _split(tunes), progress=False, knowledge_dir=knowledge_dir)
     data = ins.load_datasets(profile, build_if_missing=False)

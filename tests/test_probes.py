@@ -4,7 +4,7 @@ import re
 import pytest
 
 from imelodist_lib import probes
-from imelodist_lib.instructions import load_knowledge, read_identity
+from imelodist_lib.knowledge import load_knowledge, read_identity
 from imelodist_lib.knowledge_chats import knowledge_chats, load_templates
 
 

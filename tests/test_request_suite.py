@@ -3,7 +3,6 @@ languages (not shaped like the corpus), and its report of how far a model follow
 from __future__ import annotations
 
 import collections
-import dataclasses
 import random
 from pathlib import Path
 
