@@ -676,15 +676,10 @@ def summarize(name: str, values: Sequence[float | None], weights: Sequence[float
     return MetricSummary(name, mean, lo, hi, len(x))
 
 
-@dataclass
-class EvaluationResult:
-    """Per-answer rows and the aggregate table of one system's answers."""
+class _SummaryLookup:
+    """`metric(name)` and `table()` over a `summary: list[MetricSummary]` field."""
 
-    system: str
-    rows: list[dict[str, Any]]
     summary: list[MetricSummary]
-    groups: list[dict[str, Any]] = field(default_factory=list)  # per-request diversity
-    answers: list[str] = field(default_factory=list)
 
     def metric(self, name: str) -> MetricSummary:
         """The summary line of one metric (KeyError if it was not measured)."""
@@ -698,6 +693,17 @@ class EvaluationResult:
         import pandas as pd
 
         return pd.DataFrame([asdict(s) for s in self.summary])
+
+
+@dataclass
+class EvaluationResult(_SummaryLookup):
+    """Per-answer rows and the aggregate table of one system's answers."""
+
+    system: str
+    rows: list[dict[str, Any]]
+    summary: list[MetricSummary]
+    groups: list[dict[str, Any]] = field(default_factory=list)  # per-request diversity
+    answers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: system, summary, rows, per-request groups."""
@@ -1124,24 +1130,11 @@ def _carried(chords: Sequence[str | None]) -> list[str]:
 
 
 @dataclass
-class EditingEvaluation:
+class EditingEvaluation(_SummaryLookup):
     """How a composer edits tunes: per tune and aggregated with 95 % intervals."""
 
     rows: list[dict[str, Any]]  # per tune: bars, adherence_<source>, regenerate_valid, regenerate_kept
     summary: list[MetricSummary]
-
-    def metric(self, name: str) -> MetricSummary:
-        """The summary line of one metric (KeyError if it was not measured)."""
-        for s in self.summary:
-            if s.metric == name:
-                return s
-        raise KeyError(f"metric {name!r} not in this result; have {[s.metric for s in self.summary]}")
-
-    def table(self):
-        """The aggregate table as a pandas DataFrame (metric, mean, ci_low, ci_high, n)."""
-        import pandas as pd
-
-        return pd.DataFrame([asdict(s) for s in self.summary])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: summary and per-tune rows."""

@@ -20,7 +20,7 @@ from fractions import Fraction
 
 from typing import TYPE_CHECKING
 
-from imelodist_lib.abc import ABCError, meter_duration, unit_length_of
+from imelodist_lib.abc import ABCError, check_bars, meter_duration, parse_tune, unit_length_of
 
 if TYPE_CHECKING:
     from imelodist_lib.instructions import ComposeRequest
@@ -153,9 +153,18 @@ def _reachable(rules: list[str], root: str = "root") -> list[str]:
     return [line for line in rules if line.split(" ::= ", 1)[0] in seen]
 
 
-def _prefix_state(prefix_body: str) -> tuple[int, bool]:
-    """Bars written and whether a `|:` repeat is still open at the end of a forced prefix."""
-    bars = len([b for b in re.split(r":?\|[:\]|]?|::", prefix_body) if re.search(r"[A-Ga-gz]", b)])
+def _prefix_state(prefix_body: str, meter: str, unit_length: str | Fraction, key: str) -> tuple[int, bool]:
+    """Bars written and whether a `|:` repeat is still open at the end of a forced prefix. Bars
+    are counted as `abc` reads them, so an Essen-style line that ends one full bar without a bar
+    line counts as a bar (splitting on bar lines alone missed it, and a continuation of such a
+    tune got more bars than asked)."""
+    tune = f"X:1\nM:{meter.strip()}\nL:{Fraction(unit_length)}\nK:{key.strip()}\n{prefix_body}\n"
+    try:
+        report = check_bars(parse_tune(tune))
+        voice = report.bars[0].voice if report.bars else None
+        bars = len([b for b in report.bars if b.voice == voice])
+    except ABCError:  # not readable as ABC: the forced text is still kept; count by bar lines
+        bars = len([b for b in re.split(r":?\|[:\]|]?|::", prefix_body) if re.search(r"[A-Ga-gz]", b)])
     open_repeat = False
     for sign in re.findall(r"\|:|:\||::", prefix_body):
         open_repeat = sign in ("|:", "::")
@@ -215,7 +224,7 @@ def abc_grammar(meter: str, unit_length: str | Fraction, key: str, title: str | 
         prefix_body = prefix_body.strip()
         if not re.search(r"(\||::)$", prefix_body):
             raise ValueError("prefix_abc must end with a bar line: pass whole opening bars, e.g. 'GABc dedB|'")
-        start_bar, start_open = _prefix_state(prefix_body)
+        start_bar, start_open = _prefix_state(prefix_body, meter, unit_length, key)
         if start_bar >= max_bars:
             raise ValueError(f"prefix_abc already has {start_bar} bars, max_bars is {max_bars}")
         min_bars = max(min_bars, start_bar + 1)
@@ -367,7 +376,8 @@ def _request_grammar_args(request: "ComposeRequest", unit_length: str = "1/8",
         prefix = request.seed_abc.strip()
         if not re.search(r"(\||::)$", prefix):
             prefix += " |"  # the seed stops at the end of a bar; close it so the next bar starts
-        already, _ = _prefix_state(seed_body)
+        already, _ = _prefix_state(seed_body, seed_fields.get("M") or meter, unit,
+                                   seed_fields.get("K") or key)
         max_bars = max(max_bars, already + 1)
         min_bars = min(max(min_bars, already + 1), max_bars)
     chords = request.chords if request.task in ("chords", "theme_chords") else None

@@ -108,6 +108,18 @@ def test_continuation_grammar_keeps_the_seed_bars(tiny):
     assert abc.validate(text).bars.errors == []
 
 
+def test_a_continuation_counts_essen_line_end_bars(tiny):
+    # the seed's first line is one full bar with no bar line (Essen style): abc reads two bars,
+    # so a 5-bar continuation writes three new ones (splitting on bar lines alone counted one)
+    model, tokenizer = tiny
+    seed = "X:1\nT:Seed\nM:2/4\nL:1/8\nK:G\nGABc\ndedB |"
+    g = grammar_for_request(ComposeRequest("continue", seed_abc=seed, bars=5))
+    for text in _generate(model, tokenizer, g, n=2, seed=3, max_new_tokens=300):
+        assert text.startswith(seed)
+        report = abc.validate(text).bars
+        assert report.errors == [] and len(report.bars) == 5
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(meter="4/4", unit_length="1/8", key="G", min_bars=5, max_bars=3), "min_bars"),
     (dict(meter="5/32", unit_length="1/8", key="G"), "whole number"),
