@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from imelodist_lib.profiles import REPO_ROOT, get_profile
 
@@ -72,17 +73,35 @@ def kernel_for(notebook: Path, is_gpu: bool, kernels: dict | None = None) -> str
     return "python3"
 
 
+def notebook_client(nb: Any, cwd: Path, kernel: str = "python3", timeout: int | None = None) -> Any:
+    """An nbclient `NotebookClient` for `nb` run in `cwd`, without nbclient's imitation of a
+    browser's Output widget. That imitation sends the captured outputs back to the kernel on the
+    shell socket while the client waits on that socket for the cell's reply, and with
+    jupyter_client 8 the send can swallow the reply's wake-up: a cell that shows something inside
+    an Output widget (the playground's buttons) then waits until its timeout, or forever without
+    one (measured: notebook 05's Regenerate cells took the full 60 s timeout each, 1-2 s without
+    the imitation). Without it, what such a cell shows is kept as the cell's own output."""
+    from nbclient import NotebookClient
+
+    client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, resources={"metadata": {"path": str(cwd)}})
+    client.comm_open_handlers["jupyter.widget"] = lambda _msg: None  # no Output-widget imitation
+    return client
+
+
 def run_notebook(src: Path, out_dir: Path, kernel: str = "python3") -> Path:
-    """Execute one notebook with papermill (cwd = notebooks/) and export it to HTML."""
+    """Execute one notebook (cwd = notebooks/) and export it to HTML; the executed copy is
+    written even when a cell fails (nbclient's CellExecutionError names the cell)."""
     import nbformat
-    import papermill
     from nbconvert import HTMLExporter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / src.name
-    papermill.execute_notebook(str(src), str(dst), cwd=str(src.parent), kernel_name=kernel,
-                               progress_bar=False)
-    html, _ = HTMLExporter().from_notebook_node(nbformat.read(dst, as_version=4))
+    nb = nbformat.read(src, as_version=4)
+    try:
+        notebook_client(nb, src.parent, kernel).execute()
+    finally:
+        nbformat.write(nb, dst)
+    html, _ = HTMLExporter().from_notebook_node(nb)
     dst.with_suffix(".html").write_text(html, encoding="utf-8")
     return dst
 
@@ -114,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             dst = run_notebook(book, out_dir, kernel_for(book, profile.is_gpu))
-        except Exception as err:  # papermill names the failing cell; keep its message short
+        except Exception as err:  # nbclient names the failing cell; keep its message short
             print(f"FAILED {book.name}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}",
                   file=sys.stderr)
             print(f"  the partly executed notebook is in {out_dir / book.name}", file=sys.stderr)

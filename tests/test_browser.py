@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -69,15 +68,22 @@ def export_notebook(workdir: Path) -> Path:
     nb.cells.append(nbformat.v4.new_code_cell("from imelodist_lib.player import show"))
     for name, text in TUNES:
         nb.cells.append(nbformat.v4.new_code_cell(f"p_{name} = show({text!r}, title={name!r})"))
-    path = workdir / "players.ipynb"
-    nbformat.write(nb, path)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute",
-                    "--ExecutePreprocessor.timeout=120", str(path)],
-                   check=True, cwd=workdir, env=env, capture_output=True)
-    html_path = workdir / "players.html"
+    html_path = execute_to_html(nb, workdir / "players.html", timeout=120)
     page = html_path.read_text(encoding="utf-8")
     html_path.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    return html_path
+
+
+def execute_to_html(nb, html_path: Path, timeout: int) -> Path:
+    """Run `nb` in a fresh kernel in `html_path`'s folder as `make run` does
+    (`run_notebooks.notebook_client`, with this checkout on the kernel's path) and export it."""
+    from nbconvert import HTMLExporter
+
+    from imelodist_lib.run_notebooks import notebook_client
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    notebook_client(nb, html_path.parent, timeout=timeout).execute(env=env)
+    html_path.write_text(HTMLExporter().from_notebook_node(nb)[0], encoding="utf-8")
     return html_path
 
 
@@ -204,13 +210,7 @@ def edited(browser, tmp_path_factory) -> tuple[list[str], list[list[str]]]:
         "open('tunes.json', 'w').write(json.dumps([pg.tune, pg.history[-1].abc]))",
         "pg.tune_player",
         "pg.shown[-1]")]
-    path = workdir / "edited.ipynb"
-    nbformat.write(nb, path)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute",
-                    "--ExecutePreprocessor.timeout=300", str(path)],
-                   check=True, cwd=workdir, env=env, capture_output=True)
-    page = workdir / "edited.html"
+    page = execute_to_html(nb, workdir / "edited.html", timeout=300)
     page.write_text(page.read_text(encoding="utf-8").replace("</body>", BAR_PROBE + "</body>"), encoding="utf-8")
     dom = run_chromium(browser, page)
     assert 'data-probed="1"' in dom, "the page never finished loading"
@@ -220,8 +220,10 @@ def edited(browser, tmp_path_factory) -> tuple[list[str], list[list[str]]]:
 
 def test_regenerated_tune_is_drawn_with_every_bar_and_the_kept_bars_unchanged(edited):
     (tune, regenerated), drawn = edited
-    assert len(drawn) == 2  # the imported tune's player, the regenerated tune's
-    before, after = drawn
+    # the playground's own two players (shown inside its Output widgets in cell 1; a headless
+    # run keeps them as that cell's output), then the same two shown by cells 2 and 3
+    assert len(drawn) == 4 and drawn[:2] == drawn[2:]
+    before, after = drawn[2:]  # the imported tune's player, the regenerated tune's
     bars = len(abc.validate(tune).bars.bars)
     assert bars == 12 and len(before) == bars and len(after) == len(abc.validate(regenerated).bars.bars) == bars
     assert all(before) and all(after)  # every bar has notes drawn

@@ -147,3 +147,24 @@ def test_make_run_gives_notebook_04_lmdeploys_kernel_on_a_gpu_only_where_it_exis
     assert kernel_for(nb04, True, both) == LMDEPLOY_KERNEL
     assert kernel_for(nb04, True, {"python3": ""}) == "python3"
     assert kernel_for(nb04, False, both) == "python3" and kernel_for(nb03, True, both) == "python3"
+
+
+def test_make_run_keeps_what_an_output_widget_shows_as_the_cells_output(tmp_path):
+    # nbclient's Output-widget imitation (off in make run's client) would move "inside" into the
+    # widget's state and can stall the cell until its timeout (run_notebooks.notebook_client)
+    import nbformat
+
+    from imelodist_lib.run_notebooks import run_notebook
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import ipywidgets as W\nfrom IPython.display import display\n"
+        "out = W.Output()\ndisplay(out)\nwith out:\n    print('inside')"))
+    src = tmp_path / "src" / "99_widget.ipynb"
+    src.parent.mkdir()
+    nbformat.write(nb, src)
+    done = nbformat.read(run_notebook(src, tmp_path / "out"), as_version=4)
+    texts = [o.get("text", "") for o in done.cells[0].outputs if o.output_type == "stream"]
+    assert texts == ["inside\n"]
+    assert (tmp_path / "out" / "99_widget.html").is_file()
