@@ -44,7 +44,7 @@ __all__ = [
     "split_tunes", "parse_tune", "normalize", "events", "check_bars", "bar_duration_errors",
     "parse_key", "transpose", "length_suffix", "to_music21", "validate", "meter_duration", "unit_length_of",
     "parse_fraction", "parse_tempo", "MAX_TUNE_CHARS", "MAX_FIELD_CHARS", "meter_choices",
-    "octave_shift",
+    "octave_shift", "barline_tokens",
 ]
 
 MAX_TUNE_CHARS = 100_000  # longest tune text the parser reads (the longest real tune is ~10 KB)
@@ -1572,6 +1572,33 @@ def _ql(value: Fraction) -> str:
 def bar_duration_errors(tune_or_text: Tune | str) -> list[BarError]:
     """The bar-length errors of a tune (= check_bars(tune).errors)."""
     return check_bars(tune_or_text).errors
+
+
+def barline_tokens(line: str) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each bar line in one music line, read as the parser reads them
+    (`|` `||` `|]` `[|` `:|` `|:` `::` `.|`, with their repeat colons; an ending number after
+    one is not part of it), passing over quoted text, !decorations!, inline fields [K:...] and
+    % comments. Lenient: any other text is skipped, so it serves tools that read broken tunes."""
+    tokens, i, n = [], 0, len(line)
+    while i < n:
+        ch = line[i]
+        if ch == "%":
+            break
+        if ch in '"!':
+            close = line.find(ch, i + 1)
+            i = n if close < 0 else close + 1
+            continue
+        if ch == "[" and i + 2 < n and line[i + 1].isalpha() and line[i + 2] == ":":
+            close = line.find("]", i)
+            i = n if close < 0 else close + 1
+            continue
+        m = _BAR_RE.match(line, i) if ch in "|:[." else None
+        if m:
+            tokens.append((m.start(1), m.end(1), m.group(1)))
+            i = m.end(1)
+            continue
+        i += 1
+    return tokens
 
 
 def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:

@@ -308,16 +308,23 @@ def continuation_fidelity(answer: ParsedTune, seed: ParsedTune) -> tuple[float, 
     return (float(share), len(answer.bars) > len(seed.bars))
 
 
-_SECTION_BREAK = re.compile(r"\|\]|\|\||:\|\]?|::|\|:|\[\|")
-
-
 def _section_stats(body: str, n_bars: int) -> tuple[int, float]:
-    """(repeat count, bars per section) from the body's bar lines: each ':|' or '::' is a
-    repeat; sections are the stretches with notes between '||', '|]', '[|', ':|', '::', '|:'."""
+    """(repeat count, bars per section) from the body's bar lines (`abc.barline_tokens`): each
+    bar line with ':|' or '::' is a repeat; sections are the stretches with notes between
+    section bar lines ('||', '|]', '[|' and any with a repeat colon: ':|', '|:', '::')."""
     clean = re.sub(r'"[^"]*"|%[^\n]*|![^!]*!|\[[A-Za-z]:[^\]]*\]', "", body)
-    repeats = clean.count(":|") + clean.count("::")
-    sections = [part for part in _SECTION_BREAK.split(clean) if re.search(r"[A-Ga-gz]", part)]
-    return repeats, n_bars / max(1, len(sections))
+    repeats = sections = 0
+    notes = False  # the stretch since the last section bar line has notes
+    for line in clean.split("\n"):
+        pos = 0
+        for start, end, text in abc.barline_tokens(line) + [(len(line), len(line), "")]:
+            notes = notes or re.search(r"[A-Ga-gz]", line[pos:start]) is not None
+            pos = end
+            repeats += ":|" in text or "::" in text
+            if ":" in text or text in ("||", "|]", "[|", "[|]"):
+                sections, notes = sections + notes, False
+    sections += notes
+    return repeats, n_bars / max(1, sections)
 
 
 def musical_statistics(tune: ParsedTune, key: KeyInfo | None) -> dict[str, float | None]:

@@ -139,33 +139,7 @@ def tempo_qpm(abc: str) -> float | None:
 # A ":|" without "|:" repeats from the last section boundary (double bar, previous repeat end,
 # or the start), as abc2midi and abcjs play it.
 # --------------------------------------------------------------------------------------------
-_BARLINE = re.compile(r"::+|:*(?:\[\||\|\]|\|+)\]?:*")
 _FIELD_LINE = re.compile(r"^[A-Za-z+]:")
-
-
-def _barline_tokens(line: str) -> list[tuple[int, int, str]]:
-    """(start, end, text) of each barline in one music line, skipping quotes, !decorations!,
-    inline fields [K:...] and % comments."""
-    tokens, i, n = [], 0, len(line)
-    while i < n:
-        ch = line[i]
-        if ch == "%":
-            break
-        if ch in '"!':
-            close = line.find(ch, i + 1)
-            i = n if close < 0 else close + 1
-            continue
-        if ch == "[" and i + 2 < n and line[i + 1].isalpha() and line[i + 2] == ":":
-            close = line.find("]", i)
-            i = n if close < 0 else close + 1
-            continue
-        m = _BARLINE.match(line, i)
-        if m and m.group(0) not in ("[", "]"):
-            tokens.append((m.start(), m.end(), m.group(0)))
-            i = m.end()
-            continue
-        i += 1
-    return tokens
 
 
 def _only_space_between(lines: list[str], a: tuple, b: tuple) -> bool:
@@ -183,7 +157,7 @@ def explicit_repeats(body: str) -> str:
     for li, line in enumerate(lines):
         if _FIELD_LINE.match(line):
             continue
-        tokens += [(li, s, e, t) for s, e, t in _barline_tokens(line)]
+        tokens += [(li, s, e, t) for s, e, t in abc_lib.barline_tokens(line)]
     edits: dict[tuple[int, int, int], str] = {}
     prefix = False
     open_repeat = False
@@ -221,9 +195,9 @@ def explicit_repeats(body: str) -> str:
             if line.strip() and not _FIELD_LINE.match(line) and not line.lstrip().startswith("%"):
                 stripped = line.lstrip()
                 lead = line[: len(line) - len(stripped)]
-                m = _BARLINE.match(stripped)
-                if m and m.group(0).strip(":") in ("|", "||", "[|"):  # "|A|..." -> "|:A|..."
-                    lines[li] = lead + "|:" + stripped[m.end():]
+                first = abc_lib.barline_tokens(stripped)[:1]
+                if first and first[0][0] == 0 and first[0][2].strip(":") in ("|", "||", "[|"):
+                    lines[li] = lead + "|:" + stripped[first[0][1]:]  # "|A|..." -> "|:A|..."
                 else:
                     lines[li] = lead + "|:" + stripped
                 break

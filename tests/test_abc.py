@@ -1,6 +1,7 @@
 """Pins the ABC core on hand-written tricky tunes and on real tunes from music21's corpus."""
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -424,3 +425,24 @@ def test_length_suffix_is_what_the_parser_reads_back(units):
     """One home for writing ABC lengths (importing and the evaluation's n-gram writer call it)."""
     text = f"X:1\nM:none\nL:1/8\nK:C\nC{abc.length_suffix(units)}|\n"
     assert [e.duration for e in abc.events(text)] == [units / 2]  # L:1/8 is half a quarter
+
+
+def test_barline_tokens_are_the_bar_lines_the_parser_reads():
+    # one reading of bar lines: the lenient scanner the player and the metrics use finds, on
+    # every music line of real tunes, exactly the bar tokens of the parser's own tokenizer
+    lines = checked = 0
+    for path in sorted(CORPUS.glob("*/*.abc"))[::7]:
+        for text in abc.split_tunes(path.read_text(encoding="latin-1"))[:20]:
+            for number, line in enumerate(text.split("\n"), 1):
+                if re.match(r"^[A-Za-z+]:", line) or not line.strip():
+                    continue
+                try:
+                    parsed = abc._tokenize_line(line, number)
+                except ABCError:
+                    continue
+                lines += 1
+                want = [(t.start, t.start + len(t.data.token), t.data.token) for t in parsed if t.kind == "bar"]
+                assert abc.barline_tokens(line) == want, line
+                checked += len(want)
+    assert lines > 1000 and checked > 3000
+    assert abc.barline_tokens('"|:" !x|! [K:D] A|2 B:|: c|] % d |') == [(17, 18, "|"), (21, 24, ":|:"), (26, 28, "|]")]
