@@ -392,6 +392,12 @@ def _parse(text: str) -> abc.Tune:
     return abc.parse_tune(text)
 
 
+@functools.lru_cache(maxsize=256)
+def _normalized(text: str) -> str:
+    """abc.normalize, memoised (a tune's phrase chats all start from its normalised text)."""
+    return abc.normalize(text)
+
+
 def _tune_of(record_or_text: Any) -> abc.Tune:
     return _parse(_text_of(record_or_text))
 
@@ -750,17 +756,17 @@ def _as_rng(rng: random.Random | int | None, profile: Profile) -> random.Random:
 PHRASE_SHIFTS = tuple(range(-5, 7))  # semitones: every key a tune can be moved to, 0 included
 
 
-def transposed(record: Any, semitones: int) -> Any:
+def transposed(record: Any, semitones: int, chorded: bool = True) -> Any:
     """The tune (a TuneRecord or ABC text) moved by `semitones`, the same kind of thing back.
     A record keeps its labels; its labeller's chorded copy moves with it, so chord tasks don't
-    fit chords anew."""
+    fit chords anew (`chorded=False`: the copy is dropped instead, for requests without chords)."""
     if not semitones:
         return record
     text = abc.transpose(_text_of(record), semitones)
     if not (dataclasses.is_dataclass(record) and not isinstance(record, type)):
         return text
     labels = _labels(record)
-    chorded = _labelled_chords(record)
+    chorded = _labelled_chords(record) if chorded else None
     if chorded is not None:
         labels["abc_with_chords"] = abc.transpose(chorded, semitones)
     else:
@@ -828,20 +834,43 @@ PHRASE_BARS = (4, 8)
 def phrase_request(record: Any, lang: str, rng: random.Random) -> tuple[ComposeRequest, str]:
     """One short chat's request and answer: the tune moved by a random interval, its opening
     4 or 8 bars (4 when the tune is shorter than 9) as the answer, and an "emotion" request that always names key and meter and
-    asks for exactly that many bars. Raises ValueError when the tune is too short."""
-    moved_record = transposed(record, rng.choice(PHRASE_SHIFTS))
-    moved_text = _text_of(moved_record)
-    tune = _tune_of(moved_record)
-    pickup = abc.check_bars(tune).bars[0].kind == "pickup"
-    fits = [n for n in PHRASE_BARS if count_bars(moved_text) >= n + pickup + 1]  # a phrase, not the tune
+    asks for exactly that many bars. Raises ValueError when the tune is too short.
+
+    Only the opening is moved (its bars plus one, header whole): a bar's transposition depends
+    only on what comes before it, so the answer is the same bytes as when the whole tune is moved,
+    at a fraction of the cost (this builder was most of notebook 01's dataset build)."""
+    shift = rng.choice(PHRASE_SHIFTS)
+    text = _normalized(_text_of(record))  # what transposing writes, bar for bar
+    record = text if isinstance(record, str) else dataclasses.replace(record, abc=text)
+    pickup = abc.check_bars(_tune_of(text)).bars[0].kind == "pickup"
+    n_bars = count_bars(text)
+    fits = [n for n in PHRASE_BARS if n_bars >= n + pickup + 1]  # a phrase, not the tune
     if not fits:
         raise ValueError(f"tune {getattr(record, 'id', '?')} is too short for a "
                          f"{PHRASE_BARS[0]}-bar phrase")
     take = rng.choice(fits) + pickup
+    moved_record = transposed(_opening(record, take + 1), shift, chorded=False)
+    moved = _tune_of(moved_record)
     request = request_from_tune(moved_record, "emotion", lang, rng)
-    request = dataclasses.replace(request, key=tune.key, meter=tune.meter, bars=None)
+    request = dataclasses.replace(request, key=moved.key, meter=moved.meter, bars=None)
     answer = close_phrase(_seed_bars(target_for(moved_record, request), take))
     return dataclasses.replace(request, bars=count_bars(answer)), answer
+
+
+def _opening(record: Any, n_bars: int) -> Any:
+    """The record (or text) cut at the end of the line that holds its `n_bars`-th bar (lines
+    continued with a backslash go with it), header and labels kept."""
+    text = _text_of(record)
+    _, spans = abc.bar_segments(text)
+    if len(spans) <= n_bars:
+        return record
+    cut = text.find("\n", max(end for _, end in spans[:n_bars]))
+    while cut >= 0 and text[:cut].rstrip().endswith("\\"):
+        cut = text.find("\n", cut + 1)
+    if cut < 0:
+        return record
+    head = text[:cut + 1]
+    return head if isinstance(record, str) else dataclasses.replace(record, abc=head)
 
 
 FINAL_BARLINE = re.compile(r"(?:::|:\|\]|:\|\||:\||\|\]|\|\||\|)\s*$")
