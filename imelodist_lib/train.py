@@ -228,6 +228,25 @@ def _save_trained(trainer, tokenizer, profile: Profile, base: str, target: Path)
     return save_model(model, tokenizer, target)
 
 
+def _records_for_steps(train_ds, profile: Profile, max_steps: int | None):
+    """The training records a run can reach. An "sft" run of a fixed number of steps (one chat
+    per row, unpacked) reads at most steps x batch x accumulation x processes chats, so it gets a
+    seeded random sample of that many instead of the whole split: TRL tokenizes every record it
+    is given before the first step, and at the cpu profile's 15 steps that was most of the run
+    (about 40,000 chats for 120). (Packed rows hold several records and full-epoch runs read
+    everything: those keep the whole split.)"""
+    if not max_steps or max_steps <= 0:
+        return train_ds
+    import torch.distributed as dist
+
+    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+    need = max_steps * profile.batch_size * profile.grad_accum * processes
+    if len(train_ds) <= need:
+        return train_ds
+    return train_ds.shuffle(seed=profile.seed).select(range(need))
+
+
 def make_trainer(stage: str, profile: Profile, data, model, tokenizer, output_dir: Path,
                  max_steps: int | None = None, progress: bool = True, callbacks: list | None = None,
                  eval_records: int | None = None):
@@ -240,7 +259,10 @@ def make_trainer(stage: str, profile: Profile, data, model, tokenizer, output_di
     config = _sft_config(profile, Path(output_dir), stage, max_steps, progress, has_eval,
                          peft_config is not None, flash)
     columns = ["text"] if stage == "pt" else ["messages"]
+    unpacked_chats = stage == "sft" and not (profile.packing and flash)  # see _sft_config
     train_ds = data["train"].select_columns(columns)
+    if unpacked_chats:
+        train_ds = _records_for_steps(train_ds, profile, config.max_steps)
     eval_ds = data["validation"].select_columns(columns) if has_eval else None
     if eval_ds is not None and eval_records is not None and len(eval_ds) > eval_records:
         eval_ds = eval_ds.select(range(eval_records))

@@ -165,3 +165,17 @@ def test_fresh_run_into_an_older_runs_folder_refuses_unless_told(profile, data, 
     assert result.steps == 2 and sorted(p.name for p in old.glob("checkpoint-*")) == ["checkpoint-2"]
     state = json.loads((old / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and (old / "final" / "config.json").is_file()
+
+
+def test_a_fixed_step_sft_run_reads_only_the_chats_its_steps_reach():
+    from imelodist_lib.train import _records_for_steps
+
+    chats = Dataset.from_dict({"messages": [[{"role": "user", "content": str(i)}] for i in range(500)]})
+    profile = get_profile("cpu", batch_size=4, grad_accum=2)
+    picked = _records_for_steps(chats, profile, 15)
+    assert len(picked) == 15 * 4 * 2  # every step's batch, nothing TRL would tokenize in vain
+    ids = [m[0]["content"] for m in picked["messages"]]
+    assert len(set(ids)) == len(ids) and ids != [str(i) for i in range(len(ids))]  # a random sample
+    assert ids == [m[0]["content"] for m in _records_for_steps(chats, profile, 15)["messages"]]  # seeded
+    assert len(_records_for_steps(chats, profile, -1)) == 500  # full epochs read the whole split
+    assert len(_records_for_steps(chats, profile, 100)) == 500  # more than there is: all of it
