@@ -40,9 +40,12 @@ system-deps:
 run: setup
 	TQDM_DISABLE=$${TQDM_DISABLE:-0} $(PY) -m imelodist_lib.run_notebooks --out runs/notebooks
 
+# Two pytest-xdist workers share the cores: each test file, each notebook, and the 01->02->03
+# notebook chain (each reads what the one before wrote) run whole on one worker (conftest.py).
+TEST_WORKERS ?= 2
 test: setup
-	TQDM_DISABLE=1 $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=1200 \
-		notebooks tests
+	TQDM_DISABLE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 notebooks tests
 
 bench: setup
 	$(PY) benchmarks/run_all.py
