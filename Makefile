@@ -44,7 +44,7 @@ run: setup
 # notebook chain (each reads what the one before wrote) run whole on one worker (conftest.py).
 TEST_WORKERS ?= 2
 test: setup
-	TQDM_DISABLE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup \
+	TQDM_DISABLE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=1200 notebooks tests
 
 bench: setup
