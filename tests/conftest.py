@@ -44,3 +44,15 @@ def internlm2_converted(internlm2_checkpoint, tmp_path_factory):
     from imelodist_lib.internlm2 import ensure_llama_checkpoint
 
     return ensure_llama_checkpoint(internlm2_checkpoint, cache_dir=tmp_path_factory.mktemp("converted"))
+
+
+@pytest.fixture(scope="module")
+def composer():
+    """The shipped IMelodist-tiny behind a transformers Composer, on one thread (one per module)."""
+    from imelodist_lib.inference import Composer
+    from imelodist_lib.profiles import SHIPPED_MODEL_DIR
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Composer(str(SHIPPED_MODEL_DIR), backend="transformers", cpu_threads=1)
+    torch.set_num_threads(threads)

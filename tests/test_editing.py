@@ -26,19 +26,6 @@ K:D
 """
 
 
-@pytest.fixture(scope="module")
-def composer():
-    import torch
-
-    from imelodist_lib.inference import Composer
-    from imelodist_lib.profiles import SHIPPED_MODEL_DIR
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Composer(str(SHIPPED_MODEL_DIR), backend="transformers", cpu_threads=1)
-    torch.set_num_threads(threads)
-
-
 def contents(text: str) -> list[str]:
     return [text[s.start:s.end] for s in bar_spans(text)]
 

@@ -100,19 +100,6 @@ def test_parse_chords_and_bar_list():
 
 
 # ------------------------------------------------------------------------------ your own tune
-@pytest.fixture(scope="module")
-def composer():
-    import torch
-
-    from imelodist_lib.inference import Composer
-    from imelodist_lib.profiles import SHIPPED_MODEL_DIR
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield Composer(str(SHIPPED_MODEL_DIR), backend="transformers", cpu_threads=1)
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def pg(composer, tmp_path):
     from imelodist_lib.profiles import get_profile
