@@ -1192,8 +1192,6 @@ def editing_evaluation(composer: Any, tunes: Sequence[str], seed: int = 0, lang:
         rows.append(row)
     summary = [summarize(f"harmonise_adherence_{source}", [r[f"adherence_{source}"] for r in rows], seed=seed)
                for source in EDITING_CHORD_SOURCES]
-    for name in ("regenerate_valid", "regenerate_kept"):
-        values = [r[name] for r in rows]
-        lo, hi = wilson_interval(sum(values), len(values))
-        summary.append(MetricSummary(name, sum(values) / len(values) if values else math.nan, lo, hi, len(values)))
+    summary += [summarize(name, [r[name] for r in rows], seed=seed, kind="rate")
+                for name in ("regenerate_valid", "regenerate_kept")]
     return EditingEvaluation(rows, summary)

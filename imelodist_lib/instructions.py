@@ -766,9 +766,9 @@ def transposed(record: Any, semitones: int, chorded: bool = True) -> Any:
     if not (dataclasses.is_dataclass(record) and not isinstance(record, type)):
         return text
     labels = _labels(record)
-    chorded = _labelled_chords(record) if chorded else None
-    if chorded is not None:
-        labels["abc_with_chords"] = abc.transpose(chorded, semitones)
+    chorded_copy = _labelled_chords(record) if chorded else None
+    if chorded_copy is not None:
+        labels["abc_with_chords"] = abc.transpose(chorded_copy, semitones)
     else:
         labels.pop("abc_with_chords", None)
     return dataclasses.replace(record, abc=text, labels=labels)
@@ -1119,11 +1119,7 @@ def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progre
         if split == "train":
             counts["xtuner_sft_train"] = jsonl.write_jsonl(to_xtuner(sft_rows), files.xtuner_sft_train)
     manifest = {
-        "settings": _settings(profile, Path(knowledge_dir)),
-        "corpus_sha256": corpus_digest(records),
-        "knowledge_sha256": knowledge_digest(knowledge_dir),
-        "builder_sha256": builder_digest(),
-        "system_prompt": SYSTEM_PROMPT,
+        **_build_stamp(profile, records, knowledge_dir),  # what the build was made from
         "counts": counts,
         "files": {name: {"path": Path(p).name, "sha256": _sha256(p)}
                   for name, p in files.as_dict().items() if name not in ("data_dir", "manifest")},

@@ -2,7 +2,7 @@
 
     requests = any_request_suite(test_tunes, n=80, seed=0)
     answers = composer.compose_many(requests, seed=0)
-    table = follow_report(requests, answers)          # key, meter, length, bars, continuations
+    table = follow_report(follow_rows(requests, answers))  # key, meter, length, bars, continuations
 
 The test split's requests come from its tunes, so they ask for what the corpus holds (mostly G,
 D and A major, 4/4 and 6/8). This suite draws each field evenly and independently: the key from

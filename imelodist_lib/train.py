@@ -228,23 +228,17 @@ def _save_trained(trainer, tokenizer, profile: Profile, base: str, target: Path)
     return save_model(model, tokenizer, target)
 
 
-def _records_for_steps(train_ds, profile: Profile, max_steps: int | None):
+def _records_for_steps(train_ds, max_steps: int, rows_per_step: int, seed: int):
     """The training records a run can reach. An "sft" run of a fixed number of steps (one chat
-    per row, unpacked) reads at most steps x batch x accumulation x processes chats, so it gets a
-    seeded random sample of that many instead of the whole split: TRL tokenizes every record it
-    is given before the first step, and at the cpu profile's 15 steps that was most of the run
-    (about 40,000 chats for 120). (Packed rows hold several records and full-epoch runs read
-    everything: those keep the whole split.)"""
-    if not max_steps or max_steps <= 0:
+    per row, unpacked) reads at most `max_steps` x `rows_per_step` chats (batch x accumulation x
+    processes), so it gets a seeded random sample of that many instead of the whole split: TRL
+    tokenizes every record it is given before the first step, and at the cpu profile's 15 steps
+    that was most of the run (about 40,000 chats for 120). (Packed rows hold several records and
+    full-epoch runs, max_steps <= 0, read everything: those keep the whole split.)"""
+    need = max_steps * rows_per_step
+    if max_steps <= 0 or len(train_ds) <= need:
         return train_ds
-    import torch.distributed as dist
-
-    processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
-        int(os.environ.get("WORLD_SIZE", "1"))
-    need = max_steps * profile.batch_size * profile.grad_accum * processes
-    if len(train_ds) <= need:
-        return train_ds
-    return train_ds.shuffle(seed=profile.seed).select(range(need))
+    return train_ds.shuffle(seed=seed).select(range(need))
 
 
 def make_trainer(stage: str, profile: Profile, data, model, tokenizer, output_dir: Path,
@@ -262,7 +256,8 @@ def make_trainer(stage: str, profile: Profile, data, model, tokenizer, output_di
     unpacked_chats = stage == "sft" and not (profile.packing and flash)  # see _sft_config
     train_ds = data["train"].select_columns(columns)
     if unpacked_chats:
-        train_ds = _records_for_steps(train_ds, profile, config.max_steps)
+        rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size
+        train_ds = _records_for_steps(train_ds, config.max_steps, rows_per_step, profile.seed)
     eval_ds = data["validation"].select_columns(columns) if has_eval else None
     if eval_ds is not None and eval_records is not None and len(eval_ds) > eval_records:
         eval_ds = eval_ds.select(range(eval_records))

@@ -171,11 +171,11 @@ def test_a_fixed_step_sft_run_reads_only_the_chats_its_steps_reach():
     from imelodist_lib.train import _records_for_steps
 
     chats = Dataset.from_dict({"messages": [[{"role": "user", "content": str(i)}] for i in range(500)]})
-    profile = get_profile("cpu", batch_size=4, grad_accum=2)
-    picked = _records_for_steps(chats, profile, 15)
+    rows_per_step, seed = 4 * 2, 0  # batch 4, accumulation 2, one process
+    picked = _records_for_steps(chats, 15, rows_per_step, seed)
     assert len(picked) == 15 * 4 * 2  # every step's batch, nothing TRL would tokenize in vain
     ids = [m[0]["content"] for m in picked["messages"]]
     assert len(set(ids)) == len(ids) and ids != [str(i) for i in range(len(ids))]  # a random sample
-    assert ids == [m[0]["content"] for m in _records_for_steps(chats, profile, 15)["messages"]]  # seeded
-    assert len(_records_for_steps(chats, profile, -1)) == 500  # full epochs read the whole split
-    assert len(_records_for_steps(chats, profile, 100)) == 500  # more than there is: all of it
+    assert ids == [m[0]["content"] for m in _records_for_steps(chats, 15, rows_per_step, seed)["messages"]]  # seeded
+    assert len(_records_for_steps(chats, -1, rows_per_step, seed)) == 500  # full epochs read the whole split
+    assert len(_records_for_steps(chats, 100, rows_per_step, seed)) == 500  # more than there is: all of it
