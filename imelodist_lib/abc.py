@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, NamedTuple
@@ -730,7 +732,18 @@ def _length(num: str, slashes: str, den: str, line: int, col: int) -> Fraction:
         d = 1
     if n == 0 or d == 0 or d > _MAX_LEN:
         raise ABCError(f"bad note length {num}{slashes}{den!s} (zero or too small)", line, col)
-    return Fraction(n, d)
+    return _fraction(n, d)
+
+
+# Fractions are immutable, and a tune's notes use a handful of lengths: made once each, the
+# scanner's arithmetic stops being most of its time (Fraction() and * cost microseconds).
+_fraction = functools.lru_cache(maxsize=4096)(Fraction)
+
+
+@functools.lru_cache(maxsize=4096)
+def _quarters(length: Fraction, unit: Fraction) -> Fraction:
+    """A note's duration in quarter notes: its length multiplier times the unit note length."""
+    return length * unit * 4
 
 
 class _Token(NamedTuple):
@@ -1102,14 +1115,39 @@ _BROKEN = {">": (Fraction(3, 2), Fraction(1, 2)), ">>": (Fraction(7, 4), Fractio
 
 
 def _scan(tune: Tune) -> _Scan:
-    """Read the body once (cached on the Tune): events in written order and bars per voice."""
-    key_ = (tune.body, tuple(tune.fields))
+    """Read the body once: events in written order and bars per voice. Cached on the Tune, and
+    by what the scanner reads (`_scan_key`) for the last `_SCANS_KEPT` tunes: the dataset
+    builders parse the same few texts several times a chat, each time into a new Tune, and
+    rewrite headers (T:, Q:) that change no event. A _Scan is shared: never mutate one."""
+    own = (tune.body, tuple(tune.fields), tune.first_body_line)
     _check_size(tune.body)
-    if tune._cache is not None and tune._cache[0] == key_:
+    if tune._cache is not None and tune._cache[0] == own:
         return tune._cache[1]
-    scan = _Scanner(tune).run()
-    tune._cache = (key_, scan)
+    shared = _scan_key(tune)
+    with _SCANS_LOCK:
+        scan = _SCANS.get(shared)
+        if scan is not None:
+            _SCANS.move_to_end(shared)
+    if scan is None:
+        scan = _Scanner(tune).run()
+        with _SCANS_LOCK:
+            _SCANS[shared] = scan
+            while len(_SCANS) > _SCANS_KEPT:
+                _SCANS.popitem(last=False)
+    tune._cache = (own, scan)
     return scan
+
+
+def _scan_key(tune: Tune) -> tuple:
+    """Everything `_Scanner` reads of a tune: the body and where it starts, the header's meter,
+    key and unit length, and its V: definitions (other header fields change no event)."""
+    return (tune.body, tune.first_body_line, tune.meter, tune.key, tune.unit_length,
+            tuple(value for name, value in tune.fields if name == "V"))
+
+
+_SCANS: OrderedDict[tuple, _Scan] = OrderedDict()
+_SCANS_LOCK = threading.Lock()
+_SCANS_KEPT = 256
 
 
 class _Scanner:
@@ -1367,7 +1405,7 @@ class _Scanner:
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
               col: int, kind: str, duration: Fraction | None = None) -> None:
         if duration is None:
-            duration = length * v.unit * 4
+            duration = _quarters(length, v.unit)
             if v.tuplet is not None and v.tuplet[0] > 0:
                 duration = duration * v.tuplet[2] / v.tuplet[1]
                 v.tuplet[0] -= 1

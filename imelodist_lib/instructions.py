@@ -30,6 +30,7 @@ from imelodist_lib import abc, jsonl
 from imelodist_lib.knowledge import load_knowledge, read_identity
 from imelodist_lib.labels import STYLE_ZH, add_chord_symbols
 from imelodist_lib.music import pitch_class_name
+from imelodist_lib.parallel import map_chunks
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, Profile
 
 TASKS = ("emotion", "chords", "theme_chords", "continue", "describe", "harmonise")
@@ -778,29 +779,38 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
                               rng: random.Random | int | None = None, *,
                               identity: Sequence[dict] | None = None,
                               transposed_share: float = 0.0,
-                              progress: bool = False) -> list[dict]:
+                              progress: bool = False, workers: int | None = None) -> list[dict]:
     """Chat records, `profile.instructions_per_tune` per tune, task kinds and languages dealt
     round-robin (a seeded order) so they stay balanced; identity Q&A appended when given
     (build_datasets passes it for the train split only). A tune that cannot serve its dealt
     task (too short to continue, no title for a theme...) takes the next kind in the deal.
     A `transposed_share` of the chats (build_datasets: the train split's,
     `profile.transposed_chat_share`) move their tune to a random other key first; that draw has
-    its own rng, so every other chat is the same bytes at any share."""
+    its own rng, so every other chat is the same bytes at any share. Built in `workers`
+    processes (`parallel.map_chunks`; None: one per core) with the same bytes as in one."""
     if not 0.0 <= transposed_share <= 1.0:
         raise ValueError(f"transposed_share must be in [0, 1], got {transposed_share!r}")
     rng = _as_rng(rng, profile)
     base = rng.randrange(2**32)  # per-tune rngs hang off this, so one tune's draws don't shift others
     deal = [(t, lang) for t in SFT_TASKS for lang in LANGS]
     rng.shuffle(deal)
-    out: list[dict] = []
-    turn = 0
-    iterator: Iterable[Any] = records
-    if progress:
-        from tqdm.auto import tqdm
+    job = functools.partial(_instruction_chats, profile=profile, base=base, deal=tuple(deal),
+                            transposed_share=transposed_share)
+    out = map_chunks(job, records, workers=workers, desc="instructions" if progress else None)
+    for pair in identity or ():
+        out.append(chat_record(None, pair["question"], pair["answer"], None, IDENTITY_TASK))
+    return out
 
-        iterator = tqdm(records, desc="instructions", unit="tune")
-    for record in iterator:
-        for j in range(max(1, profile.instructions_per_tune)):
+
+def _instruction_chats(records: Sequence[Any], first: int, *, profile: Profile, base: int,
+                       deal: tuple[tuple[str, str], ...], transposed_share: float) -> list[dict]:
+    """build_instruction_records' chats for `records`, the tunes from index `first` on: the
+    deal turns once per chat slot, so a chunk starts at turn `first * instructions_per_tune`."""
+    per_tune = max(1, profile.instructions_per_tune)
+    out: list[dict] = []
+    turn = first * per_tune
+    for record in records:
+        for j in range(per_tune):
             tune_rng = random.Random(f"{base}/{record.id}/{j}")
             key_rng = random.Random(f"{base}/{record.id}/{j}/key")
             source = record
@@ -822,8 +832,6 @@ def build_instruction_records(records: Sequence[Any], profile: Profile,
                 out.append(chat_record(request, user, answer, record.id))
                 break
             turn += 1
-    for pair in identity or ():
-        out.append(chat_record(None, pair["question"], pair["answer"], None, IDENTITY_TASK))
     return out
 
 
@@ -888,16 +896,23 @@ def close_phrase(text: str) -> str:
 
 
 def phrase_records(records: Sequence[Any], profile: Profile,
-                   rng: random.Random | int | None = None) -> list[dict]:
+                   rng: random.Random | int | None = None, *, progress: bool = False,
+                   workers: int | None = None) -> list[dict]:
     """`profile.phrase_chats_per_tune` short chats per tune (train split only, like identity).
 
     Why: a full-tune answer carries its key and meter in two header tokens out of hundreds, and a
     small model trained for an hour learns to ignore the request (see the model card's prompt
     test). These chats are short, always state key, meter and length, and move the tune to a
     random key so the request, not the melody, decides K:. Tunes too short for a phrase are
-    skipped (none of the corpus's are: its tunes have >= `min_bars` bars)."""
+    skipped (none of the corpus's are: its tunes have >= `min_bars` bars). Built in `workers`
+    processes (`parallel.map_chunks`; None: one per core) with the same bytes as in one."""
     rng = _as_rng(rng, profile)
-    base = rng.randrange(2**32)
+    job = functools.partial(_phrase_chats, profile=profile, base=rng.randrange(2**32))
+    return map_chunks(job, records, workers=workers, desc="phrases" if progress else None)
+
+
+def _phrase_chats(records: Sequence[Any], first: int, *, profile: Profile, base: int) -> list[dict]:
+    """phrase_records' chats for `records` (each tune's draws hang off `base` and its id only)."""
     out: list[dict] = []
     for record in records:
         for j in range(profile.phrase_chats_per_tune):
@@ -987,7 +1002,9 @@ def corpus_digest(records: Iterable[Any]) -> str:
     `load_datasets` can tell when tunes.jsonl changed under them."""
     h = hashlib.sha256()
     for r in records:
-        row = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+        # a record's fields as they are: the JSON of dataclasses.asdict, without its deep copy
+        row = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)} \
+            if dataclasses.is_dataclass(r) else dict(r)
         h.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
     return h.hexdigest()
 
@@ -1104,8 +1121,8 @@ def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progre
             by_split[split], profile, random.Random(f"{profile.seed}/{split}"),
             identity=identity if split == "train" else None, progress=progress,
             transposed_share=profile.transposed_chat_share if split == "train" else 0.0)
-        phrases = phrase_records(by_split[split], profile, random.Random(f"{profile.seed}/phrase")) \
-            if split == "train" else []
+        phrases = phrase_records(by_split[split], profile, random.Random(f"{profile.seed}/phrase"),
+                                 progress=progress) if split == "train" else []
         sft_rows += phrases
         jsonl.write_jsonl(sft_rows, getattr(files, f"sft_{split}"))
         counts["sft"][split] = dataset_counts(sft_rows)

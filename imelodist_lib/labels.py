@@ -384,10 +384,16 @@ def label_record(record: TuneRecord) -> TuneRecord:
     return dataclasses.replace(record, labels=labels)
 
 
-def label_tunes(records: Sequence[TuneRecord], progress: bool = False) -> list[TuneRecord]:
-    """Derived labels (chords, style, emotion, theme) for every record that lacks them."""
-    from tqdm.auto import tqdm
+def label_tunes(records: Sequence[TuneRecord], progress: bool = False,
+                workers: int | None = None) -> list[TuneRecord]:
+    """Derived labels (chords, style, emotion, theme) for every record that lacks them, in
+    `workers` processes (`parallel.map_chunks`; None: one per core), each record on its own."""
+    from imelodist_lib.parallel import map_chunks
 
-    return [label_record(r) for r in tqdm(records, desc="label", disable=not progress)]
+    return map_chunks(_label_chunk, records, workers=workers, desc="label" if progress else None)
+
+
+def _label_chunk(records: Sequence[TuneRecord], first: int) -> list[TuneRecord]:
+    return [label_record(r) for r in records]
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,14 @@ class Profile:
     temperature: float = 1.0
     eval_requests: int = 8
     eval_samples_per_request: int = 1
-    workdir: Path = field(default_factory=lambda: REPO_ROOT / "runs")
+    workdir: Path | None = None  # None: $IMELODIST_RUNS when set, else <repo>/runs
 
     @property
     def run_dir(self) -> Path:
-        """Where this profile's notebooks write datasets, checkpoints and results."""
-        return Path(os.environ.get("IMELODIST_RUNS", self.workdir)) / self.name
+        """Where this profile's notebooks write datasets, checkpoints and results: under the
+        `workdir` given, else under $IMELODIST_RUNS, else under the repository's runs/."""
+        root = self.workdir if self.workdir is not None else os.environ.get("IMELODIST_RUNS") or REPO_ROOT / "runs"
+        return Path(root) / self.name
 
     @property
     def is_gpu(self) -> bool:

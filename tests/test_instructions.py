@@ -4,6 +4,7 @@ own chord symbols, Essen Chinese folk songs)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imelodist_lib import abc, corpus, labels
+from imelodist_lib import abc, corpus, labels, parallel
 from imelodist_lib import instructions as ins
 from imelodist_lib.knowledge import load_knowledge, read_identity
 from imelodist_lib.profiles import KNOWLEDGE_DIR, SYSTEM_PROMPT, get_profile
@@ -588,3 +589,47 @@ def test_a_second_identical_build_is_a_lookup(tunes, knowledge_dir, tmp_path, mo
         fh.write("Nie Er\t聂耳\t1912\t1935\tChinese\t20th century\n")
     assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
                                   progress=False, knowledge_dir=knowledge_dir).reused
+
+
+# ------------------------------------------------------------------ building in worker processes
+def test_chats_built_in_chunks_and_worker_processes_are_the_same_bytes(tunes):
+    # The deal turns once per chat slot, so a chunk must start at its own turn: chunks of 5
+    # over the dozen tunes, in two spawned processes, give exactly the one-loop chats.
+    profile = get_profile("cpu", instructions_per_tune=2)
+    job = functools.partial(ins._instruction_chats, profile=profile, base=7,
+                            deal=tuple((t, lang) for t in ins.SFT_TASKS for lang in ins.LANGS),
+                            transposed_share=0.5)
+    one_loop = job(tunes, 0)
+    assert len(one_loop) >= len(tunes)
+    assert parallel.map_chunks(job, tunes, workers=1, chunk=5) == one_loop
+    assert parallel.map_chunks(job, tunes, workers=2, chunk=5, min_parallel=0) == one_loop
+    phrases = functools.partial(ins._phrase_chats, profile=profile, base=7)
+    assert parallel.map_chunks(phrases, tunes, workers=2, chunk=5, min_parallel=0) == phrases(tunes, 0)
+
+
+def test_worker_count_comes_from_the_environment_or_the_cores(monkeypatch):
+    monkeypatch.setenv(parallel.WORKERS_ENV, "3")
+    assert parallel.default_workers() == 3
+    monkeypatch.setenv(parallel.WORKERS_ENV, "0")
+    with pytest.raises(ValueError, match="IMELODIST_WORKERS"):
+        parallel.default_workers()
+    monkeypatch.delenv(parallel.WORKERS_ENV)
+    assert 1 <= parallel.default_workers() <= 8
+
+
+def test_a_script_without_a_main_guard_can_build_in_worker_processes(tmp_path):
+    # Workers that re-ran the calling script (spawn) would start its work again: this script
+    # would fail or, waiting on a build's folder lock, hang.
+    (tmp_path / "chunked.py").write_text("def doubled(chunk, start):\n"
+                                         "    return [(start, x * 2) for x in chunk]\n")
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nsys.path.insert(0, sys.argv[1])\n"
+                      "from chunked import doubled\nfrom imelodist_lib.parallel import map_chunks\n"
+                      "print(map_chunks(doubled, list(range(7)), workers=2, chunk=3, min_parallel=0))\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str([(0, 0), (0, 2), (0, 4), (3, 6), (3, 8), (3, 10), (6, 12)])

@@ -99,3 +99,11 @@ def test_overrides_are_read_as_the_fields_type():
 def test_get_profile_refuses_a_value_of_the_wrong_type(field, value):
     with pytest.raises(TypeError, match=f"'{field}' takes"):
         get_profile("cpu", **{field: value})
+
+
+def test_a_given_workdir_wins_over_imelodist_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMELODIST_RUNS", str(tmp_path / "env"))
+    assert get_profile("cpu").run_dir == tmp_path / "env" / "cpu"
+    assert get_profile("cpu", workdir=tmp_path / "mine").run_dir == tmp_path / "mine" / "cpu"
+    monkeypatch.delenv("IMELODIST_RUNS")
+    assert get_profile("cpu").run_dir.parent.name == "runs"
