@@ -11,7 +11,6 @@ symbols are the model's choice.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -25,10 +24,6 @@ from imelodist_lib.music import FLAT_NAMES, pitch_class
 __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate", "harmonise",
            "harmonise_grammar", "harmonise_budget", "strip_chords", "chord_vocabulary", "suffix_logprob"]
 
-# What may stand between a bar line and a bar's first note and belongs to the bar line side:
-# white space, bar lines, an ending marker ([1, [2, |2), an inline field ([K:D]).
-_LEAD = re.compile(r"\s+|:*\|[|\]:]*|::+|\[\|\]?|\[[0-9]+(?:[,-][0-9]+)*|\[[A-Za-z]:[^\]\n]*\]")
-_TRAIL = re.compile(r"(?:\s*(?::*\|[|\]:]*[0-9]*|::+|\[\|\]?))+\s*$")
 # chord roots as lead sheets spell them in sharp keys (Eb, Ab, Bb rather than D#, G#, A#)
 _SHARP_ROOTS = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
@@ -57,11 +52,9 @@ def bar_spans(abc_text: str) -> list[BarSpan]:
                          f"line between bars (abc.normalize helps)")
     spans = []
     for bar, (a, b) in zip(bars, segments):
-        start = a
-        while (m := _LEAD.match(abc_text, start, b)) and m.end() > start:
-            start = m.end()
-        trail = _TRAIL.search(abc_text[start:b])
-        end = start + trail.start() if trail else b
+        start = abc.bar_music_start(abc_text, a, b, lines=False)
+        closing = abc.trailing_barlines_start(abc_text, start, b)
+        end = start + len(abc_text[start:closing].rstrip()) if closing < b else b
         chords = abc.QUOTED_CHORD_RE.findall(abc_text[start:end])
         spans.append(BarSpan(bar.index, start, end, bar.duration, bar.kind, chords[0] if chords else None))
     return spans

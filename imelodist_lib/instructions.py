@@ -459,12 +459,6 @@ def _labelled_chords(record: Any) -> str | None:
     return None
 
 
-# What may precede a bar's first note: spaces, line continuations, the ":" of "|:", ending
-# numbers, body field lines (P:A) and inline fields ([K:G]); a held chord goes after them.
-_BAR_START_RE = re.compile(r"(?:[\s:\\]+|\[?[0-9]+(?:[,-][0-9]+)*|^[HIKLMNPQRTUVWw]:[^\n]*\n"
-                           r"|\[[A-Za-z]:[^\]\n]*\])*", re.M)
-
-
 def _hold_chords(text: str) -> str:
     """Write the chord that is still sounding into each bar that has no chord symbol of its own
     (lead-sheet reading: a chord holds until the next); a leading pickup takes the first chord."""
@@ -478,8 +472,7 @@ def _hold_chords(text: str) -> str:
     held, inserts = first, []
     for (a, b), found in zip(spans, per_bar):
         if not found:
-            at = _BAR_START_RE.match(text, a, b).end()
-            inserts.append((at, held))
+            inserts.append((abc.bar_music_start(text, a, b), held))
         else:
             held = found[-1]
     for at, name in reversed(inserts):
@@ -873,16 +866,17 @@ def _opening(record: Any, n_bars: int) -> Any:
     return head if isinstance(record, str) else dataclasses.replace(record, abc=head)
 
 
-FINAL_BARLINE = re.compile(r"(?:::|:\|\]|:\|\||:\||\|\]|\|\||\|)\s*$")
-
-
 def close_phrase(text: str) -> str:
     """A tune's opening bars made a tune of their own: the barline they were cut at becomes a
     final `|]`, or `:|` where a repeat is still open (a cut at `::` or inside `|: ... :|`), so
-    the strict validator accepts it. Raises ValueError when neither gives valid ABC."""
-    body = FINAL_BARLINE.sub("", text.rstrip())
+    the strict validator accepts it. Raises ValueError when neither gives valid ABC, and for a
+    cut just after a repeat opens (`|:`): such phrases were never closed, and closing them now
+    would change which tunes give phrase chats (the datasets' bytes)."""
+    body = text.rstrip()
+    opens_repeat = body.endswith(":") and not body.endswith("::")
+    body = body[:abc.trailing_barlines_start(body)]
     for closing in ("|]", ":|"):
-        if abc.validate(body + closing + "\n").ok:
+        if not opens_repeat and abc.validate(body + closing + "\n").ok:
             return body + closing + "\n"
     raise ValueError("cannot close the phrase with |] or :|")
 

@@ -319,7 +319,8 @@ def test_phrase_chats_state_key_meter_and_length_and_move_the_key(tunes):
         source = next(t for t in tunes if t.id == row["tune_id"])
         moved += tune.key != abc.parse_tune(source.abc).key
         # the answer is the opening of the (moved) source tune: same notes, once transposed back
-        notes = ins.FINAL_BARLINE.sub("", answer.split("K:", 1)[1].split("\n", 1)[1].rstrip())
+        body = answer.split("K:", 1)[1].split("\n", 1)[1].rstrip()
+        notes = body[:abc.trailing_barlines_start(body)]
         assert any((abc.transpose(source.abc, s) if s else abc.normalize(source.abc))
                    .split("K:", 1)[1].split("\n", 1)[1].startswith(notes) for s in ins.PHRASE_SHIFTS)
         assert answer.rstrip().endswith(("|]", ":|"))
