@@ -1026,7 +1026,7 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                          "(or corpus.assemble_corpus, which does)")
     files = DatasetFiles.under(profile.run_dir / "data")
     with jsonl.folder_lock(files.data_dir):
-        why = _rebuild_reason(profile, records, files, knowledge_dir) if use_cache else "use_cache=False"
+        why = _stale_reason(profile, files, knowledge_dir, records) if use_cache else "use_cache=False"
         if why is None:
             _log.info("reusing the datasets in %s: same tunes, knowledge, settings and code", files.data_dir)
             files.reused = True
@@ -1036,21 +1036,51 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
     return files
 
 
-def _build_stamp(profile: Profile, records: Sequence[Any], knowledge_dir: Path | str) -> dict:
-    """The manifest entries that say what a build was made from (compared before reusing it)."""
-    return {"settings": _settings(profile, Path(knowledge_dir)), "corpus_sha256": corpus_digest(records),
-            "knowledge_sha256": knowledge_digest(knowledge_dir), "builder_sha256": builder_digest(),
-            "system_prompt": SYSTEM_PROMPT}
+def _build_stamp(profile: Profile, records: Sequence[Any] | None, knowledge_dir: Path | str,
+                 loading: bool = False) -> dict:
+    """The manifest entries that say what a build was made from (compared before reusing it).
+    `loading=True` is load_datasets' view of them (see `_stale_reason`): without the builder's
+    code and system prompt, without the knowledge when its folder is not there, and (as for
+    any caller) without the tunes when `records` is None."""
+    stamp: dict[str, Any] = {"settings": _settings(profile, Path(knowledge_dir))}
+    if records is not None:
+        stamp["corpus_sha256"] = corpus_digest(records)
+    if not loading or Path(knowledge_dir).is_dir():
+        stamp["knowledge_sha256"] = knowledge_digest(knowledge_dir)
+    if not loading:
+        stamp.update(builder_sha256=builder_digest(), system_prompt=SYSTEM_PROMPT)
+    return stamp
 
 
-def _rebuild_reason(profile: Profile, records: Sequence[Any], files: DatasetFiles,
-                    knowledge_dir: Path | str) -> str | None:
-    """Why build_datasets must write the files (None: the folder holds this very build, intact)."""
+# What a changed `_build_stamp` entry means, as `_stale_reason` says it.
+_STAMP_CHANGED = {"settings": "built with other profile settings",
+                  "corpus_sha256": "tunes.jsonl changed since they were built (other tunes)",
+                  "knowledge_sha256": "data/knowledge changed since they were built",
+                  "builder_sha256": "the builder's code changed since they were built (builder_digest)",
+                  "system_prompt": "SYSTEM_PROMPT changed since they were built"}
+
+
+def _stale_reason(profile: Profile, files: DatasetFiles, knowledge_dir: Path | str,
+                  records: Sequence[Any] | None = None, loading: bool = False) -> str | None:
+    """Why the dataset files under `files` are not the build these inputs make (None: they are,
+    every file there and matching its sha256): each `_build_stamp` entry that differs from the
+    manifest's, the tunes being `records`.
+
+    build_datasets compares all of it. load_datasets (`loading=True`) reads the tunes from the
+    data folder's tunes.jsonl (not compared when it is missing), compares the knowledge only
+    when its folder is there, and never compares the code (`builder_digest`, SYSTEM_PROMPT): a
+    code change that leaves the bytes as they were (most do) should not force a 7-minute
+    rebuild before notebook 02; notebook 01's build_datasets is where a code change rebuilds."""
     manifest, why = _manifest_and_files_check(files)
     if why:
         return why
-    changed = [k for k, v in _build_stamp(profile, records, knowledge_dir).items() if manifest.get(k) != v]
-    return f"{', '.join(changed)} differ from the last build" if changed else None
+    if loading:
+        from imelodist_lib import corpus
+
+        tunes = files.data_dir / "tunes.jsonl"
+        records = corpus.read_jsonl(tunes) if tunes.exists() else None
+    stamp = _build_stamp(profile, records, knowledge_dir, loading=loading)
+    return "; ".join(_STAMP_CHANGED[k] for k, v in stamp.items() if manifest.get(k) != v) or None
 
 
 @functools.lru_cache(maxsize=1)
@@ -1127,7 +1157,7 @@ def load_datasets(profile: Profile, build_if_missing: bool = True, progress: boo
 
     files = DatasetFiles.under(profile.run_dir / "data")
     with jsonl.folder_lock(files.data_dir):  # a build in another process finishes first
-        stale = _stale_reason(profile, files)
+        stale = _stale_reason(profile, files, KNOWLEDGE_DIR, loading=True)
         if stale:
             if not build_if_missing:
                 raise FileNotFoundError(f"datasets under {files.data_dir}: {stale}; run notebook 01 "
@@ -1160,21 +1190,3 @@ def _manifest_and_files_check(files: DatasetFiles) -> tuple[dict, str | None]:
             return manifest, (f"{name} changed since it was built (sha256 {have[:12]} on disk, "
                               f"{want[:12]} in {files.manifest.name})")
     return manifest, None
-
-
-def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
-    """Why the dataset files can't be used as they are (None: they can)."""
-    manifest, why = _manifest_and_files_check(files)
-    if why:
-        return why
-    if manifest.get("settings") != _settings(profile, KNOWLEDGE_DIR):
-        return "built with other profile settings"
-    if KNOWLEDGE_DIR.is_dir() and knowledge_digest(KNOWLEDGE_DIR) != manifest.get("knowledge_sha256"):
-        return "data/knowledge changed since they were built"
-    tunes = files.data_dir / "tunes.jsonl"
-    if tunes.exists():
-        from imelodist_lib import corpus
-
-        if corpus_digest(corpus.read_jsonl(tunes)) != manifest.get("corpus_sha256"):
-            return "tunes.jsonl changed since they were built"
-    return None

@@ -589,3 +589,24 @@ def test_a_second_identical_build_is_a_lookup(tunes, knowledge_dir, tmp_path, mo
         fh.write("Nie Er\t聂耳\t1912\t1935\tChinese\t20th century\n")
     assert not ins.build_datasets(get_profile("cpu", workdir=tmp_path, seed=3), records[:-1],
                                   progress=False, knowledge_dir=knowledge_dir).reused
+
+
+def test_a_code_change_rebuilds_in_build_datasets_but_loading_keeps_the_files(tunes, knowledge_dir, tmp_path,
+                                                                              monkeypatch):
+    # one staleness check, two views: a build compares the builder's code and system prompt too;
+    # loading does not (a code change that leaves the bytes alone must not force a rebuild)
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    monkeypatch.setattr(ins, "KNOWLEDGE_DIR", knowledge_dir)
+    profile, records = get_profile("cpu", workdir=tmp_path), _split(tunes)
+    files = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    assert ins._stale_reason(profile, files, knowledge_dir, records) is None
+    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    files.manifest.write_text(json.dumps({**manifest, "builder_sha256": "0" * 64, "system_prompt": "old"}),
+                              encoding="utf-8")  # as older code would have written it
+    assert ins._stale_reason(profile, files, knowledge_dir, records) == (
+        "the builder's code changed since they were built (builder_digest); SYSTEM_PROMPT changed since "
+        "they were built")
+    assert ins._stale_reason(profile, files, knowledge_dir, loading=True) is None
+    assert ins.load_datasets(profile, build_if_missing=False)["pt"]["train"].num_rows > 0
+    assert not ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir).reused
+    assert json.loads(files.manifest.read_text(encoding="utf-8")) == manifest  # rebuilt: same bytes as ever
