@@ -222,9 +222,13 @@ def harmonise_grammar(abc_text: str, vocabulary: str = "key") -> str:
     """The grammar of a harmonisation: every byte of the melody (chord symbols removed) forced,
     one chord symbol from `chord_vocabulary` free at the start of every bar (vocabulary: "key"
     or "all"). `grammar.grammar_for_request` uses it for a "harmonise" request."""
+    return _melody_grammar(strip_chords(abc_text), vocabulary)
+
+
+def _melody_grammar(melody: str, vocabulary: str) -> str:
+    """`harmonise_grammar` of a melody already without chord symbols (`strip_chords`)."""
     if vocabulary not in ("key", "all"):
         raise ValueError(f"vocabulary must be 'key' or 'all', got {vocabulary!r}")
-    melody = strip_chords(abc_text)
     tune = abc.parse_tune(melody)
     errors = abc.check_bars(tune).errors
     if errors:
@@ -243,7 +247,11 @@ def harmonise_grammar(abc_text: str, vocabulary: str = "key") -> str:
 def harmonise_budget(abc_text: str) -> int:
     """max_new_tokens that always fits a harmonisation (characters of the melody, a chord's
     room per bar, a margin: a token is at least one character)."""
-    melody = strip_chords(abc_text)
+    return _melody_budget(strip_chords(abc_text))
+
+
+def _melody_budget(melody: str) -> int:
+    """`harmonise_budget` of a melody already without chord symbols (`strip_chords`)."""
     return len(melody) + 8 * len(bar_spans(melody)) + 32
 
 
@@ -257,11 +265,11 @@ def harmonise(composer: Any, abc_text: str, vocabulary: str = "key", lang: str =
     `chord_vocabulary(key, region=vocabulary == "key")` (vocabulary: "key" or "all"). The prompt
     is the "harmonise" task's (`ComposeRequest("harmonise", lang, melody=...)`), so
     `composer.compose(that request, constrained=True)` decodes the same answer."""
-    grammar = harmonise_grammar(abc_text, vocabulary)
-    melody = strip_chords(abc_text)
+    melody = strip_chords(abc_text)  # once: the grammar and the budget read this melody
+    grammar = _melody_grammar(melody, vocabulary)
     messages = composer.messages_for(ComposeRequest("harmonise", lang, melody=melody))
     if max_new_tokens is None:
-        max_new_tokens = harmonise_budget(melody)
+        max_new_tokens = _melody_budget(melody)
     seed = 0 if seed is None else int(seed)
     comp = composer.chat(messages, grammar=grammar, seed=seed, temperature=temperature,
                          max_new_tokens=max_new_tokens)
