@@ -1639,6 +1639,33 @@ def barline_tokens(line: str) -> list[tuple[int, int, str]]:
     return tokens
 
 
+# What stands at a bar's edges in the text and belongs to the bar lines, not to the bar's music:
+# white space, bar lines with their repeat colons and ending numbers (read by the parser's
+# `_BAR_RE`), a lone ":" or ending number a `bar_segments` cut left behind (|: |2), [1-style
+# endings and inline fields ([K:D]); with `lines`, also line continuations and body field lines.
+_BAR_EDGE = _BAR_RE.pattern + r"|\[?[0-9]+(?:[,-][0-9]+)*|\[[A-Za-z]:[^\]\n]*\]"
+_BAR_LEAD_RE = re.compile(r"(?:[\s:]+|" + _BAR_EDGE + r")*")
+_BAR_LEAD_LINES_RE = re.compile(r"(?:[\s:\\]+|" + _BAR_EDGE + r"|^[HIKLMNPQRTUVWw]:[^\n]*\n)*", re.M)
+_BAR_TAIL_RE = re.compile(r"(?:" + _BAR_RE.pattern + r")(?:\s*(?:" + _BAR_RE.pattern + r"))*\s*$")
+
+
+def bar_music_start(text: str, start: int, end: int, lines: bool = True) -> int:
+    """Where the music of the bar in `text[start:end]` (a `bar_segments` span) begins: the bar
+    lines, ending numbers, inline fields and spaces before it skipped (a chord symbol goes here).
+    `lines=True` skips a line continuation (`\\`) and body field lines (P:B) there too;
+    `lines=False` leaves them at the bar's start (editing.bar_spans' offsets, as they were)."""
+    return (_BAR_LEAD_LINES_RE if lines else _BAR_LEAD_RE).match(text, start, end).end()
+
+
+def trailing_barlines_start(text: str, start: int = 0, end: int | None = None) -> int:
+    """Where the bar lines that `text[start:end]` ends with begin (with their repeat colons and
+    ending numbers, spaces between them and after): `end` when it ends with none. Spaces before
+    the first one are kept, so `text[:trailing_barlines_start(text)]` is the text unclosed."""
+    end = len(text) if end is None else end
+    m = _BAR_TAIL_RE.search(text, start, end)
+    return m.start() if m else end
+
+
 def bar_segments(abc_text: str) -> tuple[int, list[tuple[int, int]]]:
     """Where each bar of a tune lies in its text: (offset where the body starts, [(start, end)]
     per bar of the first voice), a bar running from just after the previous bar's closing

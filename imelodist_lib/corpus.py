@@ -108,11 +108,7 @@ class TuneRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "TuneRecord":
         """Inverse of `to_dict`; unknown keys are an error (they would be silently lost)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"TuneRecord has no field(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return jsonl.dataclass_from_dict(cls, d)
 
 
 def _dumps(obj: Any) -> str:

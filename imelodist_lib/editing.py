@@ -11,7 +11,6 @@ symbols are the model's choice.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -25,10 +24,6 @@ from imelodist_lib.music import FLAT_NAMES, pitch_class
 __all__ = ["BarSpan", "Regeneration", "Harmonisation", "bar_spans", "regenerate", "harmonise",
            "harmonise_grammar", "harmonise_budget", "strip_chords", "chord_vocabulary", "suffix_logprob"]
 
-# What may stand between a bar line and a bar's first note and belongs to the bar line side:
-# white space, bar lines, an ending marker ([1, [2, |2), an inline field ([K:D]).
-_LEAD = re.compile(r"\s+|:*\|[|\]:]*|::+|\[\|\]?|\[[0-9]+(?:[,-][0-9]+)*|\[[A-Za-z]:[^\]\n]*\]")
-_TRAIL = re.compile(r"(?:\s*(?::*\|[|\]:]*[0-9]*|::+|\[\|\]?))+\s*$")
 # chord roots as lead sheets spell them in sharp keys (Eb, Ab, Bb rather than D#, G#, A#)
 _SHARP_ROOTS = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 
@@ -57,11 +52,9 @@ def bar_spans(abc_text: str) -> list[BarSpan]:
                          f"line between bars (abc.normalize helps)")
     spans = []
     for bar, (a, b) in zip(bars, segments):
-        start = a
-        while (m := _LEAD.match(abc_text, start, b)) and m.end() > start:
-            start = m.end()
-        trail = _TRAIL.search(abc_text[start:b])
-        end = start + trail.start() if trail else b
+        start = abc.bar_music_start(abc_text, a, b, lines=False)
+        closing = abc.trailing_barlines_start(abc_text, start, b)
+        end = start + len(abc_text[start:closing].rstrip()) if closing < b else b
         chords = abc.QUOTED_CHORD_RE.findall(abc_text[start:end])
         spans.append(BarSpan(bar.index, start, end, bar.duration, bar.kind, chords[0] if chords else None))
     return spans
@@ -229,9 +222,13 @@ def harmonise_grammar(abc_text: str, vocabulary: str = "key") -> str:
     """The grammar of a harmonisation: every byte of the melody (chord symbols removed) forced,
     one chord symbol from `chord_vocabulary` free at the start of every bar (vocabulary: "key"
     or "all"). `grammar.grammar_for_request` uses it for a "harmonise" request."""
+    return _melody_grammar(strip_chords(abc_text), vocabulary)
+
+
+def _melody_grammar(melody: str, vocabulary: str) -> str:
+    """`harmonise_grammar` of a melody already without chord symbols (`strip_chords`)."""
     if vocabulary not in ("key", "all"):
         raise ValueError(f"vocabulary must be 'key' or 'all', got {vocabulary!r}")
-    melody = strip_chords(abc_text)
     tune = abc.parse_tune(melody)
     errors = abc.check_bars(tune).errors
     if errors:
@@ -250,7 +247,11 @@ def harmonise_grammar(abc_text: str, vocabulary: str = "key") -> str:
 def harmonise_budget(abc_text: str) -> int:
     """max_new_tokens that always fits a harmonisation (characters of the melody, a chord's
     room per bar, a margin: a token is at least one character)."""
-    melody = strip_chords(abc_text)
+    return _melody_budget(strip_chords(abc_text))
+
+
+def _melody_budget(melody: str) -> int:
+    """`harmonise_budget` of a melody already without chord symbols (`strip_chords`)."""
     return len(melody) + 8 * len(bar_spans(melody)) + 32
 
 
@@ -264,11 +265,11 @@ def harmonise(composer: Any, abc_text: str, vocabulary: str = "key", lang: str =
     `chord_vocabulary(key, region=vocabulary == "key")` (vocabulary: "key" or "all"). The prompt
     is the "harmonise" task's (`ComposeRequest("harmonise", lang, melody=...)`), so
     `composer.compose(that request, constrained=True)` decodes the same answer."""
-    grammar = harmonise_grammar(abc_text, vocabulary)
-    melody = strip_chords(abc_text)
+    melody = strip_chords(abc_text)  # once: the grammar and the budget read this melody
+    grammar = _melody_grammar(melody, vocabulary)
     messages = composer.messages_for(ComposeRequest("harmonise", lang, melody=melody))
     if max_new_tokens is None:
-        max_new_tokens = harmonise_budget(melody)
+        max_new_tokens = _melody_budget(melody)
     seed = 0 if seed is None else int(seed)
     comp = composer.chat(messages, grammar=grammar, seed=seed, temperature=temperature,
                          max_new_tokens=max_new_tokens)

@@ -138,11 +138,7 @@ class ComposeRequest:
     @classmethod
     def from_dict(cls, d: dict) -> "ComposeRequest":
         """Inverse of `to_dict`; unknown keys are an error (they would be silently lost)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"ComposeRequest has no field(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return jsonl.dataclass_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,12 +456,6 @@ def _labelled_chords(record: Any) -> str | None:
     return None
 
 
-# What may precede a bar's first note: spaces, line continuations, the ":" of "|:", ending
-# numbers, body field lines (P:A) and inline fields ([K:G]); a held chord goes after them.
-_BAR_START_RE = re.compile(r"(?:[\s:\\]+|\[?[0-9]+(?:[,-][0-9]+)*|^[HIKLMNPQRTUVWw]:[^\n]*\n"
-                           r"|\[[A-Za-z]:[^\]\n]*\])*", re.M)
-
-
 def _hold_chords(text: str) -> str:
     """Write the chord that is still sounding into each bar that has no chord symbol of its own
     (lead-sheet reading: a chord holds until the next); a leading pickup takes the first chord."""
@@ -479,8 +469,7 @@ def _hold_chords(text: str) -> str:
     held, inserts = first, []
     for (a, b), found in zip(spans, per_bar):
         if not found:
-            at = _BAR_START_RE.match(text, a, b).end()
-            inserts.append((at, held))
+            inserts.append((abc.bar_music_start(text, a, b), held))
         else:
             held = found[-1]
     for at, name in reversed(inserts):
@@ -881,16 +870,17 @@ def _opening(record: Any, n_bars: int) -> Any:
     return head if isinstance(record, str) else dataclasses.replace(record, abc=head)
 
 
-FINAL_BARLINE = re.compile(r"(?:::|:\|\]|:\|\||:\||\|\]|\|\||\|)\s*$")
-
-
 def close_phrase(text: str) -> str:
     """A tune's opening bars made a tune of their own: the barline they were cut at becomes a
     final `|]`, or `:|` where a repeat is still open (a cut at `::` or inside `|: ... :|`), so
-    the strict validator accepts it. Raises ValueError when neither gives valid ABC."""
-    body = FINAL_BARLINE.sub("", text.rstrip())
+    the strict validator accepts it. Raises ValueError when neither gives valid ABC, and for a
+    cut just after a repeat opens (`|:`): such phrases were never closed, and closing them now
+    would change which tunes give phrase chats (the datasets' bytes)."""
+    body = text.rstrip()
+    opens_repeat = body.endswith(":") and not body.endswith("::")
+    body = body[:abc.trailing_barlines_start(body)]
     for closing in ("|]", ":|"):
-        if abc.validate(body + closing + "\n").ok:
+        if not opens_repeat and abc.validate(body + closing + "\n").ok:
             return body + closing + "\n"
     raise ValueError("cannot close the phrase with |] or :|")
 
@@ -1053,7 +1043,7 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
                          "(or corpus.assemble_corpus, which does)")
     files = DatasetFiles.under(profile.run_dir / "data")
     with jsonl.folder_lock(files.data_dir):
-        why = _rebuild_reason(profile, records, files, knowledge_dir) if use_cache else "use_cache=False"
+        why = _stale_reason(profile, files, knowledge_dir, records) if use_cache else "use_cache=False"
         if why is None:
             _log.info("reusing the datasets in %s: same tunes, knowledge, settings and code", files.data_dir)
             files.reused = True
@@ -1063,21 +1053,51 @@ def build_datasets(profile: Profile, corpus_result: Any, progress: bool = True,
     return files
 
 
-def _build_stamp(profile: Profile, records: Sequence[Any], knowledge_dir: Path | str) -> dict:
-    """The manifest entries that say what a build was made from (compared before reusing it)."""
-    return {"settings": _settings(profile, Path(knowledge_dir)), "corpus_sha256": corpus_digest(records),
-            "knowledge_sha256": knowledge_digest(knowledge_dir), "builder_sha256": builder_digest(),
-            "system_prompt": SYSTEM_PROMPT}
+def _build_stamp(profile: Profile, records: Sequence[Any] | None, knowledge_dir: Path | str,
+                 loading: bool = False) -> dict:
+    """The manifest entries that say what a build was made from (compared before reusing it).
+    `loading=True` is load_datasets' view of them (see `_stale_reason`): without the builder's
+    code and system prompt, without the knowledge when its folder is not there, and (as for
+    any caller) without the tunes when `records` is None."""
+    stamp: dict[str, Any] = {"settings": _settings(profile, Path(knowledge_dir))}
+    if records is not None:
+        stamp["corpus_sha256"] = corpus_digest(records)
+    if not loading or Path(knowledge_dir).is_dir():
+        stamp["knowledge_sha256"] = knowledge_digest(knowledge_dir)
+    if not loading:
+        stamp.update(builder_sha256=builder_digest(), system_prompt=SYSTEM_PROMPT)
+    return stamp
 
 
-def _rebuild_reason(profile: Profile, records: Sequence[Any], files: DatasetFiles,
-                    knowledge_dir: Path | str) -> str | None:
-    """Why build_datasets must write the files (None: the folder holds this very build, intact)."""
+# What a changed `_build_stamp` entry means, as `_stale_reason` says it.
+_STAMP_CHANGED = {"settings": "built with other profile settings",
+                  "corpus_sha256": "tunes.jsonl changed since they were built (other tunes)",
+                  "knowledge_sha256": "data/knowledge changed since they were built",
+                  "builder_sha256": "the builder's code changed since they were built (builder_digest)",
+                  "system_prompt": "SYSTEM_PROMPT changed since they were built"}
+
+
+def _stale_reason(profile: Profile, files: DatasetFiles, knowledge_dir: Path | str,
+                  records: Sequence[Any] | None = None, loading: bool = False) -> str | None:
+    """Why the dataset files under `files` are not the build these inputs make (None: they are,
+    every file there and matching its sha256): each `_build_stamp` entry that differs from the
+    manifest's, the tunes being `records`.
+
+    build_datasets compares all of it. load_datasets (`loading=True`) reads the tunes from the
+    data folder's tunes.jsonl (not compared when it is missing), compares the knowledge only
+    when its folder is there, and never compares the code (`builder_digest`, SYSTEM_PROMPT): a
+    code change that leaves the bytes as they were (most do) should not force a 7-minute
+    rebuild before notebook 02; notebook 01's build_datasets is where a code change rebuilds."""
     manifest, why = _manifest_and_files_check(files)
     if why:
         return why
-    changed = [k for k, v in _build_stamp(profile, records, knowledge_dir).items() if manifest.get(k) != v]
-    return f"{', '.join(changed)} differ from the last build" if changed else None
+    if loading:
+        from imelodist_lib import corpus
+
+        tunes = files.data_dir / "tunes.jsonl"
+        records = corpus.read_jsonl(tunes) if tunes.exists() else None
+    stamp = _build_stamp(profile, records, knowledge_dir, loading=loading)
+    return "; ".join(_STAMP_CHANGED[k] for k, v in stamp.items() if manifest.get(k) != v) or None
 
 
 @functools.lru_cache(maxsize=1)
@@ -1154,7 +1174,7 @@ def load_datasets(profile: Profile, build_if_missing: bool = True, progress: boo
 
     files = DatasetFiles.under(profile.run_dir / "data")
     with jsonl.folder_lock(files.data_dir):  # a build in another process finishes first
-        stale = _stale_reason(profile, files)
+        stale = _stale_reason(profile, files, KNOWLEDGE_DIR, loading=True)
         if stale:
             if not build_if_missing:
                 raise FileNotFoundError(f"datasets under {files.data_dir}: {stale}; run notebook 01 "
@@ -1187,21 +1207,3 @@ def _manifest_and_files_check(files: DatasetFiles) -> tuple[dict, str | None]:
             return manifest, (f"{name} changed since it was built (sha256 {have[:12]} on disk, "
                               f"{want[:12]} in {files.manifest.name})")
     return manifest, None
-
-
-def _stale_reason(profile: Profile, files: DatasetFiles) -> str | None:
-    """Why the dataset files can't be used as they are (None: they can)."""
-    manifest, why = _manifest_and_files_check(files)
-    if why:
-        return why
-    if manifest.get("settings") != _settings(profile, KNOWLEDGE_DIR):
-        return "built with other profile settings"
-    if KNOWLEDGE_DIR.is_dir() and knowledge_digest(KNOWLEDGE_DIR) != manifest.get("knowledge_sha256"):
-        return "data/knowledge changed since they were built"
-    tunes = files.data_dir / "tunes.jsonl"
-    if tunes.exists():
-        from imelodist_lib import corpus
-
-        if corpus_digest(corpus.read_jsonl(tunes)) != manifest.get("corpus_sha256"):
-            return "tunes.jsonl changed since they were built"
-    return None

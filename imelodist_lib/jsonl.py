@@ -5,16 +5,20 @@ Lines are split on "\\n" only: `str.splitlines()` also splits on U+2028, U+2029,
 friends, which `ensure_ascii=False` leaves raw inside strings, so it cannot read back what
 `json.dumps` wrote. Files are written to a temporary file in the same folder, fsynced and
 moved into place (`os.replace`), so a reader sees the old file or the new one, never half.
+A row read back becomes its record (TuneRecord, ComposeRequest) through `dataclass_from_dict`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, TypeVar
+
+_Record = TypeVar("_Record")
 
 
 def dumps_line(row: Any, sort_keys: bool = False, compact: bool = False) -> str:
@@ -34,6 +38,16 @@ def loads_lines(text: str, where: str = "") -> list[Any]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where or 'JSON lines'}:{n}: not a JSON line ({e})") from None
     return rows
+
+
+def dataclass_from_dict(cls: type[_Record], row: Mapping[str, Any]) -> _Record:
+    """`cls(**row)` for a dataclass `cls`, the inverse of its `to_dict`; keys that are not its
+    fields are an error (a ValueError naming them), since they would be silently lost."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(row) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**row)
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

@@ -446,3 +446,44 @@ def test_barline_tokens_are_the_bar_lines_the_parser_reads():
                 checked += len(want)
     assert lines > 1000 and checked > 3000
     assert abc.barline_tokens('"|:" !x|! [K:D] A|2 B:|: c|] % d |') == [(17, 18, "|"), (21, 24, ":|:"), (26, 28, "|]")]
+
+
+# Aird's "Quick Step. Fencibles": P: lines in the body, [1 and [2 endings, a line continued with
+# "\" before the [2, spaced bars, |: and :| repeats: every kind of bar edge the corpus writes.
+FENCIBLES = ("airdsAirs/book1.abc", 170)
+
+
+def test_bar_music_start_skips_what_belongs_to_the_bar_lines():
+    # one reading of a bar's opening edge: a held chord symbol is written there (instructions)
+    # and a bar's contents start there (editing.bar_spans, with lines=False)
+    text = corpus_tune(*FENCIBLES)
+    _, spans = abc.bar_segments(text)
+    music = [text[abc.bar_music_start(text, a, b):b] for a, b in spans]
+    assert [music[i] for i in (0, 3, 7, 8, 9)] == [
+        "G2  B>G|", "c4     |", "G2 G,2:|", "G2    ||", "D/(E//F//G//A//B//^c//)|:"]
+    plain = [text[abc.bar_music_start(text, a, b, lines=False):b] for a, b in spans]
+    assert [i for i, (m, p) in enumerate(zip(music, plain)) if m != p] == [0, 8, 9]
+    assert plain[0].startswith("P:A\n") and plain[8].startswith("\\\n") and plain[9].startswith("P:B\n")
+    assert abc.bar_music_start("A4 :|2 B4|]", 5, 11) == 7  # the ending number a cut after :| leaves
+    # on real tunes every bar's music starts with music: a note, rest, chord, decoration, slur...
+    starts = set()
+    for index in range(0, 200, 5):
+        text = corpus_tune("airdsAirs/book1.abc", index)
+        for a, b in abc.bar_segments(text)[1]:
+            at = abc.bar_music_start(text, a, b)
+            starts.add(text[at] if at < b else "")
+    assert starts and starts <= set("ABCDEFGabcdefg^_=zxZ\"[({!.~HLMOPSTuvJRy"), starts
+
+
+def test_trailing_barlines_start_finds_the_bar_lines_a_text_ends_with():
+    # one reading of a bar's closing edge: a bar's contents end there (editing.bar_spans) and a
+    # phrase is closed there (instructions.close_phrase writes |] or :| instead)
+    text = corpus_tune(*FENCIBLES)
+    _, spans = abc.bar_segments(text)
+    kept = [text[a:abc.trailing_barlines_start(text, a, b)] for a, b in spans]
+    assert [kept[i] for i in (1, 7, 8, 9)] == [
+        "A2 FD ", "[1 G2 G,2", "\\\n                      [2 G2    ", "\nP:B\nD/(E//F//G//A//B//^c//)"]
+    whole = text.rstrip()
+    assert whole[:abc.trailing_barlines_start(whole)].endswith("GEA,G|F4")
+    assert abc.trailing_barlines_start("F4 :| |]") == 3  # several, spaces between: all of them
+    assert abc.trailing_barlines_start("G2 G,2") == 6  # none: the end

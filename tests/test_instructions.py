@@ -320,7 +320,8 @@ def test_phrase_chats_state_key_meter_and_length_and_move_the_key(tunes):
         source = next(t for t in tunes if t.id == row["tune_id"])
         moved += tune.key != abc.parse_tune(source.abc).key
         # the answer is the opening of the (moved) source tune: same notes, once transposed back
-        notes = ins.FINAL_BARLINE.sub("", answer.split("K:", 1)[1].split("\n", 1)[1].rstrip())
+        body = answer.split("K:", 1)[1].split("\n", 1)[1].rstrip()
+        notes = body[:abc.trailing_barlines_start(body)]
         assert any((abc.transpose(source.abc, s) if s else abc.normalize(source.abc))
                    .split("K:", 1)[1].split("\n", 1)[1].startswith(notes) for s in ins.PHRASE_SHIFTS)
         assert answer.rstrip().endswith(("|]", ":|"))
@@ -591,10 +592,31 @@ def test_a_second_identical_build_is_a_lookup(tunes, knowledge_dir, tmp_path, mo
                                   progress=False, knowledge_dir=knowledge_dir).reused
 
 
+def test_a_code_change_rebuilds_in_build_datasets_but_loading_keeps_the_files(tunes, knowledge_dir, tmp_path,
+                                                                              monkeypatch):
+    # one staleness check, two views: a build compares the builder's code and system prompt too;
+    # loading does not (a code change that leaves the bytes alone must not force a rebuild)
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    monkeypatch.setattr(ins, "KNOWLEDGE_DIR", knowledge_dir)
+    profile, records = get_profile("cpu", workdir=tmp_path), _split(tunes)
+    files = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    assert ins._stale_reason(profile, files, knowledge_dir, records) is None
+    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    files.manifest.write_text(json.dumps({**manifest, "builder_sha256": "0" * 64, "system_prompt": "old"}),
+                              encoding="utf-8")  # as older code would have written it
+    assert ins._stale_reason(profile, files, knowledge_dir, records) == (
+        "the builder's code changed since they were built (builder_digest); SYSTEM_PROMPT changed since "
+        "they were built")
+    assert ins._stale_reason(profile, files, knowledge_dir, loading=True) is None
+    assert ins.load_datasets(profile, build_if_missing=False)["pt"]["train"].num_rows > 0
+    assert not ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir).reused
+    assert json.loads(files.manifest.read_text(encoding="utf-8")) == manifest  # rebuilt: same bytes as ever
+
+
 # ------------------------------------------------------------------ building in worker processes
 def test_chats_built_in_chunks_and_worker_processes_are_the_same_bytes(tunes):
     # The deal turns once per chat slot, so a chunk must start at its own turn: chunks of 5
-    # over the dozen tunes, in two spawned processes, give exactly the one-loop chats.
+    # over the dozen tunes, in two worker processes, give exactly the one-loop chats.
     profile = get_profile("cpu", instructions_per_tune=2)
     job = functools.partial(ins._instruction_chats, profile=profile, base=7,
                             deal=tuple((t, lang) for t in ins.SFT_TASKS for lang in ins.LANGS),
