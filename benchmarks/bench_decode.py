@@ -117,7 +117,7 @@ def single_stream(composers: dict, requests: list, args) -> tuple[dict, dict]:
 
 def batched(composers: dict, requests: list, args, constrained: bool) -> dict:
     """Each batch size: one compose_many call against its answers made one at a time."""
-    lean, generate = composers["lean"], composers["generate"]
+    lean = composers["lean"]
     options = dict(max_new_tokens=args.max_new_tokens, constrained=constrained)
     out = {}
     for size in args.batch:
@@ -138,6 +138,85 @@ def batched(composers: dict, requests: list, args, constrained: bool) -> dict:
             "batch_over_generate_one_at_a_time": ratio(batch, loops["generate"]),
             "same_text_as_lean_one_at_a_time": _same(batch_answers, loop_answers["lean"]),
             "same_text_as_generate_one_at_a_time": _same(batch_answers, loop_answers["generate"])}
+    return out
+
+
+def lookup_draft(context: list[int], k: int, min_match: int, max_match: int = 4) -> list[int]:
+    """Prompt-lookup draft: the k tokens that followed the latest earlier occurrence of the
+    context's last n tokens (n = max_match down to min_match; the prompt and the answer so far)."""
+    for n in range(max_match, min_match - 1, -1):
+        tail = context[-n:]
+        for j in range(len(context) - n - 1, -1, -1):
+            if context[j:j + n] == tail:
+                return context[j + n:j + n + k]
+    return []
+
+
+def speculation_replay(answers: list[tuple[list[int], list[int]]], k: int, min_match: int, cost: dict,
+                       oracle: bool = False) -> dict:
+    """Exact speculation replayed on (prompt, answer tokens) pairs: the answer is the same with or
+    without it, so each verify step emits the draft's agreeing prefix plus one sampled token.
+    cost[n]: a forward over n positions in one-position steps. oracle: draft only what would be
+    accepted (the bound of any policy choosing when and how far to draft)."""
+    steps = drafted = accepted = emitted = 0
+    spent = 0.0
+    for prompt, tokens in answers:
+        context, i = [*prompt, tokens[0]], 1  # the first token comes from the prefill
+        while i < len(tokens):
+            draft = lookup_draft(context, min(k, len(tokens) - i - 1), min_match) if len(tokens) - i > 1 else []
+            agree = next((a for a, t in enumerate(draft) if t != tokens[i + a]), len(draft))
+            draft = draft[:agree] if oracle else draft
+            steps, drafted, accepted, emitted = steps + 1, drafted + len(draft), accepted + agree, emitted + agree + 1
+            spent += cost[1 + len(draft)]
+            context += tokens[i:i + agree + 1]
+            i += agree + 1
+    return {"tokens_per_step": round(emitted / steps, 3), "draft_acceptance": round(accepted / max(drafted, 1), 3),
+            "modeled_step_speedup": round(emitted / spent, 3)}
+
+
+def speculation_study(composer: Composer, requests: list, args) -> dict:
+    """Would exact prompt-lookup speculation pay on the lean single-row path? The bench's own
+    answers (same seeds), the cost of a forward over 1..9 positions at once (`LeanLlama.prefill`
+    with start > 0: the verify step) against the one-row step, and the replayed speedup."""
+    from imelodist_lib.fast_decode import Sampling, blas_threads, decode
+
+    engine = composer.engine
+    lean, sampling = engine._lean_model(), Sampling(composer.profile.temperature, 0.95, 50, args.max_new_tokens)
+    answers: dict = {}
+    with _torch_threads(1):
+        for mode, constrained in MODES:
+            for i, request in enumerate(requests):
+                grammar = grammar_for_request(request) if constrained else None
+                rows = engine._lean_rows([(composer.messages_for(request), grammar, args.seed + i)], 1, None)
+                [result] = decode(lean, rows, sampling, engine.stop_ids, utf8=engine.utf8_table)
+                answers.setdefault(mode, []).append((rows[0].prompt, result.tokens))
+        prompt, tokens = answers["free"][0]
+        start = len(prompt) + len(tokens) // 2
+        cache = lean.new_cache(1, start + 16)
+        lean.prefill([*prompt, *tokens][:start], cache, 0)
+        calls = {1: lambda: lean._step_one(5, start, cache, start + 1)}
+        calls.update({n: (lambda n=n: lean.prefill([5] * n, cache, 0, all_logits=True, start=start))
+                      for n in range(2, 10)})
+        seconds: dict = {n: [] for n in calls}
+        with blas_threads(1):
+            for _ in range(9):  # interleaved rounds, CPU time of 20 calls each, medians
+                for n, call in calls.items():
+                    clock = time.thread_time()
+                    for _ in range(20):
+                        call()
+                    seconds[n].append((time.thread_time() - clock) / 20)
+    one = statistics.median(seconds[1])
+    cost = {n: round(statistics.median(v) / one, 2) for n, v in seconds.items()}
+    out: dict = {"one_position_step_ms": round(one * 1e3, 3), "cost_of_n_positions_over_one": cost,
+                 "load_average": round(os.getloadavg()[0], 2)}
+    for mode in answers:
+        replays = {f"min_match_{m}_k_{k}": speculation_replay(answers[mode], k, m, cost)
+                   for m in (1, 2, 3) for k in (1, 2, 3, 4, 8)}
+        best = max(replays, key=lambda key: replays[key]["modeled_step_speedup"])
+        oracle = max((speculation_replay(answers[mode], k, 1, cost, oracle=True) for k in (1, 2, 4, 8)),
+                     key=lambda r: r["modeled_step_speedup"])
+        out[mode] = {"tokens": sum(len(t) for _, t in answers[mode]), "best": best, **replays,
+                     "oracle_bound": oracle}
     return out
 
 
@@ -173,6 +252,23 @@ def markdown(results: dict) -> str:
     lines += ["", f"Weights read once: {results['lean_weights_read_seconds']} s. Lean path by CPU threads "
               f"(tokens per CPU second): " + ", ".join(f"{k}: {v['tokens_per_cpu_second']}" for k, v in
                                                         results["lean_single_stream_by_threads"].items()) + "."]
+    study = results.get("speculation_study")
+    if study:
+        cost = study["cost_of_n_positions_over_one"]
+        lines += ["", "Exact prompt-lookup speculation, replayed on the lean answers above (same seeds, so the "
+                  "same answers with or without it; issue 15). A forward over n positions "
+                  f"(`LeanLlama.prefill(..., start=)`) costs, in one-row steps of {study['one_position_step_ms']} ms "
+                  f"(CPU time, load {study['load_average']}): " + ", ".join(f"n={n}: {c}" for n, c in cost.items())
+                  + ". Draft: the k tokens after the latest earlier match of the last 4..m tokens.", "",
+                  "| mode | tokens | policy | tokens per verify step | draft acceptance | modeled decode-step speedup |",
+                  "|---|---|---|---|---|---|"]
+        for mode, _ in MODES:
+            m = study[mode]
+            for name in (m["best"], "min_match_1_k_3", "min_match_2_k_8", "oracle_bound"):
+                r = m[name]
+                lines.append(f"| {mode} | {m['tokens']} | {name.replace('_', ' ')}"
+                             f"{' (best)' if name == m['best'] else ''} | {r['tokens_per_step']} | "
+                             f"{r['draft_acceptance']} | {r['modeled_step_speedup']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +336,8 @@ def main() -> None:
             lean.engine.threads = saved
         threads[str(count)] = tally.figures()
     results["lean_single_stream_by_threads"] = threads
+    results["speculation_study"] = speculation_study(lean, requests, args)
+    print("speculation", json.dumps(results["speculation_study"], indent=1), flush=True)
     results["load_average_at_end"] = round(os.getloadavg()[0], 2)
     results["torch"] = torch.__version__
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

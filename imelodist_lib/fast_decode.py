@@ -17,6 +17,12 @@ process, a second runtime to install) were not taken. New dependency: threadpool
 pure-Python file, ~85 kB): OpenBLAS starts one thread per core, and two threads on products this
 small were ~3x slower on the shared machine, so decoding runs BLAS at torch's thread count.
 
+Speculative decoding (issue 15) was measured and not taken: a forward over 2-9 positions at once
+(`prefill(..., start=)`, the verify step) costs ~2-2.7 one-row steps, not "little more than one"
+(OpenBLAS's sgemm packs every weight matrix on each call; the one-row gemv reads it once), and
+prompt-lookup drafts agree with the sampled token too rarely (free: 1.25 tokens a verify step)
+to pay for that: ~1.07x free, ~1.2x guaranteed-valid, replayed in benchmarks/bench_decode.py.
+
 `decode` runs many rows at once (several samples of one prompt, many prompts), each with its own
 position, seed and optional xgrammar matcher (guaranteed-valid mode), refilling a finished row's
 slot with the next waiting prompt. Sampling follows transformers: grammar and UTF-8 masks, then
@@ -230,19 +236,23 @@ class LeanLlama:
         return (split[..., 0, :, :].transpose(*lead, n + 1, n + 2, n),
                 split[..., 1, :, :].transpose(*lead, n + 1, n, n + 2))
 
-    def prefill(self, tokens: list[int], cache, row: int, all_logits: bool = False) -> np.ndarray:
-        """Run a prompt at positions 0.. into cache row `row`; the last position's logits (V,)
-        (or every position's, (S, V), with all_logits)."""
+    def prefill(self, tokens: list[int], cache, row: int, all_logits: bool = False, start: int = 0,
+                head: bool = True) -> np.ndarray:
+        """Run tokens at positions start.. into cache row `row` (attending to the cache's first
+        `start` positions too); the last position's logits (V,) (or every position's, (S, V), with
+        all_logits; head=False: the final normed hidden states, for `logits`). start > 0 is the
+        speculative path's verify step: a few positions cost about what one costs."""
         n, kvh, hd = len(tokens), self.kv_heads, self.head_dim
-        cos, sin = (t[:n] for t in self.rope_table(n))
-        causal = np.triu(np.full((n, n), NEG_INF), 1)
+        end = start + n
+        cos, sin = (t[start:end] for t in self.rope_table(end))
+        causal = np.triu(np.full((n, end), NEG_INF), start + 1)
         x = self.embed[np.asarray(tokens)]
         with np.errstate(over="ignore"):
             for (qkv_t, o_t, gu_t, down_t), layer_cache in zip(self.layers, cache):
                 out = self._unit_rms(x) @ qkv_t
                 self._rope_(out[:, :self.qk_size], cos, sin)
-                cached = layer_cache[row, :n]
-                cached[:] = out[:, self.q_size:]
+                cached = layer_cache[row, :end]
+                cached[start:] = out[:, self.q_size:]
                 q = out[:, :self.q_size].reshape(n, kvh, self.group, hd).transpose(1, 2, 0, 3)  # (kvh, g, n, hd)
                 keys, values = self._heads(cached)
                 scores = q @ keys[:, None]
@@ -251,7 +261,7 @@ class LeanLlama:
                 x += att.transpose(2, 0, 1, 3).reshape(n, self.q_size) @ o_t
                 self._mlp_(x, gu_t, down_t, self._unit_rms(x))
         x = x if all_logits else x[-1]
-        return self._unit_rms(x) @ self.lm_head_t
+        return self._unit_rms(x) @ self.lm_head_t if head else self._unit_rms(x)
 
     def step(self, tokens, positions, cache, length: int, mask: np.ndarray | None,
              same_position: int | None = None) -> np.ndarray:

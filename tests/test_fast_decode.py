@@ -234,3 +234,28 @@ def test_blas_threads_are_limited_inside_and_restored_after():
     with blas_threads(1):
         assert blas() and set(blas()) == {1}
     assert blas() == before
+
+
+def test_prefill_from_a_start_position_is_the_cached_multi_position_step(lean, prompts):
+    """prefill(..., start=p) runs positions p.. against the cache's first p positions: a prompt in
+    two pieces gives the whole prompt's logits, and rewriting positions after p (what a rejected
+    speculative draft leaves behind) gives what a cache that never saw them gives."""
+    prompt = prompts[0]
+    whole = lean.prefill(prompt, lean.new_cache(1, 64), 0, all_logits=True)
+    for cut in (1, 5, len(prompt) - 1):
+        cache = lean.new_cache(1, 64)
+        head = lean.prefill(prompt[:cut], cache, 0, all_logits=True)
+        tail = lean.prefill(prompt[cut:], cache, 0, all_logits=True, start=cut)
+        assert np.allclose(np.concatenate([head, tail]), whole, atol=1e-4), cut
+        unit = lean.prefill(prompt[cut:], cache, 0, all_logits=True, start=cut, head=False)
+        assert np.allclose(lean.logits(unit[-1]), whole[-1], atol=1e-4)
+    n = len(prompt)
+    cache = lean.new_cache(1, 64)
+    lean.prefill(prompt, cache, 0)
+    lean.prefill([7, 8, 9], cache, 0, start=n)  # a draft of three written at n..n+2, then dropped
+    rewritten = lean.prefill([7, 11], cache, 0, all_logits=True, start=n)
+    fresh = lean.new_cache(1, 64)
+    lean.prefill(prompt, fresh, 0)
+    assert np.allclose(rewritten, lean.prefill([7, 11], fresh, 0, all_logits=True, start=n), atol=1e-5)
+    step = lean._step_one(11, n + 1, fresh, n + 2)  # the one-row step agrees with the second position
+    assert np.allclose(rewritten[1], step, atol=1e-4) and not np.allclose(rewritten[0], rewritten[1])
