@@ -741,9 +741,16 @@ _fraction = functools.lru_cache(maxsize=4096)(Fraction)
 
 
 @functools.lru_cache(maxsize=4096)
-def _quarters(length: Fraction, unit: Fraction) -> Fraction:
-    """A note's duration in quarter notes: its length multiplier times the unit note length."""
-    return length * unit * 4
+def _quarters(length_num: int, length_den: int, unit_num: int, unit_den: int) -> Fraction:
+    """A note's duration in quarter notes: its length multiplier times the unit note length
+    (keyed by integers: hashing a Fraction costs as much as the product)."""
+    return Fraction(length_num, length_den) * Fraction(unit_num, unit_den) * 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _sum(a_num: int, a_den: int, b_num: int, b_den: int) -> Fraction:
+    """a + b for two Fractions given as integers: a bar's running length takes few values."""
+    return Fraction(a_num, a_den) + Fraction(b_num, b_den)
 
 
 class _Token(NamedTuple):
@@ -784,8 +791,22 @@ class _InlineField(NamedTuple):
     value: str
 
 
-def _tokenize_line(text: str, line: int) -> list[_Token]:
-    """Split one music line into tokens; ABCError on a symbol that is not ABC."""
+def _tokenize_line(text: str, line: int) -> tuple[_Token, ...]:
+    """Split one music line into tokens; ABCError on a symbol that is not ABC (naming `line`).
+    Memoised by text: the tokens depend on the line's text only (its number goes into errors,
+    which are raised, never cached), and the builders scan the same lines in many texts."""
+    try:
+        return _line_tokens(text)
+    except ABCError:
+        return tuple(_tokenize_line_at(text, line))  # raises with this line's number
+
+
+@functools.lru_cache(maxsize=8192)
+def _line_tokens(text: str) -> tuple[_Token, ...]:
+    return tuple(_tokenize_line_at(text, 0))
+
+
+def _tokenize_line_at(text: str, line: int) -> list[_Token]:
     toks: list[_Token] = []
     pos, n = 0, len(text)
     while pos < n:
@@ -1405,7 +1426,7 @@ class _Scanner:
     def _emit(self, v: _Voice, pitch: int | None, pitches: tuple, length: Fraction, line: int,
               col: int, kind: str, duration: Fraction | None = None) -> None:
         if duration is None:
-            duration = _quarters(length, v.unit)
+            duration = _quarters(length.numerator, length.denominator, v.unit.numerator, v.unit.denominator)
             if v.tuplet is not None and v.tuplet[0] > 0:
                 duration = duration * v.tuplet[2] / v.tuplet[1]
                 v.tuplet[0] -= 1
@@ -1426,7 +1447,7 @@ class _Scanner:
         ev = _PendingEvent(pitch, duration, -1, line, col, False, pitches, kind, voice)
         self.raw_events.append(ev)
         v.bar_events.append(ev)
-        v.bar_dur += duration
+        v.bar_dur = _sum(v.bar_dur.numerator, v.bar_dur.denominator, duration.numerator, duration.denominator)
         v.last_event = ev
 
     def _adjust_bar(self, v: _Voice, ev: _PendingEvent, delta: Fraction) -> None:
