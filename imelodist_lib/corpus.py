@@ -41,13 +41,13 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import urlparse
 
 from imelodist_lib import abc, jsonl, music
 from imelodist_lib import labels as labeller
+from imelodist_lib.parallel import map_chunks
 from imelodist_lib.profiles import Profile
 
 _log = logging.getLogger(__name__)
@@ -545,9 +545,45 @@ def _error_class(message: str) -> str:
     return "unparsable: " + (" ".join(head.split()[:6]) or "unknown")
 
 
-@lru_cache(maxsize=65536)
+_ANALYSES: dict[str, _Analysis] = {}  # text -> its analysis (clean runs twice in notebook 01)
+_ANALYSES_KEPT = 65536
+
+
 def _analyse(text: str) -> _Analysis:
     """Parse, normalise and bar-check one tune (cached by text)."""
+    found = _ANALYSES.get(text)
+    if found is None:
+        found = _analysis_of(text)
+        _remember({text: found})
+    return found
+
+
+def _remember(analyses: dict[str, _Analysis]) -> None:
+    if len(_ANALYSES) + len(analyses) > _ANALYSES_KEPT:
+        _ANALYSES.clear()
+    _ANALYSES.update(analyses)
+
+
+def _analyse_all(texts: Sequence[str], progress: bool) -> None:
+    """Analyse the texts not analysed yet in worker processes (`parallel.map_chunks`), into the
+    cache `_analyse` reads. A text whose analysis raised is left for `_analyse` to raise again
+    in this process, where `clean` names its tune."""
+    todo = list(dict.fromkeys(t for t in texts if t not in _ANALYSES))
+    done = map_chunks(_analysis_chunk, todo, desc="analyse" if progress else None)
+    _remember({text: an for text, an in zip(todo, done) if an is not None})
+
+
+def _analysis_chunk(texts: Sequence[str], first: int) -> list[_Analysis | None]:
+    out: list[_Analysis | None] = []
+    for text in texts:
+        try:
+            out.append(_analysis_of(text))
+        except Exception:  # noqa: BLE001 - clean reports it, from its own call
+            out.append(None)
+    return out
+
+
+def _analysis_of(text: str) -> _Analysis:
     if not text.strip():
         return _Analysis(False, "no_abc")
     # Two or more distinct voices; a lone "V:1" declaration is still one melody line.
@@ -701,6 +737,7 @@ def clean(records: Sequence[TuneRecord], profile: Profile,
         dropped[reason] += 1
         report.examples.setdefault(reason, rec.id)
 
+    _analyse_all([r.abc for r in records if len(r.abc) <= profile.max_tune_chars], progress)
     for rec in tqdm(records, desc="clean", disable=not progress):
         if len(rec.abc) > profile.max_tune_chars:  # the cheap cap first: no parse of huge text
             drop(rec, "too_long")
