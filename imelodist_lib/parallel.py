@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 WORKERS_ENV = "IMELODIST_WORKERS"
-CHUNK = 250  # items per task: ~2-5 s of building each, enough to hide the pickling
-MIN_PARALLEL = 1000  # fewer items: starting the processes (~1 s) would cost more than it saves
+CHUNK = 100  # items per task: ~1-2 s of building each, enough to hide the pickling
+MIN_PARALLEL = 200  # fewer items: starting the processes would cost more than it saves
 
 
 def default_workers() -> int:
