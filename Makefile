@@ -22,15 +22,18 @@ setup: $(VENV)/.installed system-deps $(LMDEPLOY_GUIDED)
 # uv installs the environment in well under a minute where pip takes ~2.5 min (both measured
 # here), from the same sources: .ci/uv_flags.py hands it pip's configured find-links/indexes/
 # constraints, and --index-strategy unsafe-best-match picks the newest version over all of them,
-# as pip does. --compile-bytecode writes the .pyc files pip writes: without them, where
-# PYTHONDONTWRITEBYTECODE is set (this machine), every process compiles torch and transformers
-# again (their import took 24 s instead of 12 s). Without uv (no registry to fetch it from),
-# pip does the same install.
+# as pip does. Without uv (no registry to fetch it from), pip does the same install.
+# Bytecode: uv writes no .pyc files (pip does), and where PYTHONDONTWRITEBYTECODE is set (this
+# machine) Python would never write them either, so every process compiled torch and
+# transformers again (their import: 24 s instead of 12 s). uv's --compile-bytecode compiles all of
+# site-packages (47 s against 10 s for the install); instead make's commands may write the .pyc
+# of what they import, once (into .venv and the gitignored __pycache__ folders).
+unexport PYTHONDONTWRITEBYTECODE
 EXTRAS := .[notebooks,test,audio]
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if $(PY) -m pip install -q uv; then \
-		$(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match --compile-bytecode \
+		$(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match \
 			$$($(PY) .ci/uv_flags.py) "$(TORCH_SPEC)" -e "$(EXTRAS)"; \
 	else \
 		$(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q "$(TORCH_SPEC)" \
