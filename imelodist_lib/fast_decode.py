@@ -240,8 +240,9 @@ class LeanLlama:
                 head: bool = True) -> np.ndarray:
         """Run tokens at positions start.. into cache row `row` (attending to the cache's first
         `start` positions too); the last position's logits (V,) (or every position's, (S, V), with
-        all_logits; head=False: the final normed hidden states, for `logits`). start > 0 is the
-        speculative path's verify step: a few positions cost about what one costs."""
+        all_logits; head=False: the final normed hidden states, for `logits`). start > 0 is what a
+        speculative verify step would run; measured, 2-9 positions cost ~2-2.7 one-row steps
+        (the module docstring), so only benchmarks/bench_decode.py's study uses it."""
         n, kvh, hd = len(tokens), self.kv_heads, self.head_dim
         end = start + n
         cos, sin = (t[start:end] for t in self.rope_table(end))

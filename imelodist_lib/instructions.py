@@ -877,11 +877,11 @@ def close_phrase(text: str) -> str:
     cut just after a repeat opens (`|:`): such phrases were never closed, and closing them now
     would change which tunes give phrase chats (the datasets' bytes)."""
     body = text.rstrip()
-    opens_repeat = body.endswith(":") and not body.endswith("::")
-    body = body[:abc.trailing_barlines_start(body)]
-    for closing in ("|]", ":|"):
-        if not opens_repeat and abc.validate(body + closing + "\n").ok:
-            return body + closing + "\n"
+    if not (body.endswith(":") and not body.endswith("::")):  # not cut just after a |:
+        body = body[:abc.trailing_barlines_start(body)]
+        for closing in ("|]", ":|"):
+            if abc.validate(body + closing + "\n").ok:
+                return body + closing + "\n"
     raise ValueError("cannot close the phrase with |] or :|")
 
 
