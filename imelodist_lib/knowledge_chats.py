@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from imelodist_lib.instructions import build_instruction_records, chat_record, phrase_records
 from imelodist_lib.knowledge import read_identity, read_tsv
 from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile, parse_override
+from imelodist_lib.request_chats import request_chats
 
 TEMPLATES_FILE = "knowledge_qa_templates.json"
 KNOWLEDGE_TASK = "knowledge"  # records' task tag: "knowledge/<kind>"
@@ -104,8 +105,10 @@ def composing_chats(records: Sequence[Any], profile: Profile, seed: int = 0) -> 
 
 def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 1500,
                        n_validation: int = 48, rounds: int = 2, seed: int = 0,
-                       knowledge_dir: Path | str = KNOWLEDGE_DIR):
-    """DatasetDict(train: knowledge chats + composing chats of `n_tunes` random train tunes,
+                       knowledge_dir: Path | str = KNOWLEDGE_DIR, small_repeats: int = 5,
+                       n_request_chats: int = 0):
+    """DatasetDict(train: knowledge chats + composing chats of `n_tunes` random train tunes +
+    `n_request_chats` chats drawn like the any-request suite (`request_chats`),
     validation: ordinary chats of the first `n_validation` validation tunes) for
     `train.instruction_tuning(..., datasets=...)`."""
     from datasets import Dataset, DatasetDict
@@ -116,7 +119,9 @@ def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 15
         raise ValueError("no train-split tunes: pass corpus records (corpus.read_jsonl of "
                          "runs/<profile>/data/tunes.jsonl, written by notebook 01)")
     picked = random.Random(seed).sample(train_tunes, min(n_tunes, len(train_tunes)))
-    rows = knowledge_chats(knowledge_dir, rounds=rounds, seed=seed) + composing_chats(picked, profile, seed)
+    rows = (knowledge_chats(knowledge_dir, rounds=rounds, small_repeats=small_repeats, seed=seed)
+            + composing_chats(picked, profile, seed)
+            + request_chats(train_tunes, n_request_chats, seed=seed))
     random.Random(seed).shuffle(rows)
     val = build_instruction_records(val_tunes, profile, random.Random(f"{seed}/validation"))
     keep = ("messages", "task")
@@ -141,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tunes", default=None, help="tunes.jsonl (default runs/cpu/data/tunes.jsonl)")
     parser.add_argument("--n-tunes", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--small-repeats", type=int, default=5,
+                        help="times per round each identity/ABC template is asked")
+    parser.add_argument("--request-chats", type=int, default=0,
+                        help="chats drawn like the any-request suite (request_chats)")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(parse_override(item) for item in args.set)  # type-checked against Profile
     profile = get_profile("cpu", **overrides)
     tunes = corpus.read_jsonl(args.tunes or profile.run_dir / "data" / "tunes.jsonl")
-    data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed)
+    data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed,
+                              small_repeats=args.small_repeats, n_request_chats=args.request_chats)
     print(json.dumps({"train": len(data["train"]), "validation": len(data["validation"])}), flush=True)
     result = instruction_tuning(profile, args.base, args.output, max_steps=args.max_steps,
                                 resume=args.resume, progress=False, datasets=data)

@@ -1,0 +1,214 @@
+"""Training chats shaped like the any-request suite (issue 13, section 3).
+
+The ordinary and phrase chats ask for what the corpus holds: 94 % of its train tunes are major,
+two thirds are in 2/4, 6/8, 4/4 or 3/4, and a request's length is stated in a third of them at
+most. `request_suite.any_request_suite` draws key, meter and length evenly, so a model trained on
+the corpus's shapes meets requests it has hardly seen (Bbm, 12/8, 24 bars). These chats are
+drawn the suite's way from train tunes, with exact rewrites only:
+
+- key: a mode drawn as the suite draws its keys (major, minor, modes), then a tune in that mode,
+  moved to one of the suite's tonics for it (`instructions.transposed`); the request names the
+  suite's spelling (Cb, Gb, C#), the answer writes the conventional one (B, F#, Db): the same key;
+- meter: the tune's own, or one with the same bar length written otherwise: C <-> 4/4 and
+  C| <-> 2/2 (the same bars), 3/4 -> 3/8 and 6/4 -> 6/8 (unit length halved: the same notes,
+  bars half as long), 2/4 -> 4/4 and 6/8 -> 12/8 (pairs of bars joined where every barline
+  between them is a plain `|`: no endings, sections of even length);
+- length: one of the suite's lengths (4-32 bars) that the tune holds: the opening that many
+  bars, closed with `|]` or `:|` (`instructions.close_phrase`), always stated in the request;
+- task: emotion, chords, theme+chords and continuation in turn, zh and en, key and meter always
+  named (chords: one per bar of the answer; continuations: its first 2 or 4 bars given).
+
+A draw that a tune cannot serve (no tune in the mode fits the length, a rewrite that does not
+validate) takes another tune, so the key, meter and length shares stay what was drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Any, Sequence
+
+from imelodist_lib import abc
+from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest, _normalized,
+                                        _seed_bars, chat_record, chords_per_bar, close_phrase,
+                                        count_bars, render_prompt, request_from_tune, target_for,
+                                        transposed)
+from imelodist_lib.music import pitch_class
+from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS
+
+__all__ = ["REQUEST_TASK", "request_chats", "meter_variants", "join_bar_pairs"]
+
+REQUEST_TASK = "request"  # records' task tag: "request/<task>"
+_RELABEL = {"C": "4/4", "4/4": "C", "C|": "2/2", "2/2": "C|"}
+_HALVE = {"3/4": "3/8", "6/4": "6/8"}
+_JOIN = {"2/4": "4/4", "6/8": "12/8"}
+_ENDING = re.compile(r"(\|\s*\[?|\[)[1-9]")  # |1 |[1 [1 :|2 ... : first/second endings
+_HEADER_LINE = "^{field}:.*$"
+
+
+def _mode_of(key: str | None) -> str:
+    return abc.parse_key(key or "C").mode
+
+
+def _set_field(text: str, field: str, value: str) -> str:
+    """The tune with its header's `field:` line set to `value` (the first such line)."""
+    pattern = re.compile(_HEADER_LINE.format(field=field), re.M)
+    if not pattern.search(text):
+        raise ValueError(f"tune has no {field}: line")
+    return pattern.sub(f"{field}:{value}", text, count=1)
+
+
+def join_bar_pairs(text: str) -> str:
+    """The tune with every two bars joined into one (2/4 -> 4/4, 6/8 -> 12/8 once M: changes):
+    the plain `|` closing each odd bar (counted from the first full bar, within each section) is
+    removed. Raises ValueError for tunes this cannot do exactly: endings, more than one voice,
+    a bar other than full (a pickup at the start excepted) or a section of odd length."""
+    if _ENDING.search(text[abc.bar_segments(text)[0]:]) or re.search(r"^V:", text, re.M):
+        raise ValueError("endings or voices: bars cannot be paired")
+    bars = abc.check_bars(abc.parse_tune(text)).bars
+    _, spans = abc.bar_segments(text)
+    kinds = [b.kind for b in bars][:len(spans)]
+    first = 1 if kinds and kinds[0] == "pickup" else 0
+    if any(k != "full" for k in kinds[first:]):
+        raise ValueError("a bar that is not full: bars cannot be paired")
+    cuts: list[tuple[int, int]] = []
+    odd = True
+    for i in range(first, len(spans)):
+        start, end = spans[i]
+        line_at = abc.trailing_barlines_start(text, start, end)
+        barline = text[line_at:end].strip()
+        if odd:
+            if barline != "|":
+                raise ValueError(f"bar {i + 1} ends a section after an odd number of bars")
+            cuts.append((line_at, end))
+        odd = not odd
+    if not odd:
+        raise ValueError("the tune ends after an odd number of bars")
+    for at, end in reversed(cuts):
+        text = text[:at] + text[at:end].replace("|", " ", 1) + text[end:]
+    return text
+
+
+def meter_variants(text: str, meter: str | None) -> list[tuple[str, str]]:
+    """(meter, text) pairs the tune can be written in exactly: its own meter first."""
+    if not meter:
+        return []
+    out = [(meter, text)]
+    if meter in _RELABEL:
+        out.append((_RELABEL[meter], _set_field(text, "M", _RELABEL[meter])))
+    if meter in _HALVE:
+        unit = abc.parse_tune(text).unit_length
+        if unit and "L:" in text.split("K:", 1)[0]:
+            halved = _set_field(_set_field(text, "L", f"1/{unit.denominator * 2}"), "M", _HALVE[meter])
+            out.append((_HALVE[meter], halved))
+    if meter in _JOIN:
+        try:
+            joined = _set_field(join_bar_pairs(text), "M", _JOIN[meter])
+            out.append((_JOIN[meter], joined))
+        except (ValueError, abc.ABCError):
+            pass
+    return [(m, t) for m, t in out if abc.validate(t).ok and abc.validate(t).bar_error_rate == 0.0]
+
+
+def _suite_modes() -> dict[str, list[str]]:
+    """The suite's keys grouped by mode ({"major": ["C", "G", ...], "minor": [...], ...})."""
+    out: dict[str, list[str]] = {}
+    for key in SUITE_KEYS:
+        out.setdefault(abc.parse_key(key).mode, []).append(key)
+    return out
+
+
+def _shift_to(have: str, want: str) -> int:
+    """Semitones (-5..6) moving the tonic of `have` to the tonic of `want`."""
+    shift = (pitch_class(abc.parse_key(want).tonic) - pitch_class(abc.parse_key(have).tonic)) % 12
+    return shift - 12 if shift > 6 else shift
+
+
+def _sources(meter: str) -> set[str]:
+    """The meters a tune can be in to be written exactly in `meter` (meter_variants' rewrites)."""
+    out = {meter}
+    for table in (_RELABEL, _HALVE, _JOIN):
+        out |= {have for have, new in table.items() if new == meter}
+    return out
+
+
+def _one_chat(record: Any, task: str, lang: str, key: str, meter: str | None, bars: int,
+              rng: random.Random) -> dict:
+    """One chat for `record` moved to `key`, written in `meter` (None: its own), cut to at most
+    `bars` bars (raises ValueError / ABCError when the tune cannot serve)."""
+    have = abc.parse_tune(record.abc).key
+    moved = transposed(record, _shift_to(have, key), chorded=task in ("chords", "theme_chords"))
+    # the full answer first (chords fitted per bar, T: for a theme), then rewrites and the cut
+    base = request_from_tune(moved, task if task != "continue" else "emotion", lang, rng)
+    tune = abc.parse_tune(_normalized(moved.abc))
+    base = dataclasses.replace(base, key=tune.key, meter=tune.meter, bars=None, tempo=None)
+    full = target_for(moved, base)
+    variants = dict(meter_variants(full, tune.meter))
+    meter = meter or tune.meter
+    if meter not in variants:
+        raise ValueError(f"the tune cannot be written in {meter} exactly")
+    text = variants[meter]
+    first = abc.check_bars(abc.parse_tune(text)).bars[0].kind == "pickup"
+    have_bars = count_bars(text) - first
+    fits = [n for n in SUITE_LENGTHS if n <= min(bars, have_bars)]
+    if not fits:
+        raise ValueError("tune too short")
+    take = fits[-1]
+    answer = text if take == have_bars else close_phrase(_seed_bars(text, take + first))
+    n_bars = count_bars(answer)
+    request = dataclasses.replace(base, key=key, meter=meter, bars=n_bars)
+    if task in ("chords", "theme_chords"):
+        chords = chords_per_bar(answer)
+        if not all(chords):
+            raise ValueError("a bar without a chord symbol")
+        request = dataclasses.replace(request, chords=[str(c) for c in chords], bars=None)
+    elif task == "continue":
+        given = 2 if n_bars < 8 else rng.choice((2, 4))
+        if n_bars < given + first + 2:
+            raise ValueError("too short to continue")
+        request = ComposeRequest("continue", lang, key=key, meter=meter, bars=n_bars,
+                                 seed_abc=_seed_bars(answer, given + first))
+    return chat_record(request, render_prompt(request, rng=rng), answer, record.id,
+                       f"{REQUEST_TASK}/{task}")
+
+
+def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int = 30,
+                  min_pool: int = 10) -> list[dict]:
+    """`n` chats with task and language dealt in turn and key (mode first, then tonic), meter
+    and length drawn evenly, each from a train tune that can serve it: one in the key's mode
+    and a meter `meter_variants` rewrites to the drawn one (when the mode has none, a tune of
+    the mode in its own meter) and, when at least `min_pool` such tunes have them, as many bars
+    as drawn (else the longest opening it has). A draw no tune serves in `attempts` tries is
+    left out."""
+    rng = random.Random(seed)
+    pools: dict[tuple[str, str], list[Any]] = {}
+    for record in records:
+        if getattr(record, "split", "train") == "train":
+            key, meter = getattr(record, "key", None), getattr(record, "meter", None)
+            if not meter:  # a record without header facts (corpus records carry them)
+                tune = abc.parse_tune(record.abc)
+                key, meter = tune.key, tune.meter
+            pools.setdefault((_mode_of(key), str(meter)), []).append(record)
+    modes = {mode for mode, _ in pools}
+    keys = [k for k in SUITE_KEYS if abc.parse_key(k).mode in modes]
+    if not keys:
+        raise ValueError("no train tunes in any of the suite's modes")
+    kinds = [(t, lang) for t in COMPOSE_TASKS for lang in LANGS]
+    out: list[dict] = []
+    for i in range(n):
+        task, lang = kinds[i % len(kinds)]
+        key, meter, bars = rng.choice(keys), rng.choice(SUITE_METERS), rng.choice(SUITE_LENGTHS)
+        mode = abc.parse_key(key).mode
+        pool = [r for m in sorted(_sources(meter)) for r in pools.get((mode, m), [])]
+        if not pool:
+            pool = [r for (md, _), rs in sorted(pools.items()) if md == mode for r in rs]
+            meter = None
+        long_enough = [r for r in pool if getattr(r, "n_bars", 0) >= bars]
+        pool = long_enough if len(long_enough) >= min_pool else pool  # else: the longest it has
+        for _ in range(attempts):
+            try:
+                out.append(_one_chat(rng.choice(pool), task, lang, key, meter, bars, rng))
+                break
+            except (ValueError, abc.ABCError):
+                continue
+    return out

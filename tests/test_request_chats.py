@@ -1,0 +1,72 @@
+"""Training chats drawn like the any-request suite: every answer is the request kept exactly."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from imelodist_lib import abc
+from imelodist_lib import request_chats as rc
+from imelodist_lib.evaluation import score_answer
+from imelodist_lib.instructions import ComposeRequest
+from tests.test_request_suite import records
+
+TWO_FOUR = "X:1\nT:t\nM:2/4\nL:1/8\nK:G\nD|GA Bc|d2 B2|c2 A2|G4:|\n|:d2 d2|e2 c2|B2 A2|G4:|\n"
+
+
+def test_join_bar_pairs_joins_plain_barlines_within_sections():
+    joined = rc.join_bar_pairs(TWO_FOUR)
+    assert joined.count("|") == TWO_FOUR.count("|") - 4
+    report = abc.validate(joined.replace("M:2/4", "M:4/4"))
+    assert report.ok and not report.bars.errors
+    assert [b.kind for b in report.bars.bars][:2] == ["pickup", "full"]
+
+
+@pytest.mark.parametrize("text", [
+    "X:1\nM:2/4\nL:1/8\nK:G\nGA Bc|d2 B2|c2 A2:|\n",  # a section of three bars
+    "X:1\nM:2/4\nL:1/8\nK:G\n|:GA Bc|d2 B2|1c2 A2|G4:|2c2 B2|G4|]\n",  # endings
+])
+def test_join_bar_pairs_refuses_what_it_cannot_do_exactly(text):
+    with pytest.raises(ValueError):
+        rc.join_bar_pairs(text)
+
+
+def test_meter_variants_are_exact_rewrites():
+    waltz = "X:1\nM:3/4\nL:1/8\nK:D\nA2 d2 f2|e4 d2|c2 B2 A2|d6|]\n"
+    variants = dict(rc.meter_variants(waltz, "3/4"))
+    assert set(variants) == {"3/4", "3/8"}
+    assert "L:1/16" in variants["3/8"] and variants["3/8"].split("K:D")[1] == waltz.split("K:D")[1]
+    common = "X:1\nM:C\nL:1/8\nK:D\nA2 d2 f2 e2|d8|]\n"
+    assert dict(rc.meter_variants(common, "C"))["4/4"].count("M:4/4") == 1
+    assert set(dict(rc.meter_variants(TWO_FOUR, "2/4"))) == {"2/4", "4/4"}
+
+
+@pytest.fixture(scope="module")
+def train_tunes():
+    tunes = records("oneills1850", "*.abc", 150) + records("essenFolksong", "han*.abc", 60)
+    return [t.__class__(**{**t.to_dict(), "split": "train"}) for t in tunes]
+
+
+def test_request_chats_answers_keep_every_stated_field(train_tunes):
+    chats = rc.request_chats(train_tunes, 40, seed=3)
+    assert len(chats) >= 36  # a draw no tune serves is left out, not answered wrongly
+    assert collections.Counter(c["task"] for c in chats).most_common(1)[0][1] <= 11
+    for chat in chats:
+        request = ComposeRequest(**chat["request"])
+        answer = chat["messages"][-1]["content"]
+        row = score_answer(request, answer)
+        assert row["valid"] == 1 and row["bar_errors"] == 0, answer
+        assert row["key_match"] == 1.0 and row["meter_match"] == 1.0, (request.key, request.meter, answer)
+        if request.bars is not None:
+            assert row["length_match"] == 1.0
+        if request.task == "continue":
+            assert row["continued"] == 1.0 and answer.startswith(request.seed_abc.rstrip("\n"))
+        if request.chords is not None:
+            assert len(request.chords) == row["bars"]
+    meters = {c["request"]["meter"] for c in chats}
+    modes = {abc.parse_key(c["request"]["key"]).mode for c in chats}
+    assert len(meters) >= 6 and {"major", "minor"} <= modes
+
+
+def test_request_chats_are_seeded(train_tunes):
+    assert rc.request_chats(train_tunes, 6, seed=1) == rc.request_chats(train_tunes, 6, seed=1)
