@@ -1,6 +1,6 @@
 """Does the model follow any request? The any-request suite (imelodist_lib.request_suite).
 
-    python benchmarks/bench_requests.py [--requests 80] [--samples 1] [--temperature T] [--model DIR]
+    python benchmarks/bench_requests.py [--requests 80] [--samples 1] [--temperature T] [--model DIR] [--out DIR]
 
 Requests drawn evenly over 38 keys (15 signatures major and minor, 8 modes), 10 meters, lengths
 4-32 bars, the four composing kinds and zh/en; continuations start from held-out tunes
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=None, help="default: the profile's")
     parser.add_argument("--model", default=None, help="default: the profile's composer model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for requests.json/.md")
     args = parser.parse_args(argv)
     profile = get_profile("cpu")
     temperature = profile.temperature if args.temperature is None else args.temperature
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     for mode, constrained in (("free", False), ("guaranteed_valid", True)):
         results[mode] = run(composer, requests, args.samples, temperature, constrained, args.seed)
         print(mode, f"{results[mode]['seconds']:.0f} s", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "requests.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "requests.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     md = [f"Command: `{results['command']}` ({len(requests)} requests x {args.samples} sample(s), "
           f"T={temperature}, model `{Path(results['model']).name}`; 95 % intervals over requests).", ""]
     for mode in ("free", "guaranteed_valid"):
         md += [f"### {mode.replace('_', '-')}", "", rs.markdown(results[mode]["report"]), ""]
-    (RESULTS / "requests.md").write_text("\n".join(md), encoding="utf-8")
+    (args.out / "requests.md").write_text("\n".join(md), encoding="utf-8")
     print("\n".join(md))
     return 0
 
