@@ -18,8 +18,10 @@ drawn the suite's way from train tunes, with exact rewrites only:
 - task: emotion, chords, theme+chords and continuation in turn, zh and en, key and meter always
   named (chords: one per bar of the answer; continuations: its first 2 or 4 bars given).
 
-A draw that a tune cannot serve (no tune in the mode fits the length, a rewrite that does not
-validate) takes another tune, so the key, meter and length shares stay what was drawn.
+A draw that a tune cannot serve (too short, a rewrite that does not validate) takes another tune
+of its pool. Where a mode has no tune in a meter that rewrites to the drawn one, the chat keeps
+its tune's own meter; where fewer than `min_pool` tunes are as long as drawn, the longest
+opening a tune has is taken: the corpus decides those shares (few modal tunes, few past 24 bars).
 """
 from __future__ import annotations
 
@@ -33,8 +35,7 @@ from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest, _n
                                         _seed_bars, chat_record, chords_per_bar, close_phrase,
                                         count_bars, render_prompt, request_from_tune, target_for,
                                         transposed)
-from imelodist_lib.music import pitch_class
-from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS
+from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS, tonic_shift
 
 __all__ = ["REQUEST_TASK", "request_chats", "meter_variants", "join_bar_pairs"]
 
@@ -63,10 +64,10 @@ def join_bar_pairs(text: str) -> str:
     the plain `|` closing each odd bar (counted from the first full bar, within each section) is
     removed. Raises ValueError for tunes this cannot do exactly: endings, more than one voice,
     a bar other than full (a pickup at the start excepted) or a section of odd length."""
-    if _ENDING.search(text[abc.bar_segments(text)[0]:]) or re.search(r"^V:", text, re.M):
+    body_start, spans = abc.bar_segments(text)
+    if _ENDING.search(text[body_start:]) or re.search(r"^V:", text, re.M):
         raise ValueError("endings or voices: bars cannot be paired")
     bars = abc.check_bars(abc.parse_tune(text)).bars
-    _, spans = abc.bar_segments(text)
     kinds = [b.kind for b in bars][:len(spans)]
     first = 1 if kinds and kinds[0] == "pickup" else 0
     if any(k != "full" for k in kinds[first:]):
@@ -89,39 +90,40 @@ def join_bar_pairs(text: str) -> str:
     return text
 
 
+def _rewrite(text: str, meter: str, wanted: str) -> str:
+    """The tune (in `meter`) written exactly in `wanted`; raises ValueError when no rewrite
+    gives it or the result does not validate with every bar full."""
+    if wanted == meter:
+        out = text
+    elif _RELABEL.get(meter) == wanted:
+        out = _set_field(text, "M", wanted)
+    elif _HALVE.get(meter) == wanted:
+        unit = abc.parse_tune(text).unit_length
+        if not (unit and "L:" in text.split("K:", 1)[0]):
+            raise ValueError("no L: line to halve")
+        out = _set_field(_set_field(text, "L", f"1/{unit.denominator * 2}"), "M", wanted)
+    elif _JOIN.get(meter) == wanted:
+        out = _set_field(join_bar_pairs(text), "M", wanted)
+    else:
+        raise ValueError(f"no exact rewrite from {meter} to {wanted}")
+    report = abc.validate(out)
+    if not (report.ok and report.bar_error_rate == 0.0):
+        raise ValueError(f"the tune written in {wanted} does not validate")
+    return out
+
+
 def meter_variants(text: str, meter: str | None) -> list[tuple[str, str]]:
     """(meter, text) pairs the tune can be written in exactly: its own meter first."""
     if not meter:
         return []
-    out = [(meter, text)]
-    if meter in _RELABEL:
-        out.append((_RELABEL[meter], _set_field(text, "M", _RELABEL[meter])))
-    if meter in _HALVE:
-        unit = abc.parse_tune(text).unit_length
-        if unit and "L:" in text.split("K:", 1)[0]:
-            halved = _set_field(_set_field(text, "L", f"1/{unit.denominator * 2}"), "M", _HALVE[meter])
-            out.append((_HALVE[meter], halved))
-    if meter in _JOIN:
-        try:
-            joined = _set_field(join_bar_pairs(text), "M", _JOIN[meter])
-            out.append((_JOIN[meter], joined))
-        except (ValueError, abc.ABCError):
-            pass
-    return [(m, t) for m, t in out if abc.validate(t).ok and abc.validate(t).bar_error_rate == 0.0]
-
-
-def _suite_modes() -> dict[str, list[str]]:
-    """The suite's keys grouped by mode ({"major": ["C", "G", ...], "minor": [...], ...})."""
-    out: dict[str, list[str]] = {}
-    for key in SUITE_KEYS:
-        out.setdefault(abc.parse_key(key).mode, []).append(key)
+    out = []
+    for wanted in (meter, _RELABEL.get(meter), _HALVE.get(meter), _JOIN.get(meter)):
+        if wanted:
+            try:
+                out.append((wanted, _rewrite(text, meter, wanted)))
+            except (ValueError, abc.ABCError):
+                pass
     return out
-
-
-def _shift_to(have: str, want: str) -> int:
-    """Semitones (-5..6) moving the tonic of `have` to the tonic of `want`."""
-    shift = (pitch_class(abc.parse_key(want).tonic) - pitch_class(abc.parse_key(have).tonic)) % 12
-    return shift - 12 if shift > 6 else shift
 
 
 def _sources(meter: str) -> set[str]:
@@ -137,17 +139,14 @@ def _one_chat(record: Any, task: str, lang: str, key: str, meter: str | None, ba
     """One chat for `record` moved to `key`, written in `meter` (None: its own), cut to at most
     `bars` bars (raises ValueError / ABCError when the tune cannot serve)."""
     have = abc.parse_tune(record.abc).key
-    moved = transposed(record, _shift_to(have, key), chorded=task in ("chords", "theme_chords"))
+    moved = transposed(record, tonic_shift(have, key), chorded=task in ("chords", "theme_chords"))
     # the full answer first (chords fitted per bar, T: for a theme), then rewrites and the cut
     base = request_from_tune(moved, task if task != "continue" else "emotion", lang, rng)
     tune = abc.parse_tune(_normalized(moved.abc))
     base = dataclasses.replace(base, key=tune.key, meter=tune.meter, bars=None, tempo=None)
     full = target_for(moved, base)
-    variants = dict(meter_variants(full, tune.meter))
     meter = meter or tune.meter
-    if meter not in variants:
-        raise ValueError(f"the tune cannot be written in {meter} exactly")
-    text = variants[meter]
+    text = _rewrite(full, tune.meter, meter)
     first = abc.check_bars(abc.parse_tune(text)).bars[0].kind == "pickup"
     have_bars = count_bars(text) - first
     fits = [n for n in SUITE_LENGTHS if n <= min(bars, have_bars)]
@@ -190,7 +189,7 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
                 key, meter = tune.key, tune.meter
             pools.setdefault((_mode_of(key), str(meter)), []).append(record)
     modes = {mode for mode, _ in pools}
-    keys = [k for k in SUITE_KEYS if abc.parse_key(k).mode in modes]
+    keys = [k for k in SUITE_KEYS if _mode_of(k) in modes]
     if not keys:
         raise ValueError("no train tunes in any of the suite's modes")
     kinds = [(t, lang) for t in COMPOSE_TASKS for lang in LANGS]
@@ -198,7 +197,7 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
     for i in range(n):
         task, lang = kinds[i % len(kinds)]
         key, meter, bars = rng.choice(keys), rng.choice(SUITE_METERS), rng.choice(SUITE_LENGTHS)
-        mode = abc.parse_key(key).mode
+        mode = _mode_of(key)
         pool = [r for m in sorted(_sources(meter)) for r in pools.get((mode, m), [])]
         if not pool:
             pool = [r for (md, _), rs in sorted(pools.items()) if md == mode for r in rs]

@@ -32,7 +32,7 @@ from imelodist_lib.music import pitch_class
 from imelodist_lib.instructions import COMPOSE_TASKS, LANGS, ComposeRequest, request_from_tune
 
 __all__ = ["SUITE_KEYS", "SUITE_METERS", "SUITE_LENGTHS", "SuiteRow", "any_request_suite",
-           "chord_progression", "follow_rows", "follow_report", "markdown", "TARGETS"]
+           "chord_progression", "tonic_shift", "follow_rows", "follow_report", "markdown", "TARGETS"]
 
 _MAJOR = ("C", "G", "D", "A", "E", "B", "F#", "C#", "F", "Bb", "Eb", "Ab", "Db", "Gb", "Cb")
 _MINOR = ("Am", "Em", "Bm", "F#m", "C#m", "G#m", "D#m", "A#m", "Dm", "Gm", "Cm", "Fm", "Bbm", "Ebm", "Abm")
@@ -68,6 +68,12 @@ def _root_pc(symbol: str) -> int:
     return pitch_class(_ROOT.match(symbol).group())
 
 
+def tonic_shift(have: str, want: str) -> int:
+    """Semitones (-5..6) moving the tonic of key `have` to the tonic of key `want`."""
+    shift = (_root_pc(abc.parse_key(want).tonic) - _root_pc(abc.parse_key(have).tonic)) % 12
+    return shift - 12 if shift > 6 else shift
+
+
 def chord_progression(key: str, bars: int, rng: random.Random) -> list[str]:
     """One chord symbol per bar from the key's diatonic triads: the tonic first and last, the
     triad on the fifth degree (major if the key has one) before the last bar, the others drawn."""
@@ -94,8 +100,7 @@ def _continuation(candidates: Sequence[tuple[Any, str | None]], key: str, lang: 
         have = abc.parse_key(tune_key or "C")
         shift = 0
         if have.mode == wanted.mode and have.tonic and wanted.tonic:
-            shift = (_root_pc(wanted.tonic) - _root_pc(have.tonic)) % 12
-            shift -= 12 if shift > 6 else 0
+            shift = tonic_shift(tune_key or "C", key)
         try:
             moved = dataclasses.replace(record, abc=abc.transpose(record.abc, shift)) if shift else record
             given = request_from_tune(moved, "continue", lang, rng)
