@@ -122,9 +122,11 @@ _INLINE_FIELD = re.compile(r"(?<!\S)([A-Za-z]):")
 
 
 def _split_inline_header(line: str) -> str:
-    """'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' -> one field per line, then the body."""
+    """'X:1 L:1/8 M:4/4 K:Emin |: E2 EF ...' -> one field per line, then the body. Only a line
+    holding a whole header (its fields up to K:) is split: 'T:The M: line' is one title."""
     marks = list(_INLINE_FIELD.finditer(line))
-    if len(marks) < 2 or marks[0].start() != len(line) - len(line.lstrip()):
+    if len(marks) < 2 or marks[0].start() != len(line) - len(line.lstrip()) \
+            or not any(m.group(1) == "K" for m in marks[1:]):
         return line
     out = []
     for i, mark in enumerate(marks):
@@ -798,6 +800,18 @@ class Composer:
         return out
 
     # -- public API
+    def default_budget(self, request: Any, constrained: bool, max_new_tokens: int | None = None) -> int | None:
+        """max_new_tokens for an answer to `request`: the one given, else room for the longest tune
+        the request asks for (`grammar.token_budget`: its bars, meter and unit length), never less
+        than the profile's `max_new_tokens`; constrained answers at least
+        CONSTRAINED_MIN_NEW_TOKENS (a tune the limit cuts off is invalid). A plain-text message:
+        None (the profile's limit). So a request for 32 bars of 12/8 is not cut off at 400 tokens
+        by a limit sized for 16 bars of 4/4; a model that does not stop still stops there."""
+        if max_new_tokens is not None or not isinstance(request, ComposeRequest):
+            return max_new_tokens
+        floor = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS if constrained else 0)
+        return max(floor, token_budget(request))
+
     def compose(self, request: ComposeRequest | str, n: int = 1, temperature: float | None = None,
                 top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,
                 seed: int | None = None, constrained: bool = False,
@@ -816,10 +830,7 @@ class Composer:
                                  "its meter, key, chords and length), not a plain string")
             grammar = grammar_for_request(request)
         messages = self.messages_for(request, template_index)
-        if constrained and max_new_tokens is None:
-            # a tune cut off by the token limit is not valid: give the grammar's longest tunes room
-            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS,
-                                 token_budget(request))
+        max_new_tokens = self.default_budget(request, constrained, max_new_tokens)
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         raws = self.engine.generate(messages, n, sampling, grammar)
         req = request if isinstance(request, ComposeRequest) else None
@@ -849,9 +860,7 @@ class Composer:
             if constrained:
                 raise ValueError("constrained=True needs a ComposeRequest to build the grammar from")
             messages = self._conversation(request_or_messages)
-        if grammar is not None and max_new_tokens is None:
-            max_new_tokens = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS,
-                                 token_budget(request_or_messages))
+        max_new_tokens = self.default_budget(request_or_messages, grammar is not None, max_new_tokens)
         sampling = self._sampling(temperature, top_p, top_k, max_new_tokens, seed)
         if grammar is None:
             yield from self.engine.stream(messages, sampling, grammar)
@@ -881,9 +890,7 @@ class Composer:
         jobs, budgets = [], []
         for i, request in enumerate(requests):
             grammar = grammar_for_request(request) if constrained else None
-            budget = max_new_tokens
-            if constrained and budget is None:  # compose's default budget, request by request
-                budget = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS, token_budget(request))
+            budget = self.default_budget(request, constrained, max_new_tokens)  # compose's, request by request
             jobs.append((self.messages_for(request), grammar, base.seed + i))
             budgets.append(budget or base.max_new_tokens)
         if not hasattr(self.engine, "generate_many"):

@@ -978,7 +978,7 @@ def _settings(profile: Profile, knowledge_dir: Path) -> dict:
     keys = ("corpus_sources", "max_tunes", "max_tune_chars", "min_bars", "max_bar_errors",
             "transpositions",
             "val_fraction", "test_fraction", "instructions_per_tune", "phrase_chats_per_tune",
-            "transposed_chat_share", "seed")
+            "transposed_chat_share", "dataset_train_tunes", "seed")
     out: dict[str, Any] = {k: getattr(profile, k) for k in keys}
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
     out["knowledge_dir"] = Path(knowledge_dir).name  # name only: paths differ between machines
@@ -1125,13 +1125,28 @@ def builder_digest() -> str:
     return h.hexdigest()
 
 
+def dataset_train_sample(train: Sequence[Any], profile: Profile) -> list:
+    """The train tunes the datasets are built from: all of them, or (profile.dataset_train_tunes
+    > 0) a seeded sample of that many, in corpus order."""
+    k = profile.dataset_train_tunes
+    if k < 0:
+        raise ValueError(f"dataset_train_tunes must be >= 0 (0: all), got {k}")
+    if not k or k >= len(train):
+        return list(train)
+    keep = sorted(random.Random(f"{profile.seed}/dataset-train-tunes").sample(range(len(train)), k))
+    return [train[i] for i in keep]
+
+
 def _write_datasets(profile: Profile, records: list, files: DatasetFiles, progress: bool,
                     knowledge_dir: Path | str) -> None:
     """build_datasets' work, under its folder lock: each file atomically, the manifest last."""
     by_split = {s: [r for r in records if r.split == s] for s in SPLITS}
+    in_train = len(by_split["train"])
+    by_split["train"] = dataset_train_sample(by_split["train"], profile)
     knowledge = load_knowledge(knowledge_dir)
     identity = read_identity(Path(knowledge_dir))
-    counts: dict[str, Any] = {"pt": {}, "sft": {}}
+    counts: dict[str, Any] = {"pt": {}, "sft": {},
+                              "train_tunes": {"in_split": in_train, "used": len(by_split["train"])}}
     for split in SPLITS:
         pt_rows = build_pretraining_records(by_split[split], knowledge if split == "train" else ())
         counts["pt"][split] = {"records": jsonl.write_jsonl(pt_rows, getattr(files, f"pt_{split}")),

@@ -65,19 +65,22 @@ def _chat(kind: str, question: str, answer: str) -> dict:
 
 
 def knowledge_chats(knowledge_dir: Path | str = KNOWLEDGE_DIR, rounds: int = 2,
-                    small_repeats: int = 5, seed: int = 0) -> list[dict]:
-    """Chat records teaching the knowledge facts. Each round asks every composer and work in both
-    directions and both languages (a random template each time; works also "who composed");
-    identity, the ABC inventor and the header fields are few facts, so each round repeats their
-    every template `small_repeats` times. The identity.jsonl pairs come once per round."""
+                    small_repeats: int = 5, seed: int = 0, name_rounds: int | None = None) -> list[dict]:
+    """Chat records teaching the knowledge facts. Each of the first `name_rounds` rounds (default:
+    all `rounds`) asks every composer and work in both directions and both languages (a random
+    template each time; works also "who composed"); identity, the ABC inventor and the header
+    fields are few facts, so every round repeats their every template `small_repeats` times. The
+    identity.jsonl pairs come once per round."""
     folder = Path(knowledge_dir)
     t = load_templates(folder)
     rng = random.Random(seed)
     out: list[dict] = []
     composers, works = composer_values(folder), work_values(folder)
-    for _ in range(rounds):
-        for kind, rows in (("composer_to_zh", composers), ("composer_to_en", composers),
-                           ("work_to_zh", works), ("work_to_en", works), ("work_composer", works)):
+    name_rounds = rounds if name_rounds is None else name_rounds
+    for round_index in range(rounds):
+        named = (("composer_to_zh", composers), ("composer_to_en", composers), ("work_to_zh", works),
+                 ("work_to_en", works), ("work_composer", works)) if round_index < name_rounds else ()
+        for kind, rows in named:
             for values in rows:
                 for lang in LANGS:
                     q, a = rng.choice(t[kind][lang])
@@ -106,7 +109,7 @@ def composing_chats(records: Sequence[Any], profile: Profile, seed: int = 0) -> 
 def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 1500,
                        n_validation: int = 48, rounds: int = 2, seed: int = 0,
                        knowledge_dir: Path | str = KNOWLEDGE_DIR, small_repeats: int = 5,
-                       n_request_chats: int = 0):
+                       n_request_chats: int = 0, name_rounds: int | None = None):
     """DatasetDict(train: knowledge chats + composing chats of `n_tunes` random train tunes +
     `n_request_chats` chats drawn like the any-request suite (`request_chats`),
     validation: ordinary chats of the first `n_validation` validation tunes) for
@@ -119,7 +122,8 @@ def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 15
         raise ValueError("no train-split tunes: pass corpus records (corpus.read_jsonl of "
                          "runs/<profile>/data/tunes.jsonl, written by notebook 01)")
     picked = random.Random(seed).sample(train_tunes, min(n_tunes, len(train_tunes)))
-    rows = (knowledge_chats(knowledge_dir, rounds=rounds, small_repeats=small_repeats, seed=seed)
+    rows = (knowledge_chats(knowledge_dir, rounds=rounds, small_repeats=small_repeats, seed=seed,
+                            name_rounds=name_rounds)
             + composing_chats(picked, profile, seed)
             + request_chats(train_tunes, n_request_chats, seed=seed))
     random.Random(seed).shuffle(rows)
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--small-repeats", type=int, default=5,
                         help="times per round each identity/ABC template is asked")
+    parser.add_argument("--name-rounds", type=int, default=None,
+                        help="rounds that ask the composer and work names (default: all --rounds)")
     parser.add_argument("--request-chats", type=int, default=0,
                         help="chats drawn like the any-request suite (request_chats)")
     parser.add_argument("--max-steps", type=int, default=-1)
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = get_profile("cpu", **overrides)
     tunes = corpus.read_jsonl(args.tunes or profile.run_dir / "data" / "tunes.jsonl")
     data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed,
-                              small_repeats=args.small_repeats, n_request_chats=args.request_chats)
+                              small_repeats=args.small_repeats, n_request_chats=args.request_chats,
+                              name_rounds=args.name_rounds)
     print(json.dumps({"train": len(data["train"]), "validation": len(data["validation"])}), flush=True)
     result = instruction_tuning(profile, args.base, args.output, max_steps=args.max_steps,
                                 resume=args.resume, progress=False, datasets=data)

@@ -53,6 +53,10 @@ class Profile:
     # share of the train split's ordinary chats whose tune is first moved to a random key (the
     # request then names the new key), so the request, not the melody, decides K:
     transposed_chat_share: float = 0.0
+    # train tunes the pretraining and instruction sets are built from (0: the whole train split;
+    # otherwise a seeded sample of that many, counted in the manifest): the CPU size's notebooks
+    # train a few steps, so building chats for all 10,000 train tunes only made students wait
+    dataset_train_tunes: int = 0
     seed: int = 0
     # --- models and training (notebooks 02, 03) ---
     base_model: str = str(SHIPPED_MODEL_DIR)  # local path or hub id
@@ -88,6 +92,7 @@ class Profile:
     temperature: float = 1.0
     eval_requests: int = 8
     eval_samples_per_request: int = 1
+    probe_per_kind: int = 25  # knowledge probe: composers / works asked per direction and language
     workdir: Path | None = None  # None: $IMELODIST_RUNS when set, else <repo>/runs
 
     @property
@@ -108,6 +113,7 @@ CPU = Profile(
     max_tunes=None,
     transpositions=(),
     phrase_chats_per_tune=2,  # dense key/meter/length signal for a small model (model card)
+    dataset_train_tunes=2000,  # notebooks 02/03 train 15 steps; the presets build from all
     train_from_scratch=True,
     max_seq_len=512,
     pt_max_steps=15,  # CI proves the pipeline from zero; the shipped model trained longer
@@ -117,6 +123,7 @@ CPU = Profile(
     eval_steps=5,
     save_steps=5,
     eval_requests=8,
+    probe_per_kind=5,
     max_new_tokens=400,
     temperature=0.6,
 )

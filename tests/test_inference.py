@@ -61,6 +61,14 @@ def test_extract_one_line_header_form():
     assert abc.validate(tune).ok
 
 
+def test_a_field_name_inside_a_title_is_part_of_the_title():
+    # a grammar-valid answer the shipped model's successor wrote: the title holds " M: "
+    text = 'X:1\nT:The M: linepet\nM:4/4\nL:1/8\nK:Dm\n"Dm"A2 GF EDEF | D8 |]\n'
+    [tune] = extract_abc(text)
+    assert abc.parse_tune(tune).meter == "4/4" and "T:The M: linepet" in tune
+    assert abc.validate(tune).ok
+
+
 def test_extract_tune_without_x_and_unfenced_code_block():
     [tune] = extract_abc("```\nM:3/4\nL:1/8\nK:G\nG2 A2 B2 | d6 |]\n```")
     assert tune.startswith("X:1\n") and abc.validate(tune).ok
@@ -127,6 +135,20 @@ def test_unconstrained_random_model_writes_no_valid_tune(composer):
     # the control for the test above: the same model without the grammar writes noise
     comps = composer.compose(REQUESTS["emotion"], n=2, seed=11, max_new_tokens=120)
     assert not any(c.ok for c in comps)
+
+
+def test_default_budget_gives_long_requests_room_in_both_modes(composer):
+    long = ComposeRequest("emotion", lang="en", emotion="calm", meter="12/8", key="Bb", bars=32)
+    short = ComposeRequest("emotion", lang="en", emotion="calm", meter="2/4", key="G", bars=4)
+    free_long, free_short = composer.default_budget(long, False), composer.default_budget(short, False)
+    assert free_long > CPU.max_new_tokens == free_short  # 4 bars of 2/4 fit in the profile's limit
+    assert composer.default_budget(long, True) == max(1024, free_long)
+    assert composer.default_budget(short, True) == 1024
+    assert composer.default_budget(long, False, max_new_tokens=77) == 77  # a given limit wins
+    assert composer.default_budget("write a tune", False) is None  # plain text: the profile's limit
+    # compose uses it: the random model never stops, so it writes exactly the budget
+    [c] = composer.compose(long, seed=1)
+    assert (c.finish_reason, c.completion_tokens) == ("length", free_long)
 
 
 def test_stream_pieces_join_to_the_composed_text(composer):

@@ -374,6 +374,31 @@ def test_build_datasets_is_deterministic(tunes, knowledge_dir, tmp_path, monkeyp
     assert len(xt) == len(sft_train) and xt[0]["conversation"][0]["system"] == SYSTEM_PROMPT
 
 
+def test_a_train_tune_sample_builds_from_those_tunes_only(tunes, knowledge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("IMELODIST_RUNS", raising=False)
+    records = _split(tunes)
+    train = [r for r in records if r.split == "train"]
+    k = len(train) // 2
+    profile = get_profile("cpu", workdir=tmp_path, dataset_train_tunes=k)
+    picked = ins.dataset_train_sample(train, profile)
+    assert len(picked) == k and picked == [r for r in train if r in picked]  # corpus order kept
+    assert picked == ins.dataset_train_sample(train, profile)  # seeded
+    assert ins.dataset_train_sample(train, get_profile("cpu", dataset_train_tunes=0)) == train
+    assert ins.dataset_train_sample(train, get_profile("cpu", dataset_train_tunes=10 ** 6)) == train
+    files = ins.build_datasets(profile, records, progress=False, knowledge_dir=knowledge_dir)
+    manifest = json.loads(files.manifest.read_text(encoding="utf-8"))
+    assert manifest["counts"]["train_tunes"] == {"in_split": len(train), "used": k}
+    assert manifest["settings"]["dataset_train_tunes"] == k
+    pt = [json.loads(line)["text"] for line in files.pt_train.read_text(encoding="utf-8").splitlines()]
+    tune_texts = {r.abc.strip() + "\n" for r in picked}
+    assert sum(t in tune_texts for t in pt) == k == len(pt) - len(load_knowledge(knowledge_dir))
+    sft = [json.loads(line) for line in files.sft_train.read_text(encoding="utf-8").splitlines()]
+    used = {r["tune_id"] for r in sft if r.get("tune_id")}
+    assert used and used <= {r.id for r in picked}
+    with pytest.raises(ValueError, match="dataset_train_tunes"):
+        ins.dataset_train_sample(train, get_profile("cpu", dataset_train_tunes=-1))
+
+
 def test_build_datasets_needs_splits(tunes, tmp_path):
     with pytest.raises(ValueError, match="split"):
         ins.build_datasets(get_profile("cpu", workdir=tmp_path), tunes[:2], progress=False)

@@ -5,7 +5,7 @@ import pytest
 
 from imelodist_lib import probes
 from imelodist_lib.knowledge import load_knowledge, read_identity
-from imelodist_lib.knowledge_chats import knowledge_chats, load_templates
+from imelodist_lib.knowledge_chats import composer_values, knowledge_chats, load_templates, work_values
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,21 @@ def test_knowledge_probe_runs_and_scores_with_intervals(tiny):
         assert s.correct == sum(r["right"] for r in result.answers if r["category"] == s.category)
         assert 0.0 <= s.interval[0] <= s.accuracy <= s.interval[1] <= 1.0
     assert "| identity |" in result.table()
+    figure = result.plot()
+    bars = [p for p in figure.axes[0].patches]
+    assert len(bars) == len(result.scores)  # one bar per category, its height the accuracy in %
+    assert [b.get_height() for b in bars] == [100 * s.accuracy for s in result.scores.values()]
+
+
+def test_name_rounds_leave_out_the_name_chats_but_keep_identity():
+    def named(rows: list[dict]) -> int:
+        return sum(r["task"].split("/")[1].startswith(("composer_", "work_")) for r in rows)
+
+    without = knowledge_chats(rounds=2, small_repeats=1, name_rounds=0)
+    assert {r["task"].split("/")[1] for r in without} == {"identity", "abc_inventor", "abc_field"}
+    once = knowledge_chats(rounds=2, small_repeats=1, name_rounds=1)
+    every = knowledge_chats(rounds=2, small_repeats=1)
+    assert named(without) == 0 and named(every) == 2 * named(once)
+    # composers both ways, works both ways and "who composed", each in both languages
+    assert named(once) == 2 * (2 * len(composer_values()) + 3 * len(work_values()))
+    assert len(once) - named(once) == len(every) - named(every) == len(without)
