@@ -801,16 +801,18 @@ class Composer:
 
     # -- public API
     def default_budget(self, request: Any, constrained: bool, max_new_tokens: int | None = None) -> int | None:
-        """max_new_tokens for an answer to `request`: the one given, else room for the longest tune
-        the request asks for (`grammar.token_budget`: its bars, meter and unit length), never less
-        than the profile's `max_new_tokens`; constrained answers at least
-        CONSTRAINED_MIN_NEW_TOKENS (a tune the limit cuts off is invalid). A plain-text message:
-        None (the profile's limit). So a request for 32 bars of 12/8 is not cut off at 400 tokens
-        by a limit sized for 16 bars of 4/4; a model that does not stop still stops there."""
+        """max_new_tokens for an answer to `request`: the one given; else, constrained, room for
+        the longest tune the grammar allows (`grammar.token_budget`: bars, meter, unit length; at
+        least CONSTRAINED_MIN_NEW_TOKENS, since a tune the limit cuts off is invalid); else, for a
+        request that states its length, room for that many bars, never less than the profile's
+        `max_new_tokens`; else None (the profile's limit, also for a plain-text message). So a
+        request for 32 bars of 12/8 is not cut off at 400 tokens by a limit sized for 16 bars of
+        4/4, and a request without a length keeps the profile's limit as its bound."""
         if max_new_tokens is not None or not isinstance(request, ComposeRequest):
             return max_new_tokens
-        floor = max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS if constrained else 0)
-        return max(floor, token_budget(request))
+        if constrained:
+            return max(self.profile.max_new_tokens, CONSTRAINED_MIN_NEW_TOKENS, token_budget(request))
+        return max(self.profile.max_new_tokens, token_budget(request)) if request.bars else None
 
     def compose(self, request: ComposeRequest | str, n: int = 1, temperature: float | None = None,
                 top_p: float = 0.95, top_k: int = 50, max_new_tokens: int | None = None,

@@ -146,6 +146,8 @@ def test_default_budget_gives_long_requests_room_in_both_modes(composer):
     assert composer.default_budget(short, True) == 1024
     assert composer.default_budget(long, False, max_new_tokens=77) == 77  # a given limit wins
     assert composer.default_budget("write a tune", False) is None  # plain text: the profile's limit
+    unstated = ComposeRequest("emotion", lang="en", emotion="calm", meter="12/8", key="Bb")
+    assert composer.default_budget(unstated, False) is None  # no length asked: the profile's limit
     # compose uses it: the random model never stops, so it writes exactly the budget
     [c] = composer.compose(long, seed=1)
     assert (c.finish_reason, c.completion_tokens) == ("length", free_long)
