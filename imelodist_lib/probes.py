@@ -36,6 +36,10 @@ PROBE_FILE = "probe_templates.json"
 CATEGORIES = ("identity", "composer_names", "work_titles", "abc_facts")
 # what the shipped model should reach (issue 13); ABC facts are few questions, reported only
 TARGETS = {"identity": 0.9, "composer_names": 0.6, "work_titles": 0.4}
+# The identity score counts answers naming IMelodist, so a model that says "I am IMelodist" to
+# every question would score 100 %: the share of the *other* questions answered with the name is
+# reported beside it (lower is better).
+IDENTITY_LEAK = "identity_leak"
 TEMPLATE_KINDS = ("composer_to_zh", "composer_to_en", "work_to_zh", "work_to_en")
 
 
@@ -69,10 +73,13 @@ class ProbeResult:
     answers: list[dict] = field(default_factory=list)
 
     def table(self) -> str:
-        """A markdown table: category, n, accuracy [interval]."""
+        """A markdown table: category, n, accuracy [interval] (the identity leak: the share of
+        non-identity questions answered with the model's name, lower is better)."""
         rows = ["| category | n | right | accuracy [95 % interval] |", "|---|---|---|---|"]
         for s in self.scores.values():
-            rows.append(f"| {s.category} | {s.n} | {s.correct} | {100 * s.accuracy:.1f} % "
+            label = (f"{s.category} (other questions answered \"IMelodist\"; lower is better)"
+                     if s.category == IDENTITY_LEAK else s.category)
+            rows.append(f"| {label} | {s.n} | {s.correct} | {100 * s.accuracy:.1f} % "
                         f"[{100 * s.interval[0]:.1f}, {100 * s.interval[1]:.1f}] |")
         return "\n".join(rows)
 
@@ -88,11 +95,13 @@ class ProbeResult:
         for i, s in enumerate(scores):
             err = [[s.accuracy - s.interval[0]], [s.interval[1] - s.accuracy]]
             ax.bar(i, 100 * s.accuracy, yerr=[[100 * e for e in err[0]], [100 * e for e in err[1]]],
-                   capsize=4, color="tab:blue")
+                   capsize=4, color="tab:gray" if s.category == IDENTITY_LEAK else "tab:blue")
             if s.category in targets:
                 ax.hlines(100 * targets[s.category], i - 0.4, i + 0.4, colors="tab:red", linestyles="--",
                           label="target" if i == 0 else None)
-        ax.set_xticks(range(len(scores)), [f"{s.category}\nn={s.n}" for s in scores], fontsize=8)
+        names = {IDENTITY_LEAK: "identity leak\n(lower is better)"}
+        ax.set_xticks(range(len(scores)), [f"{names.get(s.category, s.category)}\nn={s.n}" for s in scores],
+                      fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("right answers (%)")
         ax.set_title("knowledge probe (held-out phrasings)", fontsize=9)
@@ -220,6 +229,11 @@ def knowledge_probe(composer_or_model: Any, tokenizer: Any = None, items: Sequen
         if hits:
             k = sum(hits)
             scores[category] = CategoryScore(category, len(hits), k, k / len(hits), wilson_interval(k, len(hits)))
+    others = [is_right(r["answer"], ("IMelodist",)) for r in rows if r["category"] != "identity"]
+    if others:
+        k = sum(others)
+        scores[IDENTITY_LEAK] = CategoryScore(IDENTITY_LEAK, len(others), k, k / len(others),
+                                              wilson_interval(k, len(others)))
     return ProbeResult(scores, rows)
 
 

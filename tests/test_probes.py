@@ -60,9 +60,14 @@ def test_knowledge_probe_runs_and_scores_with_intervals(tiny):
     model, tokenizer = tiny
     items = probes.probe_items(per_kind=1)
     result = probes.knowledge_probe(model, tokenizer, items=items, max_new_tokens=8)
-    assert set(result.scores) == set(probes.CATEGORIES)
-    assert sum(s.n for s in result.scores.values()) == len(items) == len(result.answers)
-    for s in result.scores.values():
+    assert set(result.scores) == {*probes.CATEGORIES, probes.IDENTITY_LEAK}
+    categories = [result.scores[c] for c in probes.CATEGORIES]
+    assert sum(s.n for s in categories) == len(items) == len(result.answers)
+    leak = result.scores[probes.IDENTITY_LEAK]
+    assert leak.n == len(items) - result.scores["identity"].n
+    assert leak.correct == sum(probes.is_right(r["answer"], ["IMelodist"]) for r in result.answers
+                               if r["category"] != "identity")
+    for s in categories:
         assert s.correct == sum(r["right"] for r in result.answers if r["category"] == s.category)
         assert 0.0 <= s.interval[0] <= s.accuracy <= s.interval[1] <= 1.0
     assert "| identity |" in result.table()
