@@ -503,15 +503,18 @@ def split_tunes(text: str) -> list[str]:
 
 
 _HEADER_ONE_LINE = re.compile(r"(?:^|\s)([A-Za-z]):")
+_ONE_LINE_START = "XLMQ"  # fields whose value is a number or a length, never free text
 _KEY_CONTINUATION = re.compile(
     r"^\s+((?:maj|min|m|ion|mix|dor|phr|lyd|loc|aeo)[a-z]*\b|(?:clef|middle|transpose|octave|"
     r"stafflines)=\S+|exp\b)", re.IGNORECASE)
 
 
 def _split_one_line(line: str) -> tuple[list[tuple[str, str]], str] | None:
-    """The seed's one-line form `X:1 L:1/8 M:4/4 K:Emin |: E2 ...` -> (fields, body)."""
+    """The seed's one-line form `X:1 L:1/8 M:4/4 K:Emin |: E2 ...` -> (fields, body). Only a
+    line that starts with a field of values (X: L: M: Q:) is one: a text field runs to the end
+    of its line (`T:Mr. D: Bridge's Reel.` is a title, `N: I: ...` a note)."""
     starts = [m for m in _HEADER_ONE_LINE.finditer(line)]
-    if len(starts) < 2 or starts[0].start() != 0:
+    if len(starts) < 2 or starts[0].start() != 0 or starts[0].group(1) not in _ONE_LINE_START:
         return None
     fields: list[tuple[str, str]] = []
     for i, m in enumerate(starts):

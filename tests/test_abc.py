@@ -487,3 +487,14 @@ def test_trailing_barlines_start_finds_the_bar_lines_a_text_ends_with():
     assert whole[:abc.trailing_barlines_start(whole)].endswith("GEA,G|F4")
     assert abc.trailing_barlines_start("F4 :| |]") == 3  # several, spaces between: all of them
     assert abc.trailing_barlines_start("G2 G,2") == 6  # none: the end
+
+
+def test_a_text_field_holding_a_field_name_is_not_a_one_line_header():
+    # ABC 2.1: a text field (T:, N:, ...) runs to the end of its line; only the one-line form
+    # that starts with a field of values (X:1 L:1/8 M:4/4 K:...) is split. A model wrote this
+    # title under the request grammar, and validation then read "K: Lee." as the key.
+    text = "X:1\nT:Gr. K: Lee.\nN: I: first part\nM:12/8\nL:1/8\nK:D#m\nAGF EDC FDC A,3 |]\n"
+    tune = abc.parse_tune(text)
+    assert ("T", "Gr. K: Lee.") in tune.fields and ("N", "I: first part") in tune.fields
+    assert tune.key == "D#m" and abc.validate(text).ok
+    assert abc.parse_tune("X:1 L:1/8 M:4/4 K:Emin |: E2 EF GABc | d8 :|").meter == "4/4"

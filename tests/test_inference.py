@@ -67,6 +67,8 @@ def test_a_field_name_inside_a_title_is_part_of_the_title():
     [tune] = extract_abc(text)
     assert abc.parse_tune(tune).meter == "4/4" and "T:The M: linepet" in tune
     assert abc.validate(tune).ok
+    [tune] = extract_abc(text.replace("T:The M: linepet", "T:Gr. K: Lee."))  # another one
+    assert "T:Gr. K: Lee." in tune and abc.validate(tune).ok
 
 
 def test_extract_tune_without_x_and_unfenced_code_block():
