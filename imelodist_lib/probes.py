@@ -184,6 +184,14 @@ def _model_and_tokenizer(composer_or_model: Any, tokenizer: Any = None):
     return composer_or_model, tokenizer
 
 
+def answer_text(tokenizer: Any, ids: Any, masked: bool = True) -> str:
+    """An answer's text from its new token ids. Under the UTF-8 mask (`masked`) every character
+    is whole except where the token limit cut the last one short, which decodes as U+FFFD at the
+    very end: that unfinished piece is dropped. Unmasked text is left as decoded."""
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return text.rstrip("\ufffd").rstrip() if masked else text
+
+
 def answer_questions(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tokens: int = 40,
                      batch_size: int = 32, utf8_mask: bool = True) -> list[str]:
     """Greedy chat answers to plain questions, batched (left padding), optionally under the UTF-8 mask."""
@@ -206,7 +214,7 @@ def answer_questions(model: Any, tokenizer: Any, questions: Sequence[str], max_n
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.convert_tokens_to_ids(IM_END))
-            out += [tokenizer.decode(row, skip_special_tokens=True).strip()
+            out += [answer_text(tokenizer, row, masked=table is not None)
                     for row in ids[:, enc["input_ids"].shape[1]:]]
     finally:
         tokenizer.padding_side = side

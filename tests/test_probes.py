@@ -71,6 +71,8 @@ def test_knowledge_probe_runs_and_scores_with_intervals(tiny):
         assert s.correct == sum(r["right"] for r in result.answers if r["category"] == s.category)
         assert 0.0 <= s.interval[0] <= s.accuracy <= s.interval[1] <= 1.0
     assert "| identity |" in result.table()
+    # under the UTF-8 mask no answer holds a broken character, not even one the limit cut short
+    assert not any("\ufffd" in r["answer"] for r in result.answers)
     figure = result.plot()
     bars = [p for p in figure.axes[0].patches]
     assert len(bars) == len(result.scores)  # one bar per category, its height the accuracy in %
@@ -89,3 +91,20 @@ def test_name_rounds_leave_out_the_name_chats_but_keep_identity():
     # composers both ways, works both ways and "who composed", each in both languages
     assert named(once) == 2 * (2 * len(composer_values()) + 3 * len(work_values()))
     assert len(once) - named(once) == len(every) - named(every) == len(without)
+
+
+def test_a_character_cut_short_by_the_token_limit_is_dropped_not_shown_broken():
+    from transformers import AutoTokenizer
+
+    from imelodist_lib.profiles import SHIPPED_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+    ids = tokenizer("我是 IMelodist，一个用 ABC 记谱法写旋律的作曲模型。", add_special_tokens=False)["input_ids"]
+    # the byte-level tokenizer spells most Chinese characters in several tokens: cut inside one
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "expected a character spelled in more than one token"
+    cut = ids[:cuts[-1]]
+    assert probes.answer_text(tokenizer, cut) == tokenizer.decode(cut).rstrip("\ufffd").rstrip()
+    assert "\ufffd" not in probes.answer_text(tokenizer, cut)
+    assert probes.answer_text(tokenizer, cut, masked=False).endswith("\ufffd")  # unmasked: as decoded
+    assert probes.answer_text(tokenizer, ids) == tokenizer.decode(ids)  # whole text untouched
