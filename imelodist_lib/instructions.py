@@ -1086,7 +1086,7 @@ def _stale_reason(profile: Profile, files: DatasetFiles, knowledge_dir: Path | s
     build_datasets compares all of it. load_datasets (`loading=True`) reads the tunes from the
     data folder's tunes.jsonl (not compared when it is missing), compares the knowledge only
     when its folder is there, and never compares the code (`builder_digest`, SYSTEM_PROMPT): a
-    code change that leaves the bytes as they were (most do) should not force a 7-minute
+    code change that leaves the bytes as they were (most do) should not force a full
     rebuild before notebook 02; notebook 01's build_datasets is where a code change rebuilds."""
     manifest, why = _manifest_and_files_check(files)
     if why:

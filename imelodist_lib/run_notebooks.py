@@ -9,7 +9,8 @@ the notebooks run in two lanes at once: 01 -> 02 -> 03 in order (each needs the 
 datasets, then the stage-1 model), the others in the second lane, each kernel with one torch
 thread so the lanes don't fight over the cores. A CPU-size kernel decodes and trains on one
 core, so one lane leaves the other idle: measured after `make test` in one clone on this 2-core
-machine, 9 min 1 s in one lane, 5 min 54 s in two.
+machine (datasets then built from every train tune), 9 min 1 s in one lane, 5 min 54 s in two;
+with the CPU size's sampled datasets a fresh clone's whole `make run` took 2 min 13 s (README).
 (04-07 read the shipped model; 06 and 07 read notebook 01's tunes.jsonl, or assemble it under
 the data folder's lock, so a lane never reads a half-written file.)
 """
