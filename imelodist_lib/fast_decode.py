@@ -328,20 +328,27 @@ def _softmax_(scores: np.ndarray, axis: int) -> np.ndarray:
     return scores
 
 
-def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray) -> int:
+def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray,
+               ids: np.ndarray | None = None) -> int:
     """One token from one row's masked logits (V,), as transformers samples it: temperature,
     top-k (ties at the k-th value kept), top-p (the smallest-probability tokens whose total is at
     most 1 - top_p dropped, the most probable always kept), then argmax(probs / noise) with
     noise ~ Exp(1) per vocabulary entry (torch.multinomial's draw). Tokens top-k drops have
-    probability 0, so top-p and the draw only look at those it keeps."""
+    probability 0, so top-p and the draw only look at those it keeps.
+
+    `ids` (ascending token ids): `scores` holds only those tokens' logits, every other token
+    being masked (-inf), as a grammar masks; the same token comes out as from the whole masked
+    row (the k-th largest, the kept order and argmax's ties are the same), from ~100 values
+    instead of the vocabulary."""
     if sampling.temperature != 1.0:
         scores = scores / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.shape[0]:
         kth = np.partition(scores, scores.shape[0] - sampling.top_k)[scores.shape[0] - sampling.top_k]
-        kept = np.flatnonzero(scores >= kth)
+        local = np.flatnonzero(scores >= kth)
     else:
-        kept = np.arange(scores.shape[0])
-    values = scores[kept]
+        local = np.arange(scores.shape[0])
+    kept = local if ids is None else ids[local]
+    values = scores[local]
     finite = values > NEG_INF
     if not finite.all():
         kept, values = kept[finite], values[finite]
@@ -470,8 +477,15 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             allowed = by_state if allowed is None else allowed & by_state
         return allowed
 
-    def choose(logits: np.ndarray, live: list[int], allowed: np.ndarray | None) -> list[int]:
-        """The next token of each slot in `live` (logits: (len(live), V), changed in place)."""
+    def choose(logits: np.ndarray, live: list[int], allowed: np.ndarray | None,
+               ids: np.ndarray | None = None) -> list[int]:
+        """The next token of each slot in `live` (logits: (len(live), V), changed in place; or,
+        for one row with `ids`, (1, len(ids)): only the allowed tokens' logits, ascending ids)."""
+        if ids is not None:
+            if sampling.temperature <= 0:
+                return [int(ids[int(logits[0].argmax())])]
+            noise = torch.empty(vocab).exponential_(generator=slots.generators[live[0]]).numpy()
+            return [sample_row(logits[0], sampling, noise, ids)]
         if allowed is not None:
             logits[~allowed] = NEG_INF
         if sampling.temperature <= 0:
@@ -527,12 +541,13 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 position = slots.positions[0]
                 out = lean._step_one(slots.tokens[0], position, slots.cache, position + 1, head=not constrained)
                 allowed = allowed_tokens(live, filling.result() if filling else None)
-                if constrained:  # only the allowed tokens' logits: a few rows of the LM head
-                    ids = np.flatnonzero(allowed[0]) if allowed is not None else None
-                    logits = np.full((1, vocab), NEG_INF)
-                    logits[0, ids if ids is not None else slice(None)] = lean.logits(out, ids)
+                ids = None
+                if constrained and allowed is not None:  # only the allowed tokens' logits: a few
+                    ids = np.flatnonzero(allowed[0])     # rows of the LM head, sampled among themselves
+                    logits = lean.logits(out, ids)[None]
+                    allowed = None
                 else:
-                    logits = out[None]
+                    logits = (lean.logits(out) if constrained else out)[None]
             else:
                 positions = np.array(slots.positions)
                 top = max(slots.positions[s] for s in live) + 1
@@ -544,7 +559,8 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
                 logits = logits[live] if len(live) < len(slots.row_of) else logits
                 allowed = allowed_tokens(live, filling.result() if filling else None)
-            tokens = choose(logits, live, allowed)
+                ids = None
+            tokens = choose(logits, live, allowed, ids)
             for slot, token in zip(live, tokens):
                 slots.positions[slot] += 1
                 yield slots.row_of[slot], token

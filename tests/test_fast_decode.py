@@ -222,6 +222,9 @@ def test_sampling_picks_the_token_transformers_picks_from_the_same_noise(samplin
             reference = warp(None, reference)
         expected = int((reference.softmax(-1) / torch.from_numpy(noise)).argmax())
         assert sample_row(scores, sampling, noise) == expected, trial
+        if trial % 2:  # a grammar's row: only the allowed tokens' logits, the same token
+            ids = np.flatnonzero(scores > -np.inf)
+            assert sample_row(scores[ids].copy(), sampling, noise, ids) == expected, trial
 
 
 def test_blas_threads_are_limited_inside_and_restored_after():
