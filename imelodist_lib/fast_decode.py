@@ -35,7 +35,8 @@ Guaranteed-valid mode: xgrammar's mask for step t+1 is filled in a worker thread
 thread runs step t+1's forward pass (both release the GIL), so with a free core the grammar costs
 no wall time; its CPU cost stays (measured: median 5 us a token, but 2-3.5 ms at bar starts,
 where the request grammar's bar-filling rules branch; mean ~0.5 ms). A single row then computes
-only the allowed tokens' logits (median ~100 of 2,048), reading those rows of the LM head.
+only the allowed tokens' logits (median ~100 of 2,048), reading those rows of the LM head, and
+samples among them (`sample_row(..., ids)`: the same token as from the whole masked row).
 
 Same tokens as `generate` in practice, not bit for bit: the logits agree to ~1e-5 (the
 summation order differs from torch's), so a token can differ only where two choices are that
