@@ -503,7 +503,8 @@ def split_tunes(text: str) -> list[str]:
 
 
 _HEADER_ONE_LINE = re.compile(r"(?:^|\s)([A-Za-z]):")
-_ONE_LINE_START = "XLMQ"  # fields whose value is a number or a length, never free text
+# the one-line header form starts with one of these fields (a number or a length, never free text)
+ONE_LINE_FIELDS = "XLMQ"
 _KEY_CONTINUATION = re.compile(
     r"^\s+((?:maj|min|m|ion|mix|dor|phr|lyd|loc|aeo)[a-z]*\b|(?:clef|middle|transpose|octave|"
     r"stafflines)=\S+|exp\b)", re.IGNORECASE)
@@ -514,7 +515,7 @@ def _split_one_line(line: str) -> tuple[list[tuple[str, str]], str] | None:
     line that starts with a field of values (X: L: M: Q:) is one: a text field runs to the end
     of its line (`T:Mr. D: Bridge's Reel.` is a title, `N: I: ...` a note)."""
     starts = [m for m in _HEADER_ONE_LINE.finditer(line)]
-    if len(starts) < 2 or starts[0].start() != 0 or starts[0].group(1) not in _ONE_LINE_START:
+    if len(starts) < 2 or starts[0].start() != 0 or starts[0].group(1) not in ONE_LINE_FIELDS:
         return None
     fields: list[tuple[str, str]] = []
     for i, m in enumerate(starts):

@@ -119,7 +119,6 @@ MAX_ANSWER_CHARS = 300_000  # longest answer extract_abc reads (~100x a model an
 _FENCE_INFO = re.compile(r"[A-Za-z0-9_-]*")  # a fence's language word ("abc", "", "text")
 _FIELD_LINE = re.compile(r"^\s*[A-Za-z]:")
 _INLINE_FIELD = re.compile(r"(?<!\S)([A-Za-z]):")
-_HEADER_START = "XLMQ"  # fields whose value is a number or a length, never free text
 
 
 def _split_inline_header(line: str) -> str:
@@ -128,7 +127,7 @@ def _split_inline_header(line: str) -> str:
     Q:) is split: a title is free text ('T:The M: line', 'T:Gr. K: Lee.' are titles)."""
     marks = list(_INLINE_FIELD.finditer(line))
     if len(marks) < 2 or marks[0].start() != len(line) - len(line.lstrip()) \
-            or marks[0].group(1) not in _HEADER_START or not any(m.group(1) == "K" for m in marks[1:]):
+            or marks[0].group(1) not in abc.ONE_LINE_FIELDS or not any(m.group(1) == "K" for m in marks[1:]):
         return line
     out = []
     for i, mark in enumerate(marks):

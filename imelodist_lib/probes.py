@@ -92,13 +92,15 @@ class ProbeResult:
 
         scores = list(self.scores.values())
         fig, ax = plt.subplots(figsize=(1.6 * len(scores) + 1.5, 2.8))
+        labelled = False
         for i, s in enumerate(scores):
-            err = [[s.accuracy - s.interval[0]], [s.interval[1] - s.accuracy]]
-            ax.bar(i, 100 * s.accuracy, yerr=[[100 * e for e in err[0]], [100 * e for e in err[1]]],
-                   capsize=4, color="tab:gray" if s.category == IDENTITY_LEAK else "tab:blue")
+            low, high = 100 * (s.accuracy - s.interval[0]), 100 * (s.interval[1] - s.accuracy)
+            ax.bar(i, 100 * s.accuracy, yerr=[[low], [high]], capsize=4,
+                   color="tab:gray" if s.category == IDENTITY_LEAK else "tab:blue")
             if s.category in targets:
                 ax.hlines(100 * targets[s.category], i - 0.4, i + 0.4, colors="tab:red", linestyles="--",
-                          label="target" if i == 0 else None)
+                          label=None if labelled else "target")
+                labelled = True
         names = {IDENTITY_LEAK: "identity leak\n(lower is better)"}
         ax.set_xticks(range(len(scores)), [f"{names.get(s.category, s.category)}\nn={s.n}" for s in scores],
                       fontsize=8)
