@@ -538,15 +538,14 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 slots.compact()
                 live = list(range(len(slots.row_of)))
             filling = worker.submit(fill, live) if worker else None  # runs during the step
+            ids = None  # one grammar row: its allowed token ids, whose logits alone are computed
             if len(slots.row_of) == 1:
                 position = slots.positions[0]
                 out = lean._step_one(slots.tokens[0], position, slots.cache, position + 1, head=not constrained)
                 allowed = allowed_tokens(live, filling.result() if filling else None)
-                ids = None
                 if constrained and allowed is not None:  # only the allowed tokens' logits: a few
                     ids = np.flatnonzero(allowed[0])     # rows of the LM head, sampled among themselves
                     logits = lean.logits(out, ids)[None]
-                    allowed = None
                 else:
                     logits = (lean.logits(out) if constrained else out)[None]
             else:
@@ -560,7 +559,6 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
                 logits = logits[live] if len(live) < len(slots.row_of) else logits
                 allowed = allowed_tokens(live, filling.result() if filling else None)
-                ids = None
             tokens = choose(logits, live, allowed, ids)
             for slot, token in zip(live, tokens):
                 slots.positions[slot] += 1

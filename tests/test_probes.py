@@ -74,7 +74,7 @@ def test_knowledge_probe_runs_and_scores_with_intervals(tiny):
     # under the UTF-8 mask no answer holds a broken character, not even one the limit cut short
     assert not any("\ufffd" in r["answer"] for r in result.answers)
     figure = result.plot()
-    bars = [p for p in figure.axes[0].patches]
+    bars = list(figure.axes[0].patches)
     assert len(bars) == len(result.scores)  # one bar per category, its height the accuracy in %
     assert [b.get_height() for b in bars] == [100 * s.accuracy for s in result.scores.values()]
 
