@@ -4,18 +4,26 @@ A 5M-parameter model needs ~10 MFLOP a token, so on a CPU `model.generate` spend
 time in framework overhead (module calls, cache objects, logits processors), not arithmetic.
 `LeanLlama` reads a `LlamaForCausalLM`'s weights once into NumPy float32 arrays (q, k and v in
 one matrix, gate and up in one, each RMSNorm's weight and attention's 1/sqrt(head_dim) folded into
-the matrix after it), keeps a preallocated KV cache, and runs a one-row step on 1-D vectors in
-about 30 NumPy calls a layer.
+the matrix after it, layers stacked), keeps a preallocated KV cache, runs prefills and many-row
+steps as NumPy matrix products (OpenBLAS) and a single row's step as one compiled call
+(`fast_kernels.row_step`, numba).
 
-Why NumPy (measured on the 2-core shared machine, load 5-7, CPU time at one thread): a NumPy call
-costs ~1-3 us against torch's ~5-10 us; the 25 vector-matrix products of one IMelodist-tiny
-token take ~2.4 ms with NumPy's OpenBLAS against ~3.0 ms with torch's MKL; one whole step took
-~3.1 ms against ~5.5 ms for the eager-torch version of this path (same ops). What is left is
-mostly reading the 20 MB of weights once a token (memory bound: ~2 ms), which no runtime
-removes at batch 1, so torch.compile and ONNX Runtime (a compile or an export in every fresh
-process, a second runtime to install) were not taken. New dependency: threadpoolctl (one
-pure-Python file, ~85 kB): OpenBLAS starts one thread per core, and two threads on products this
+Why these (measured on the 2-core shared machine, CPU time at one thread): a NumPy call costs
+~1-3 us against torch's ~5-10 us, and NumPy's OpenBLAS beat torch's MKL on these products, so an
+eager-torch version of this path took ~5.5 ms a step against NumPy's ~3.1 ms (load 5-7). At
+batch 1 a step is then ~25 vector-matrix products that read the 21 MB of weights from L3
+(~0.77 ms, whether OpenBLAS or a compiled loop does it: the floor no runtime removes) and ~200
+small NumPy calls between them (~0.3 ms); the compiled step leaves only the reading: 0.91 ms
+against 1.12 ms at 200 cached positions (issue 15, quiet machine, the same process). The first
+call in a fresh clone compiles it (~2-6 s, then cached beside the module). torch.compile and
+ONNX Runtime (a compile or an export in every fresh process, a second runtime to install) were
+not taken. threadpoolctl: OpenBLAS starts one thread per core, and two threads on products this
 small were ~3x slower on the shared machine, so decoding runs BLAS at torch's thread count.
+
+A chat prompt starts with the same system prompt and template every time (~25 of ~95 tokens):
+`prefill_row` copies the keys and values of the part a prompt shares with the last one instead
+of running it again. Sampling noise (below) for the next tokens is drawn in the worker thread
+while a row decodes (~33 us a token otherwise).
 
 Speculative decoding (issue 15) was measured and not taken: a forward over 2-9 positions at once
 (`prefill(..., start=)`, the verify step) costs ~2-2.7 one-row steps, not "little more than one"
@@ -27,7 +35,7 @@ to pay for that: ~1.07x free, ~1.2x guaranteed-valid, replayed in benchmarks/ben
 position, seed and optional xgrammar matcher (guaranteed-valid mode), refilling a finished row's
 slot with the next waiting prompt. Sampling follows transformers: grammar and UTF-8 masks, then
 temperature, top-k, top-p, softmax and one exponential draw per vocabulary entry from a torch
-generator seeded per row (what `torch.multinomial` does for one sample), so a row's answer
+generator seeded per row (what `torch.multinomial` does for one sample; `_Noise`), so a row's answer
 depends on its prompt and seed only, not on the rows beside it. Top-p and the draw work on the
 tokens top-k kept (the rest have probability 0), not on a sort of the whole vocabulary.
 
@@ -39,7 +47,7 @@ only the allowed tokens' logits (median ~100 of 2,048), reading those rows of th
 samples among them (`sample_row(..., ids)`: the same token as from the whole masked row).
 
 Same tokens as `generate` in practice, not bit for bit: the logits agree to ~1e-5 (the
-summation order differs from torch's), so a token can differ only where two choices are that
+summation order differs from torch's, and the compiled step's from OpenBLAS's), so a token can differ only where two choices are that
 close. tests/test_fast_decode.py checks greedy and seeded tokens against `generate`, batched rows
 against single ones, and grammar answers for validity; the bench counts same-text answers.
 
@@ -60,7 +68,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from imelodist_lib.fast_kernels import row_step
+
 NEG_INF = np.float32(-np.inf)
+MIN_REUSED = 8  # prefill_row reuses a shared start of at least this many tokens
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,7 @@ class LeanLlama:
         with torch.no_grad():
             self._read_weights(model)
         self._cos = self._sin = np.empty((0, self.qk_size), np.float32)
+        self._last_prompt: tuple[list[int], np.ndarray] = ([], np.empty(0, np.float32))  # prefill_row's
         # batched attention: query head h sits in its key head's columns of a (heads, kv_size) block
         self._head_rows = np.arange(self.heads)[:, None]
         self._head_cols = (self._head_rows // self.group) * self.head_dim + np.arange(self.head_dim)
@@ -163,7 +175,6 @@ class LeanLlama:
         self.qk_size = self.q_size + self.kv_size
         self.group = self.heads // self.kv_heads
         self.embed = model.model.embed_tokens.weight.detach().numpy().astype(np.float32, copy=True)
-        self.layers = []
 
         def normed(norm, *weights) -> np.ndarray:
             """W.T of the projections after an RMSNorm, its weight folded in: x @ W.T is one
@@ -171,18 +182,22 @@ class LeanLlama:
             return np.ascontiguousarray((torch.cat(weights).t() * norm.weight[:, None]).numpy())
 
         scale = self.head_dim ** -0.5  # attention's 1/sqrt(head_dim) on q, folded into q's rows
+        qkv, o, gate_up, down = [], [], [], []
         for layer in model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
+            qkv.append(normed(layer.input_layernorm, att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight))
+            o.append(att.o_proj.weight.t().numpy())
             # gate's rows and down's columns negated: silu(g) * u @ D == (-g / (1 + exp(-g))) * u @ -D,
             # one op fewer a layer (negation is exact)
-            self.layers.append((
-                normed(layer.input_layernorm, att.q_proj.weight * scale, att.k_proj.weight, att.v_proj.weight),
-                np.ascontiguousarray(att.o_proj.weight.t().numpy()),
-                normed(layer.post_attention_layernorm, -mlp.gate_proj.weight, mlp.up_proj.weight),
-                (-mlp.down_proj.weight).numpy()))  # (hidden, intermediate): down @ h is faster here
+            gate_up.append(normed(layer.post_attention_layernorm, -mlp.gate_proj.weight, mlp.up_proj.weight))
+            down.append((-mlp.down_proj.weight).t().numpy())
+        # one array per kind, layers stacked (what `fast_kernels.row_step` reads); self.layers: views
+        self.qkv_t, self.o_t, self.gate_up_t, self.down_t = (np.ascontiguousarray(np.stack(w), np.float32)
+                                                             for w in (qkv, o, gate_up, down))
+        self.layers = list(zip(self.qkv_t, self.o_t, self.gate_up_t, self.down_t))
         self.lm_head_t = normed(model.model.norm, model.lm_head.weight)
         self.lm_rows = np.ascontiguousarray(self.lm_head_t.T)  # (V, hidden): a few tokens' logits
-        self.intermediate = self.layers[0][2].shape[1] // 2
+        self.intermediate = self.down_t.shape[1]
 
     def rope_table(self, length: int) -> tuple[np.ndarray, np.ndarray]:
         """cos and signed sin for positions 0..length-1 (at least), tiled over the q and k heads:
@@ -207,7 +222,7 @@ class LeanLlama:
         qk *= cos
         pairs += turned
 
-    def _mlp_(self, x: np.ndarray, gu_t: np.ndarray, down: np.ndarray, unit: np.ndarray) -> None:
+    def _mlp_(self, x: np.ndarray, gu_t: np.ndarray, down_t: np.ndarray, unit: np.ndarray) -> None:
         """x += the SwiGLU block, from unit = x / rms(x) (gate and down stored negated)."""
         gate_up = unit @ gu_t
         minus_gate = gate_up[..., :self.intermediate]
@@ -215,7 +230,7 @@ class LeanLlama:
         h += 1
         np.divide(minus_gate, h, out=h)
         h *= gate_up[..., self.intermediate:]
-        x += down @ h if h.ndim == 1 else h @ down.T
+        x += h @ down_t
 
     def _unit_rms(self, x: np.ndarray) -> np.ndarray:
         """x / rms(x) per row: RMSNorm without its weight (folded into the next projection)."""
@@ -223,9 +238,10 @@ class LeanLlama:
             return x * np.float32(1.0 / math.sqrt(float(x @ x) / x.shape[0] + self.eps))
         return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.eps)))
 
-    def new_cache(self, rows: int, length: int) -> list[np.ndarray]:
-        """Per layer, keys then values of each position: (rows, length, 2 * kv_size)."""
-        return [np.zeros((rows, length, 2 * self.kv_size), np.float32) for _ in self.layers]
+    def new_cache(self, rows: int, length: int) -> np.ndarray:
+        """Keys then values of each position, layers stacked: (layers, rows, length, 2 * kv_size);
+        cache[layer] is one layer's (rows, length, 2 * kv_size)."""
+        return np.zeros((len(self.layers), rows, length, 2 * self.kv_size), np.float32)
 
     def _heads(self, cached: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Views of cached positions (..., length, 2 * kv_size) per key head: keys transposed
@@ -265,6 +281,26 @@ class LeanLlama:
         x = x if all_logits else x[-1]
         return self._unit_rms(x) @ self.lm_head_t if head else self._unit_rms(x)
 
+    def prefill_row(self, tokens: list[int], cache, row: int) -> np.ndarray:
+        """`prefill` of a prompt into cache row `row`, reusing the keys and values of the part it
+        shares with the last prompt prefilled this way (every chat starts with the same system
+        prompt and template: ~25 of ~95 tokens). The last position's logits (V,)."""
+        tokens = list(tokens)
+        kept_tokens, kept = self._last_prompt
+        common = 0
+        for a, b in zip(tokens, kept_tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last position always runs, for its logits
+        if common >= MIN_REUSED:
+            cache[:, row, :common] = kept[:, :common]
+            logits = self.prefill(tokens[common:], cache, row, start=common)
+        else:
+            logits = self.prefill(tokens, cache, row)
+        self._last_prompt = (tokens, cache[:, row, :len(tokens)].copy())
+        return logits
+
     def step(self, tokens, positions, cache, length: int, mask: np.ndarray | None,
              same_position: int | None = None) -> np.ndarray:
         """One new token per cache row (tokens, positions: (B,) ints); attends to the first
@@ -303,22 +339,15 @@ class LeanLlama:
         return unit @ self.lm_head_t if tokens is None else self.lm_rows[tokens] @ unit
 
     def _step_one(self, token: int, position: int, cache, length: int, head: bool = True) -> np.ndarray:
-        """`step` for a single row at `position`, on 1-D vectors (NumPy's vector-matrix product
-        is faster than a one-row matrix product). Returns logits (V,), or with head=False the
-        final normed hidden state for `logits`."""
-        cos, sin = (t[position] for t in self.rope_table(max(length, position + 1)))
-        x = self.embed[token].copy()
-        with np.errstate(over="ignore"):
-            for (qkv_t, o_t, gu_t, down_t), layer_cache in zip(self.layers, cache):
-                cached = layer_cache[0, :length]
-                out = self._unit_rms(x) @ qkv_t
-                self._rope_(out[:self.qk_size], cos, sin)
-                cached[position] = out[self.q_size:]
-                keys, values = self._heads(cached)
-                scores = out[:self.q_size].reshape(self.kv_heads, self.group, self.head_dim) @ keys
-                x += (_softmax_(scores, -1) @ values).reshape(self.q_size) @ o_t
-                self._mlp_(x, gu_t, down_t, self._unit_rms(x))
-        return self._unit_rms(x) @ self.lm_head_t if head else self._unit_rms(x)
+        """`step` for a single row (cache row 0) at `position`, as one compiled call
+        (`fast_kernels.row_step`). Returns logits (V,), or with head=False the final normed
+        hidden state for `logits`."""
+        cos, sin = self.rope_table(max(length, position + 1))
+        out = np.empty(self.vocab_size if head else self.hidden, np.float32)
+        row_step(token, position, length, self.embed, self.qkv_t, self.o_t, self.gate_up_t, self.down_t,
+                 self.lm_head_t, cache[:, 0], cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim,
+                 head, out)
+        return out
 
 
 def _softmax_(scores: np.ndarray, axis: int) -> np.ndarray:
@@ -371,14 +400,43 @@ def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray,
 
 
 @lru_cache(maxsize=1)
-def _grammar_worker() -> ThreadPoolExecutor:
-    """One thread that fills grammar masks while the main thread runs the model step
-    (xgrammar's calls release the GIL, as do NumPy's matrix products)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast_decode-grammar")
+def _worker() -> ThreadPoolExecutor:
+    """One thread that fills grammar masks and draws sampling noise while the main thread runs
+    the model step (xgrammar's and torch's calls release the GIL, as the compiled step does)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast_decode-worker")
+
+
+class _Noise:
+    """A row's Exp(1) draws for `sample_row`, one vocabulary's worth a token, from its seeded
+    generator: what `torch.empty(V).exponential_(generator)` gives token after token (torch 2.13
+    draws the same numbers for one (k*V,) tensor as for k (V,) tensors in turn; the seeded tests
+    against `generate` check it). With a worker thread, the next `ahead` tokens' draws are made
+    there while this row decodes (~33 us a token on the main thread otherwise)."""
+
+    def __init__(self, seed: int, vocab: int, worker: ThreadPoolExecutor | None, ahead: int = 8):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab, self.worker = vocab, worker
+        self.ahead = ahead if worker is not None else 1
+        self.block, self.used = np.empty((0, vocab), np.float32), 0
+        self.coming = self._submit()
+
+    def _draw(self) -> np.ndarray:
+        return torch.empty(self.ahead, self.vocab).exponential_(generator=self.generator).numpy()
+
+    def _submit(self):
+        return self.worker.submit(self._draw) if self.worker is not None else None
+
+    def next(self) -> np.ndarray:
+        """The next token's (V,) draws."""
+        if self.used == len(self.block):
+            self.block = self.coming.result() if self.coming is not None else self._draw()
+            self.used, self.coming = 0, self._submit()
+        self.used += 1
+        return self.block[self.used - 1]
 
 
 class _Slots:
-    """The rows being decoded now: cache rows, positions, last tokens, generators, matchers."""
+    """The rows being decoded now: cache rows, positions, last tokens, noise, matchers."""
 
     def __init__(self, lean: LeanLlama, count: int, length: int, constrained: bool):
         self.lean, self.length = lean, length
@@ -386,7 +444,7 @@ class _Slots:
         self.row_of = [-1] * count  # which Row each slot holds (-1: free)
         self.positions = [0] * count  # where the slot's next token goes
         self.tokens = [0] * count
-        self.generators: list[torch.Generator | None] = [None] * count
+        self.noises: list[_Noise | None] = [None] * count
         self.matchers: list[Any] = [None] * count
         self.utf8_states = [0] * count  # imelodist_lib.utf8 automaton state per slot (0: boundary)
         self.bitmask = None
@@ -398,8 +456,8 @@ class _Slots:
     def compact(self) -> None:
         """Drop free slots from the cache (rows left after the queue ran dry)."""
         keep = [i for i, r in enumerate(self.row_of) if r >= 0]
-        self.cache = [layer[keep] for layer in self.cache]
-        for name in ("row_of", "positions", "tokens", "generators", "matchers", "utf8_states"):
+        self.cache = self.cache[:, keep]
+        for name in ("row_of", "positions", "tokens", "noises", "matchers", "utf8_states"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
         if self.bitmask is not None:
@@ -439,7 +497,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
     utf8_allowed = None if utf8 is None else utf8.allowed[:, :vocab].numpy()
     utf8_next = None if utf8 is None else utf8.next_state.numpy()
     prefilled: tuple | None = None  # (prompt, cache row, logits) of the last prefill, for reuse
-    worker = _grammar_worker() if constrained and len(os.sched_getaffinity(0)) > 1 else None
+    worker = _worker() if len(os.sched_getaffinity(0)) > 1 else None
 
     def admit(slot: int) -> np.ndarray:
         """Put the next waiting row into `slot`; return its first logits."""
@@ -453,10 +511,10 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 layer[slot, :n] = layer[source, :n]
             logits = prefilled[2].copy()
         else:
-            logits = lean.prefill(row.prompt, slots.cache, slot)
+            logits = lean.prefill_row(row.prompt, slots.cache, slot)
             prefilled = (row.prompt, slot, logits.copy())
         slots.row_of[slot], slots.positions[slot] = index, n
-        slots.generators[slot] = torch.Generator().manual_seed(row.seed)
+        slots.noises[slot] = _Noise(row.seed, vocab, worker if sampling.temperature > 0 else None)
         slots.matchers[slot] = xgr.GrammarMatcher(row.grammar) if constrained else None
         slots.utf8_states[slot] = 0
         results[index].first_token_seconds = time.perf_counter() - start
@@ -485,16 +543,14 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
         if ids is not None:
             if sampling.temperature <= 0:
                 return [int(ids[int(logits[0].argmax())])]
-            noise = torch.empty(vocab).exponential_(generator=slots.generators[live[0]]).numpy()
-            return [sample_row(logits[0], sampling, noise, ids)]
+            return [sample_row(logits[0], sampling, slots.noises[live[0]].next(), ids)]
         if allowed is not None:
             logits[~allowed] = NEG_INF
         if sampling.temperature <= 0:
             return logits.argmax(-1).tolist()
         tokens = []
         for i, slot in enumerate(live):
-            noise = torch.empty(vocab).exponential_(generator=slots.generators[slot]).numpy()
-            tokens.append(sample_row(logits[i], sampling, noise))
+            tokens.append(sample_row(logits[i], sampling, slots.noises[slot].next()))
         return tokens
 
     def record(slot: int, token: int) -> bool:
@@ -537,7 +593,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             if not waiting and len(live) <= len(slots.row_of) // 2:
                 slots.compact()
                 live = list(range(len(slots.row_of)))
-            filling = worker.submit(fill, live) if worker else None  # runs during the step
+            filling = worker.submit(fill, live) if worker and constrained else None  # runs during the step
             ids = None  # one grammar row: its allowed token ids, whose logits alone are computed
             if len(slots.row_of) == 1:
                 position = slots.positions[0]

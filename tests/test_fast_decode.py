@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from imelodist_lib import abc
-from imelodist_lib.fast_decode import (LeanLlama, Row, Sampling, blas_threads, decode, iter_decode, sample_row,
-                                      supports)
+from imelodist_lib.fast_decode import (MIN_REUSED, LeanLlama, Row, Sampling, _Noise, blas_threads, decode,
+                                      iter_decode, sample_row, supports)
 from imelodist_lib.grammar import stop_token_ids
 from imelodist_lib.inference import Composer
 from imelodist_lib.instructions import ComposeRequest
@@ -262,3 +262,40 @@ def test_prefill_from_a_start_position_is_the_cached_multi_position_step(lean, p
     assert np.allclose(rewritten, lean.prefill([7, 11], fresh, 0, all_logits=True, start=n), atol=1e-5)
     step = lean._step_one(11, n + 1, fresh, n + 2)  # the one-row step agrees with the second position
     assert np.allclose(rewritten[1], step, atol=1e-4) and not np.allclose(rewritten[0], rewritten[1])
+
+
+def test_a_prompt_sharing_the_last_ones_start_reuses_its_keys_and_values(tiny, prompts):
+    """prefill_row: a prompt that starts like the last one prefilled gives the logits and cache a
+    fresh prefill gives (shared start copied, the rest run from there), whatever it shares."""
+    lean = LeanLlama(tiny[0])  # its own: prefill_row remembers the last prompt
+    first = prompts[3]  # the Chinese system-prompt text: many byte tokens
+    assert len(first) > MIN_REUSED + 3
+    others = [first[:MIN_REUSED + 2] + prompts[0],  # shares its first tokens only
+              list(first),  # the same prompt again: the last position still runs
+              first[:MIN_REUSED - 1] + prompts[1],  # shares too little to reuse
+              prompts[2]]  # shares nothing
+    lean.prefill_row(first, lean.new_cache(1, 96), 0)
+    for prompt in others:
+        fresh = lean.new_cache(1, 96)
+        expected = lean.prefill(prompt, fresh, 0)
+        cache = lean.new_cache(2, 96)
+        got = lean.prefill_row(prompt, cache, 1)
+        assert np.allclose(got, expected, atol=1e-5)
+        assert np.allclose(cache[:, 1, :len(prompt)], fresh[:, 0, :len(prompt)], atol=1e-5)
+        assert not cache[:, 0].any()  # other rows untouched
+    reused = lean._last_prompt[1]
+    assert reused.shape[:2] == (len(lean.layers), len(prompts[2]))
+
+
+def test_noise_drawn_ahead_in_a_worker_is_the_one_token_at_a_time_sequence():
+    """_Noise gives, token after token, what one exponential_ draw per token from the row's
+    seeded generator gives (transformers' multinomial): drawn `ahead` tokens at once, in a
+    worker thread or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = torch.Generator().manual_seed(3)
+    expected = [torch.empty(50).exponential_(generator=generator).numpy() for _ in range(11)]
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for pool, ahead in ((worker, 4), (worker, 1), (None, 4)):
+            noise = _Noise(3, 50, pool, ahead=ahead)
+            assert all(np.array_equal(noise.next(), e) for e in expected), (pool, ahead)
