@@ -2,13 +2,16 @@
 
 The SFT model answers each training request k times; every answer is scored by the rules the
 evaluation already uses (`evaluation.score_answer`: valid ABC, bars of the right length, the
-requested key/mode/meter/length/chords honoured, the given opening continued) plus two
-closeness-to-human terms (how often a bar repeats an earlier one, how varied the rhythm is,
+requested key/mode/meter/length/chords honoured, the given opening continued), whether it ended
+by itself rather than at the token limit, two closeness-to-human terms (how often a bar repeats an earlier one, how varied the rhythm is,
 against the training tunes' own averages) and a penalty for a near-copy of a training tune.
 The best and the worst answer of a request form one (chosen, rejected) pair when their rewards
 differ by at least `min_margin`, and TRL's `DPOTrainer` trains on the pairs: full weights for
 IMelodist-tiny, LoRA at GPU size (`train._lora_config`, chosen by `profile.use_lora`).
 No reward model is learned: the reward is the checkable part of what the issue asks for.
+
+`python -m imelodist_lib.preference` runs one round at a size of your choosing (`main`), with
+requests shaped like the test split's or drawn like the any-request suite (`training_requests`).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from imelodist_lib.profiles import Profile
 # 20 % of a human tune's bars repeat an earlier one; duration entropy measured like the tunes').
 HUMAN_DEFAULTS = {"repeated_bar_share": 0.20, "rhythm_entropy": 1.5}
 ADHERENCE = ("key_match", "mode_match", "meter_match", "length_match", "chord_adherence", "continued")
-REWARD_WEIGHTS = {"valid": 2.0, "bar_accuracy": 2.0, "adherence": 2.0, "repetition": 1.0,
+REWARD_WEIGHTS = {"valid": 2.0, "bar_accuracy": 2.0, "adherence": 2.0, "stopped": 1.0, "repetition": 1.0,
                   "rhythm": 0.5, "near_copy": -2.0}
 
 
@@ -103,11 +106,12 @@ def human_statistics(tunes: Sequence[Any]) -> dict[str, float]:
 
 
 def reward_parts(request: ComposeRequest, answer: str, human: Mapping[str, float] | None = None,
-                 novelty: NoveltyIndex | None = None) -> tuple[dict[str, float], dict[str, Any]]:
-    """The reward's parts for one answer (each in [0, 1]; near_copy 0/1) and evaluation's row."""
+                 novelty: NoveltyIndex | None = None, stopped: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+    """The reward's parts for one answer (each in [0, 1]; near_copy 0/1) and evaluation's row.
+    `stopped`: the answer ended with its stop token (False: cut off by the token limit)."""
     human = human or HUMAN_DEFAULTS
     row = score_answer(request, answer)
-    parts = {"valid": float(row["valid"])}
+    parts = {"valid": float(row["valid"]), "stopped": float(stopped)}
     rate = row.get("bar_error_rate")
     parts["bar_accuracy"] = 0.0 if not row["valid"] else 1.0 - (rate if rate is not None else 0.0)
     asked = [row[m] for m in ADHERENCE if row.get(m) is not None]
@@ -130,11 +134,13 @@ def total_reward(parts: Mapping[str, float], weights: Mapping[str, float] = REWA
 
 
 def score_answers(request: ComposeRequest, answers: Sequence[str], human: Mapping[str, float] | None = None,
-                  novelty: NoveltyIndex | None = None, messages: list[dict] | None = None) -> list[ScoredAnswer]:
-    """Every answer to one request, scored."""
+                  novelty: NoveltyIndex | None = None, messages: list[dict] | None = None,
+                  stopped: Sequence[bool] | None = None) -> list[ScoredAnswer]:
+    """Every answer to one request, scored (`stopped`: per answer, whether it ended with its stop
+    token; None: all did)."""
     out = []
-    for text in answers:
-        parts, row = reward_parts(request, text, human, novelty)
+    for i, text in enumerate(answers):
+        parts, row = reward_parts(request, text, human, novelty, True if stopped is None else stopped[i])
         out.append(ScoredAnswer(request, text, total_reward(parts), parts, row, list(messages or [])))
     return out
 
@@ -160,7 +166,8 @@ def sample_and_score(composer: Any, requests: Sequence[ComposeRequest], k: int, 
     for i, request in enumerate(requests):
         comps = composer.compose(request, n=k, seed=seed + i, template_index=0, **compose_kwargs)
         messages = composer.messages_for(request, 0)
-        out.append(score_answers(request, [c.text for c in comps], human, novelty, messages))
+        out.append(score_answers(request, [c.text for c in comps], human, novelty, messages,
+                                 [c.finish_reason == "stop" for c in comps]))
     return out
 
 
@@ -282,3 +289,96 @@ def side_by_side(before: Sequence[Sequence[ScoredAnswer]], after: Sequence[Seque
                      "valid_before": b.parts["valid"], "valid_after": a.parts["valid"],
                      "answer_before": b.text[:160], "answer_after": a.text[:160]})
     return rows
+
+
+REQUEST_SOURCES = ("benchmark", "any")
+
+
+def training_requests(tunes: Sequence[Any], profile: Profile, n: int, source: str = "benchmark",
+                      seed: int = 1) -> list[ComposeRequest]:
+    """`n` requests built from training tunes: "benchmark" (`evaluation.build_benchmark`: shaped like
+    the test split's, what notebook 07 uses) or "any" (`request_suite.any_request_suite`'s draw:
+    any of its keys, meters and lengths; continuations of these tunes)."""
+    if source == "benchmark":
+        from imelodist_lib.evaluation import build_benchmark
+
+        return build_benchmark(list(tunes), profile, n=n, seed=seed)
+    if source == "any":
+        from imelodist_lib.request_suite import any_request_suite
+
+        return any_request_suite(tunes, n=n, seed=seed)
+    raise ValueError(f"source must be one of {REQUEST_SOURCES}, got {source!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: one preference round at a size of your choosing (notebook 07's code): sample k answers
+    to each training request, score, pair best with worst, DPO; writes <output>/merged (the
+    model) and <output>/preference.json (the command, pair counts, rewards, the DPO log)."""
+    import argparse
+    import json
+    import shlex
+    import sys
+
+    import torch
+
+    from imelodist_lib import corpus
+    from imelodist_lib.inference import Composer
+    from imelodist_lib.profiles import SHIPPED_MODEL_DIR, get_profile, parse_override
+
+    parser = argparse.ArgumentParser(prog="python -m imelodist_lib.preference", description=main.__doc__)
+    parser.add_argument("--base", default=str(SHIPPED_MODEL_DIR))
+    parser.add_argument("--output", default="runs/preference")
+    parser.add_argument("--tunes", default=None, help="tunes.jsonl (default runs/cpu/data/tunes.jsonl)")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--source", choices=REQUEST_SOURCES, default="any")
+    parser.add_argument("--pool", type=int, default=3000, help="training tunes the requests are drawn from")
+    parser.add_argument("--k", type=int, default=4, help="answers per request")
+    parser.add_argument("--steps", type=int, default=100, help="DPO steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=5e-6)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: Composer's (room for a stated length, else the profile's)")
+    parser.add_argument("--min-margin", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="profile fields")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    profile = get_profile("cpu", **dict(parse_override(item) for item in args.set))
+    tunes = corpus.read_jsonl(args.tunes or profile.run_dir / "data" / "tunes.jsonl")
+    train = [r for r in tunes if r.split == "train"]
+    if not train:
+        raise SystemExit("no train-split tunes: run notebook 01 (or pass --tunes runs/<profile>/data/tunes.jsonl)")
+    pool = random.Random(args.seed).sample(train, min(args.pool, len(train)))
+    requests = training_requests(pool, profile, args.requests, args.source, args.seed)
+    sizes = PreferenceSizes(train_requests=len(requests), heldout_requests=0, samples_per_request=args.k,
+                            heldout_samples=0, max_new_tokens=args.max_new_tokens or profile.max_new_tokens,
+                            dpo_steps=args.steps,
+                            batch_size=args.batch_size, learning_rate=args.learning_rate, beta=args.beta)
+    human = human_statistics(pool)
+    novelty = NoveltyIndex(train)
+    composer = Composer(args.base, profile=profile)
+    start = time.perf_counter()
+    scored = sample_and_score(composer, requests, k=args.k, seed=args.seed * 1000, human=human,
+                              novelty=novelty, max_new_tokens=args.max_new_tokens)
+    sampling_seconds = time.perf_counter() - start
+    pairs = preference_pairs(scored, min_margin=args.min_margin)
+    print(json.dumps({"requests": len(requests), "answers": sum(map(len, scored)), "pairs": len(pairs),
+                      "sampling_seconds": round(sampling_seconds)}), flush=True)
+    del composer
+    result = preference_tuning(profile, args.base, pairs, args.output, sizes, progress=True)
+    means = {m: sum(s.parts[m] if m != "reward" else s.reward for a in scored for s in a) / sum(map(len, scored))
+             for m in ("reward",) + PART_NAMES}
+    log = {"command": "python -m imelodist_lib.preference " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "base": args.base, "requests": len(requests), "source": args.source, "k": args.k,
+           "pairs": len(pairs), "mean_margin": sum(p.margin for p in pairs) / max(1, len(pairs)),
+           "sampled_means": means, "sampling_seconds": sampling_seconds, "dpo_steps": result.steps,
+           "dpo_seconds": result.seconds, "model_dir": str(result.model_dir), "log_history": result.log_history}
+    Path(args.output, "preference.json").write_text(json.dumps(log, indent=1, ensure_ascii=False, default=str))
+    print(json.dumps({k: v for k, v in log.items() if k != "log_history"}, indent=1, ensure_ascii=False, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,12 +38,16 @@ def test_rewards_order_human_wrong_key_and_garbage(clean_tunes):
     text, tune = clean_tunes[0]
     request = _request(tune)
     other = "F#m" if not tune.key.startswith("F#") else "Bb"
-    scored = pf.score_answers(request, [text, _rekeyed(text, other), "I cannot write music today."])
+    scored = pf.score_answers(request, [text, _rekeyed(text, other), "I cannot write music today."],
+                              stopped=[True, True, False])  # the prose ran into the token limit
     human, wrong_key, prose = scored
     assert human.parts["valid"] == 1 and human.parts["adherence"] == 1 and human.parts["bar_accuracy"] == 1
     assert wrong_key.parts["adherence"] < 1 and wrong_key.reward < human.reward
-    assert prose.parts == {"valid": 0.0, "bar_accuracy": 0.0, "adherence": 0.0, "repetition": 0.0,
-                           "rhythm": 0.0, "near_copy": 0.0}
+    assert prose.parts == {"valid": 0.0, "bar_accuracy": 0.0, "adherence": 0.0, "stopped": 0.0,
+                           "repetition": 0.0, "rhythm": 0.0, "near_copy": 0.0}
+    [cut] = pf.score_answers(request, [text], stopped=[False])  # the same tune, cut off by the limit
+    assert cut.parts["stopped"] == 0.0 and human.parts["stopped"] == 1.0
+    assert cut.reward == human.reward - pf.REWARD_WEIGHTS["stopped"]
     assert prose.reward == 0.0 < wrong_key.reward
     pair = pf.best_worst_pair(scored)
     assert pair.chosen is human and pair.rejected is prose and pair.margin == human.reward
@@ -83,3 +87,18 @@ def test_human_statistics_and_reward_table(clean_tunes):
     assert valid["mean"] == 0.5 and valid["n"] == 6
     assert 0.0 <= valid["ci_low"] <= 0.5 <= valid["ci_high"] <= 1.0
     assert {r["metric"] for r in rows} == {"reward", *pf.PART_NAMES}
+
+
+def test_training_requests_drawn_like_the_any_request_suite(clean_tunes):
+    from imelodist_lib.corpus import TuneRecord
+    from imelodist_lib.profiles import get_profile
+    from imelodist_lib.request_suite import SUITE_KEYS
+
+    records = [TuneRecord(id=f"oneill/{i}", abc=text, source="oneill") for i, (text, _) in enumerate(clean_tunes)]
+    requests = pf.training_requests(records, get_profile("cpu"), 12, source="any", seed=3)
+    assert len(requests) == 12 and {r.task for r in requests} == {"emotion", "chords", "theme_chords", "continue"}
+    assert all(r.key in SUITE_KEYS for r in requests if r.task != "continue")
+    assert len({r.meter for r in requests}) >= 6  # dealt evenly over the suite's ten, not the tunes' own
+    assert all(r.seed_abc for r in requests if r.task == "continue")  # openings of these tunes
+    with pytest.raises(ValueError, match="source must be one of"):
+        pf.training_requests(records, get_profile("cpu"), 2, source="suite")
