@@ -47,9 +47,10 @@ only the allowed tokens' logits (median ~100 of 2,048), reading those rows of th
 samples among them (`sample_row(..., ids)`: the same token as from the whole masked row).
 
 Same tokens as `generate` in practice, not bit for bit: the logits agree to ~1e-5 (the
-summation order differs from torch's, and the compiled step's from OpenBLAS's), so a token can differ only where two choices are that
-close. tests/test_fast_decode.py checks greedy and seeded tokens against `generate`, batched rows
-against single ones, and grammar answers for validity; the bench counts same-text answers.
+summation order differs from torch's, and the compiled step's from OpenBLAS's), so a token can
+differ only where two choices are that close. tests/test_fast_decode.py checks greedy and
+seeded tokens against `generate`, batched rows against single ones, and grammar answers for
+validity; the bench counts same-text answers.
 
     lean = LeanLlama(model)
     [row] = decode(lean, [Row(prompt_ids, seed=0)], Sampling(0.6, 0.95, 50, 256), stop_ids)

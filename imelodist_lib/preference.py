@@ -3,8 +3,9 @@
 The SFT model answers each training request k times; every answer is scored by the rules the
 evaluation already uses (`evaluation.score_answer`: valid ABC, bars of the right length, the
 requested key/mode/meter/length/chords honoured, the given opening continued), whether it ended
-by itself rather than at the token limit, two closeness-to-human terms (how often a bar repeats an earlier one, how varied the rhythm is,
-against the training tunes' own averages) and a penalty for a near-copy of a training tune.
+by itself rather than at the token limit, two closeness-to-human terms (how often a bar repeats
+an earlier one, how varied the rhythm is, against the training tunes' own averages) and a
+penalty for a near-copy of a training tune.
 The best and the worst answer of a request form one (chosen, rejected) pair when their rewards
 differ by at least `min_margin`, and TRL's `DPOTrainer` trains on the pairs: full weights for
 IMelodist-tiny, LoRA at GPU size (`train._lora_config`, chosen by `profile.use_lora`).
