@@ -160,11 +160,13 @@ def best_worst_pair(scored: Sequence[ScoredAnswer], min_margin: float = 0.5) -> 
 
 def sample_and_score(composer: Any, requests: Sequence[ComposeRequest], k: int, seed: int = 0,
                      human: Mapping[str, float] | None = None, novelty: NoveltyIndex | None = None,
-                     **compose_kwargs: Any) -> list[list[ScoredAnswer]]:
+                     progress: bool = False, **compose_kwargs: Any) -> list[list[ScoredAnswer]]:
     """k answers per request from an `inference.Composer`, each scored (one list per request).
     The raw answer text is kept: DPO trains on what the model wrote."""
+    from tqdm.auto import tqdm
+
     out = []
-    for i, request in enumerate(requests):
+    for i, request in enumerate(tqdm(requests, desc="sample and score", unit="request", disable=not progress)):
         comps = composer.compose(request, n=k, seed=seed + i, template_index=0, **compose_kwargs)
         messages = composer.messages_for(request, 0)
         out.append(score_answers(request, [c.text for c in comps], human, novelty, messages,
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     composer = Composer(args.base, profile=profile)
     start = time.perf_counter()
     scored = sample_and_score(composer, requests, k=args.k, seed=args.seed * 1000, human=human,
-                              novelty=novelty, max_new_tokens=args.max_new_tokens)
+                              novelty=novelty, progress=True, max_new_tokens=args.max_new_tokens)
     sampling_seconds = time.perf_counter() - start
     pairs = preference_pairs(scored, min_margin=args.min_margin)
     print(json.dumps({"requests": len(requests), "answers": sum(map(len, scored)), "pairs": len(pairs),
