@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imelodist_lib.fast_kernels import row_step
+from imelodist_lib.fast_kernels import row_step, rows_dot
 
 NEG_INF = np.float32(-np.inf)
 MIN_REUSED = 8  # prefill_row reuses a shared start of at least this many tokens
@@ -337,7 +337,11 @@ class LeanLlama:
     def logits(self, unit: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
         """The LM head on a final normed hidden state (`_step_one(..., head=False)`): every
         token's logit, or only `tokens`' (reading their rows of the head, not all 2 MB of it)."""
-        return unit @ self.lm_head_t if tokens is None else self.lm_rows[tokens] @ unit
+        if tokens is None:
+            return unit @ self.lm_head_t
+        out = np.empty(len(tokens), np.float32)
+        rows_dot(self.lm_rows, np.asarray(tokens, np.int64), unit, out)
+        return out
 
     def _step_one(self, token: int, position: int, cache, length: int, head: bool = True) -> np.ndarray:
         """`step` for a single row (cache row 0) at `position`, as one compiled call

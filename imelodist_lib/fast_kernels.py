@@ -119,3 +119,15 @@ def row_step(token, position, length, embed, qkv, o, gate_up, down, lm_head, cac
         _vec_mat(unit, lm_head, out)
     else:
         _unit_rms(x, eps, out)
+
+
+@njit(cache=True, nogil=True, fastmath=_FLAGS)
+def rows_dot(rows, ids, unit, out):
+    """out[i] = rows[ids[i]] @ unit: a few tokens' logits from the LM head's rows (V, H), each
+    row read where it lies (no gathered copy)."""
+    for i in range(ids.shape[0]):
+        row = rows[ids[i]]
+        total = np.float32(0.0)
+        for j in range(unit.shape[0]):
+            total += row[j] * unit[j]
+        out[i] = total
