@@ -26,10 +26,11 @@ of running it again. Sampling noise (below) for the next tokens is drawn in the 
 while a row decodes (~33 us a token otherwise).
 
 Speculative decoding (issue 15) was measured and not taken: a forward over 2-9 positions at once
-(`prefill(..., start=)`, the verify step) costs ~2-2.7 one-row steps, not "little more than one"
-(OpenBLAS's sgemm packs every weight matrix on each call; the one-row gemv reads it once), and
-prompt-lookup drafts agree with the sampled token too rarely (free: 1.25 tokens a verify step)
-to pay for that: ~1.07x free, ~1.2x guaranteed-valid, replayed in benchmarks/bench_decode.py.
+(`prefill(..., start=)`, the verify step) costs ~1.9-4.3 compiled one-row steps, not "little
+more than one" (OpenBLAS's sgemm packs every weight matrix on each call; the one-row step reads
+it once), and prompt-lookup drafts agree with the sampled token too rarely (free: ~1.1 tokens a
+verify step) to pay for that: modeled 0.95x free, 0.93x guaranteed-valid (slower), replayed in
+benchmarks/bench_decode.py (before the compiled step: ~1.07x and ~1.2x).
 
 `decode` runs many rows at once (several samples of one prompt, many prompts), each with its own
 position, seed and optional xgrammar matcher (guaranteed-valid mode), refilling a finished row's
@@ -259,8 +260,9 @@ class LeanLlama:
         """Run tokens at positions start.. into cache row `row` (attending to the cache's first
         `start` positions too); the last position's logits (V,) (or every position's, (S, V), with
         all_logits; head=False: the final normed hidden states, for `logits`). start > 0 is what a
-        speculative verify step would run; measured, 2-9 positions cost ~2-2.7 one-row steps
-        (the module docstring), so only benchmarks/bench_decode.py's study uses it."""
+        speculative verify step would run (2-9 positions cost ~1.9-4.3 one-row steps: the module
+        docstring; benchmarks/bench_decode.py's study) and what `prefill_row` runs after a
+        prompt's reused start."""
         n, kvh, hd = len(tokens), self.kv_heads, self.head_dim
         end = start + n
         cos, sin = (t[start:end] for t in self.rope_table(end))
