@@ -1,6 +1,6 @@
 """One decode step of a small Llama for one row, compiled with numba (`fast_decode`'s single stream).
 
-At batch 1 an IMelodist-tiny token is ~25 vector-matrix products over 20 MB of weights (read
+At batch 1 an IMelodist-tiny token is ~25 vector-matrix products over 21 MB of weights (read
 from L3: ~0.77 ms here, whether NumPy's OpenBLAS or this loop does it) and ~200 small NumPy calls
 between them (RMSNorm, RoPE, attention, SwiGLU: ~0.3 ms of interpreter and dispatch, measured).
 `row_step` runs the whole step in one compiled call, so only the weights' reading is left.
@@ -8,7 +8,7 @@ between them (RMSNorm, RoPE, attention, SwiGLU: ~0.3 ms of interpreter and dispa
 The arithmetic is `LeanLlama`'s (weights as it stores them: RMSNorm weights and attention's scale
 folded in, gate and down negated); the sums run in another order than OpenBLAS's (reductions may
 be reassociated: `fastmath={"reassoc", "contract"}`, nothing else), so logits agree with NumPy's
-and torch's to ~1e-5, as NumPy's agree with torch's. Compiled on first use (~2 s) and cached
+and torch's to ~1e-5, as NumPy's agree with torch's. Compiled on first use (~2-6 s) and cached
 beside this file (`cache=True`) for later processes.
 """
 from __future__ import annotations
