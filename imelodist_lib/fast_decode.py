@@ -20,6 +20,10 @@ ONNX Runtime (a compile or an export in every fresh process, a second runtime to
 not taken. threadpoolctl: OpenBLAS starts one thread per core, and two threads on products this
 small were ~3x slower on the shared machine, so decoding runs BLAS at torch's thread count.
 
+Sampling is one compiled call too (`fast_kernels.sample_token`, with the UTF-8 or grammar mask
+as an argument): ~20 NumPy calls took ~60 us a token, ~8 % of a step. With it the single stream
+went from 3.8x `generate` to 4.1-4.2x (benchmarks/results/decode.md).
+
 A chat prompt starts with the same system prompt and template every time (~25 of ~95 tokens):
 `prefill_row` copies the keys and values of the part a prompt shares with the last one instead
 of running it again. Sampling noise (below) for the next tokens is drawn in the worker thread
@@ -45,7 +49,9 @@ thread runs step t+1's forward pass (both release the GIL), so with a free core 
 no wall time; its CPU cost stays (measured: median 5 us a token, but 2-3.5 ms at bar starts,
 where the request grammar's bar-filling rules branch; mean ~0.5 ms). A single row then computes
 only the allowed tokens' logits (median ~100 of 2,048), reading those rows of the LM head, and
-samples among them (`sample_row(..., ids)`: the same token as from the whole masked row).
+samples among them (`sample_row(..., ids)`: the same token as from the whole masked row; the
+ids come from xgrammar's bitmask and the UTF-8 row in one compiled pass, `fast_kernels.mask_ids`).
+On one core there is no worker: the mask is filled after the step, on the main thread.
 
 Same tokens as `generate` in practice, not bit for bit: the logits agree to ~1e-5 (the
 summation order differs from torch's, and the compiled step's from OpenBLAS's), so a token can
@@ -70,7 +76,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imelodist_lib.fast_kernels import row_step, rows_dot
+from imelodist_lib.fast_kernels import mask_ids, row_step, rows_dot, sample_token
 
 NEG_INF = np.float32(-np.inf)
 MIN_REUSED = 8  # prefill_row reuses a shared start of at least this many tokens
@@ -366,44 +372,30 @@ def _softmax_(scores: np.ndarray, axis: int) -> np.ndarray:
 
 
 def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray,
-               ids: np.ndarray | None = None) -> int:
-    """One token from one row's masked logits (V,), as transformers samples it: temperature,
-    top-k (ties at the k-th value kept), top-p (the smallest-probability tokens whose total is at
-    most 1 - top_p dropped, the most probable always kept), then argmax(probs / noise) with
-    noise ~ Exp(1) per vocabulary entry (torch.multinomial's draw). Tokens top-k drops have
-    probability 0, so top-p and the draw only look at those it keeps.
+               ids: np.ndarray | None = None, allowed: np.ndarray | None = None) -> int:
+    """One token from one row's logits (V,), as transformers samples it: temperature, top-k
+    (ties at the k-th value kept), top-p (the smallest-probability tokens whose total is at most
+    1 - top_p dropped, the most probable always kept), then argmax(probs / noise) with noise ~
+    Exp(1) per vocabulary entry (torch.multinomial's draw). Tokens top-k drops have probability
+    0, so top-p and the draw only look at those it keeps. One compiled call
+    (`fast_kernels.sample_token`: ~10 us where ~20 NumPy calls took ~60 us).
 
-    `ids` (ascending token ids): `scores` holds only those tokens' logits, every other token
-    being masked (-inf), as a grammar masks; the same token comes out as from the whole masked
-    row (the k-th largest, the kept order and argmax's ties are the same), from ~100 values
-    instead of the vocabulary."""
-    if sampling.temperature != 1.0:
-        scores = scores / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[0]:
-        kth = np.partition(scores, scores.shape[0] - sampling.top_k)[scores.shape[0] - sampling.top_k]
-        local = np.flatnonzero(scores >= kth)
-    else:
-        local = np.arange(scores.shape[0])
-    kept = local if ids is None else ids[local]
-    values = scores[local]
-    finite = values > NEG_INF
-    if not finite.all():
-        kept, values = kept[finite], values[finite]
-    if sampling.top_p < 1.0:
-        order = np.argsort(values, kind="stable")
-        ascending = values[order]
-        probs = np.exp(ascending - ascending[-1])
-        probs /= probs.sum()
-        # torch's CPU cumsum adds in float64 and stores float32; the bound is compared as float32
-        drop = np.cumsum(probs, dtype=np.float64).astype(np.float32) <= np.float32(1 - sampling.top_p)
-        drop[-1] = False
-        if drop.any():
-            keep = np.ones(len(kept), bool)
-            keep[order[drop]] = False
-            kept, values = kept[keep], values[keep]
-    probs = np.exp(values - values.max())
-    probs /= probs.sum()
-    return int(kept[np.argmax(probs / noise[kept])])
+    `allowed` (V,) bools: only those tokens (a grammar's or the UTF-8 automaton's mask), as if
+    the others' logits were -inf. `ids` (ascending token ids): `scores` holds only those
+    tokens' logits, every other token being masked, as a grammar masks; the same token comes
+    out as from the whole masked row (the k-th largest, the kept order and argmax's ties are the
+    same), from ~100 values instead of the vocabulary."""
+    token = sample_token(scores, _NO_BOOLS if allowed is None else allowed,
+                         _NO_IDS if ids is None else ids, np.float32(sampling.temperature),
+                         sampling.top_k or 0,
+                         np.float32(1 - sampling.top_p) if sampling.top_p < 1.0 else np.float32(-1.0), noise)
+    if token < 0:
+        raise ValueError("no token is allowed: the mask forbids every one")
+    return int(token)
+
+
+_NO_BOOLS, _NO_IDS = np.empty(0, np.bool_), np.empty(0, np.int64)
+_ALL_WORDS = np.full(1 << 12, -1, np.int32)  # a bitmask row allowing every token (vocabularies up to 131,072)
 
 
 @lru_cache(maxsize=1)
@@ -531,6 +523,13 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
         """Each live slot's grammar mask into bitmask row i (True: it forbids something)."""
         return [slots.matchers[slot].fill_next_token_bitmask(slots.bitmask, i) for i, slot in enumerate(live)]
 
+    def filled(live: list[int], filling) -> list[bool] | None:
+        """`fill`'s answer: from the worker thread where it ran during the step, else here
+        (one core: after the step); None in free decoding."""
+        if not constrained:
+            return None
+        return filling.result() if filling is not None else fill(live)
+
     def allowed_tokens(live: list[int], need: list[bool] | None) -> np.ndarray | None:
         """(len(live), V) bools: what the grammar (bitmask filled, `need` from `fill`) and the
         UTF-8 automaton allow each slot next; None when both allow everything."""
@@ -539,6 +538,8 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             words = slots.bitmask[:len(live)].numpy()
             allowed = np.unpackbits(words.view(np.uint8), axis=1, count=vocab, bitorder="little").view(bool)
         if utf8_allowed is not None:
+            if allowed is None and len(live) == 1:  # a view of the state's row, not a copy
+                return utf8_allowed[slots.utf8_states[live[0]]][None]
             by_state = utf8_allowed[[slots.utf8_states[s] for s in live]]
             allowed = by_state if allowed is None else allowed & by_state
         return allowed
@@ -551,14 +552,12 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             if sampling.temperature <= 0:
                 return [int(ids[int(logits[0].argmax())])]
             return [sample_row(logits[0], sampling, slots.noises[live[0]].next(), ids)]
-        if allowed is not None:
-            logits[~allowed] = NEG_INF
         if sampling.temperature <= 0:
+            if allowed is not None:
+                logits[~allowed] = NEG_INF
             return logits.argmax(-1).tolist()
-        tokens = []
-        for i, slot in enumerate(live):
-            tokens.append(sample_row(logits[i], sampling, slots.noises[slot].next()))
-        return tokens
+        return [sample_row(logits[i], sampling, slots.noises[slot].next(),
+                           allowed=None if allowed is None else allowed[i]) for i, slot in enumerate(live)]
 
     def record(slot: int, token: int) -> bool:
         """Note a slot's new token; True when the row is finished."""
@@ -605,11 +604,14 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             if len(slots.row_of) == 1:
                 position = slots.positions[0]
                 out = lean._step_one(slots.tokens[0], position, slots.cache, position + 1, head=not constrained)
-                allowed = allowed_tokens(live, filling.result() if filling else None)
-                if constrained and allowed is not None:  # only the allowed tokens' logits: a few
-                    ids = np.flatnonzero(allowed[0])     # rows of the LM head, sampled among themselves
-                    logits = lean.logits(out, ids)[None]
+                need = filled(live, filling)
+                if constrained and (need[0] or utf8_allowed is not None):
+                    # only the allowed tokens' logits: a few rows of the LM head, sampled among themselves
+                    ids = mask_ids(slots.bitmask[0].numpy() if need[0] else _ALL_WORDS, _NO_BOOLS
+                                   if utf8_allowed is None else utf8_allowed[slots.utf8_states[0]], vocab)
+                    logits, allowed = lean.logits(out, ids)[None], None
                 else:
+                    allowed = None if constrained else allowed_tokens(live, None)
                     logits = (lean.logits(out) if constrained else out)[None]
             else:
                 positions = np.array(slots.positions)
@@ -621,7 +623,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                     shared = slots.positions[0]
                 logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
                 logits = logits[live] if len(live) < len(slots.row_of) else logits
-                allowed = allowed_tokens(live, filling.result() if filling else None)
+                allowed = allowed_tokens(live, filled(live, filling))
             tokens = choose(logits, live, allowed, ids)
             for slot, token in zip(live, tokens):
                 slots.positions[slot] += 1

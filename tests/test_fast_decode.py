@@ -119,6 +119,25 @@ def test_guaranteed_valid_batch_of_different_requests(tiny):
         assert [c.text for c in alone] == [c.text for c in answers]
 
 
+def test_guaranteed_valid_on_one_core_fills_every_mask_without_the_worker(tiny, monkeypatch):
+    """One core: no worker thread, so each step's grammar mask is filled on the main thread after
+    the step; the answers are the same as with the worker (before this was mended, masks after
+    the first token were never filled there and the decode ran free)."""
+    import os
+
+    model, tokenizer = tiny
+    composer = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
+    requests = [ComposeRequest("emotion", emotion="欢快", meter="6/8", key="G", bars=4),
+                ComposeRequest("chords", lang="en", chords=["G", "C", "D", "G"], meter="3/4", key="G")]
+    with_worker = [composer.compose(r, seed=5, constrained=True, max_new_tokens=600)[0] for r in requests]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    one_core = [composer.compose(r, seed=5, constrained=True, max_new_tokens=600)[0] for r in requests]
+    batched = composer.compose_many(requests, seed=5, constrained=True, max_new_tokens=600)
+    for a, b, [c] in zip(with_worker, one_core, batched):
+        assert b.text == a.text and b.finish_reason == "stop" and b.ok, b.text
+        assert c.ok and c.finish_reason == "stop" and not abc.validate(c.abc).bars.errors, c.text
+
+
 def test_composer_lean_path_matches_generate_and_opts_out(tiny):
     model, tokenizer = tiny
     fast = Composer(model=model, tokenizer=tokenizer, backend="transformers", profile=CPU)
