@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from imelodist_lib.instructions import build_instruction_records, chat_record, phrase_records
 from imelodist_lib.knowledge import read_identity, read_tsv
+from imelodist_lib.layout import laid_out_chat
 from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile, parse_override
 from imelodist_lib.request_chats import request_chats
 
@@ -109,11 +110,13 @@ def composing_chats(records: Sequence[Any], profile: Profile, seed: int = 0) -> 
 def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 1500,
                        n_validation: int = 48, rounds: int = 2, seed: int = 0,
                        knowledge_dir: Path | str = KNOWLEDGE_DIR, small_repeats: int = 5,
-                       n_request_chats: int = 0, name_rounds: int | None = None):
+                       n_request_chats: int = 0, name_rounds: int | None = None,
+                       bars_per_line: int = 0):
     """DatasetDict(train: knowledge chats + composing chats of `n_tunes` random train tunes +
     `n_request_chats` chats drawn like the any-request suite (`request_chats`),
     validation: ordinary chats of the first `n_validation` validation tunes) for
-    `train.instruction_tuning(..., datasets=...)`."""
+    `train.instruction_tuning(..., datasets=...)`. `bars_per_line` > 0 lays every composing
+    answer out that many bars a line (`layout.laid_out_chat`); 0 keeps the sources' lines."""
     from datasets import Dataset, DatasetDict
 
     train_tunes = [r for r in tunes if r.split == "train"]
@@ -128,6 +131,9 @@ def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 15
             + request_chats(train_tunes, n_request_chats, seed=seed))
     random.Random(seed).shuffle(rows)
     val = build_instruction_records(val_tunes, profile, random.Random(f"{seed}/validation"))
+    if bars_per_line:
+        rows = [laid_out_chat(r, bars_per_line) for r in rows]
+        val = [laid_out_chat(r, bars_per_line) for r in val]
     keep = ("messages", "task")
     return DatasetDict({"train": Dataset.from_list([{k: r[k] for k in keep} for r in rows]),
                         "validation": Dataset.from_list([{k: r[k] for k in keep} for r in val])})
@@ -156,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds that ask the composer and work names (default: all --rounds)")
     parser.add_argument("--request-chats", type=int, default=0,
                         help="chats drawn like the any-request suite (request_chats)")
+    parser.add_argument("--bars-per-line", type=int, default=0,
+                        help="lay composing answers out this many bars a line (0: as the sources)")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     tunes = corpus.read_jsonl(args.tunes or profile.run_dir / "data" / "tunes.jsonl")
     data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed,
                               small_repeats=args.small_repeats, n_request_chats=args.request_chats,
-                              name_rounds=args.name_rounds)
+                              name_rounds=args.name_rounds, bars_per_line=args.bars_per_line)
     print(json.dumps({"train": len(data["train"]), "validation": len(data["validation"])}), flush=True)
     result = instruction_tuning(profile, args.base, args.output, max_steps=args.max_steps,
                                 resume=args.resume, progress=False, datasets=data)

@@ -1,0 +1,99 @@
+"""The house layout of ABC answers: a fixed number of bars a line (issue 13, length).
+
+The corpus writes its tunes as their sources did: Essen songs a phrase a line, O'Neill's four or
+eight bars, some lines broken inside a bar. A small model asked for 24 bars must then count up to
+24 barlines with nothing to count by. Written `bars_per_line` bars a line, as guaranteed-valid
+decoding already writes them (`grammar.request_grammar`), a length is whole lines plus a few
+bars. Line breaks in ABC only break beams and systems, so a relaid tune is the same music; each
+relayout is checked by comparing the tune's events and bars before and after, and a tune that
+does not survive unchanged (extra body lines such as `P:` or `W:`, several voices, bars that end
+with their line) keeps its own layout.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from imelodist_lib import abc
+
+__all__ = ["lay_out", "laid_out_chat"]
+
+_FIELD_LINE = re.compile(r"^\s*(%|[A-Za-z+]:)", re.M)  # a header field, lyrics or comment line
+_CONTINUATION = re.compile(r"\\[ \t]*(\n|$)")  # ABC's line continuation: `\` ending a line
+
+
+def _music(text: str) -> tuple | None:
+    """What a relayout must keep: every event's pitch(es), duration, bar, tie and kind, and each
+    bar's kind and checked length; None when the text does not parse."""
+    try:
+        tune = abc.parse_tune(text)
+        report = abc.check_bars(tune)
+    except (abc.ABCError, ValueError):
+        return None
+    notes = tuple((e.pitches, e.duration, e.bar, e.tie, e.kind, e.voice) for e in abc.events(tune))
+    bars = tuple((b.kind, b.index) for b in report.bars)
+    return notes, bars, len(report.errors)
+
+
+def _one_line(segment: str) -> str:
+    """A stretch of the body on one line: continuation backslashes and line breaks become spaces."""
+    return " ".join(_CONTINUATION.sub(" ", segment).split())
+
+
+def lay_out(text: str, bars_per_line: int = 4) -> str:
+    """`text` with its body rewritten `bars_per_line` bars a line (pickups, at the start or
+    after a section's end, are not counted: they join the line of the bars they lead into), or `text` itself where that would not give the same music (see the module docstring)."""
+    if bars_per_line < 1:
+        raise ValueError(f"bars_per_line must be >= 1, got {bars_per_line}")
+    try:
+        body_start, spans = abc.bar_segments(text)
+    except (abc.ABCError, ValueError):
+        return text
+    if not spans or _FIELD_LINE.search(text[body_start:]):
+        return text
+    unclosed = [i for i, (a, b) in enumerate(spans) if not text[a:b].rstrip().endswith(("|", ":", "]"))]
+    if any(i < len(spans) - 1 or "\n" in text[spans[i][0]:spans[i][1]].strip() for i in unclosed):
+        return text  # bars that end with their line (Essen style): joining lines would join bars
+    pieces = [_one_line(text[a:b]) for a, b in spans]
+    tail = _one_line(text[spans[-1][1]:])
+    if tail:
+        pieces[-1] += tail
+    kinds = [b.kind for b in abc.check_bars(abc.parse_tune(text)).bars]
+    lines, line, counted = [], [], 0
+    for i, piece in enumerate(pieces):
+        line.append(piece)
+        counted += (kinds[i] if i < len(kinds) else "full") != "pickup"
+        if counted == bars_per_line:
+            lines.append(" ".join(line))
+            line, counted = [], 0
+    if line:
+        lines.append(" ".join(line))
+    laid = text[:body_start] + "\n".join(lines) + "\n"
+    after = _music(laid)
+    return laid if after is not None and after == _music(text) else text
+
+
+def laid_out_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any]:
+    """A composing chat record (`instructions.chat_record`) with its answer laid out, and for a
+    continuation the given bars in the prompt laid out the same way (still the answer's opening).
+    Other records (knowledge, identity) come back unchanged."""
+    request = chat.get("request")
+    if not request:
+        return chat
+    system, user, answer = (m["content"] for m in chat["messages"])
+    laid = lay_out(answer, bars_per_line)
+    if laid == answer:
+        return chat
+    request = dict(request)
+    seed = request.get("seed_abc")
+    if request.get("task") == "continue" and seed:
+        from imelodist_lib.instructions import _seed_bars, count_bars
+
+        new_seed = _seed_bars(laid, count_bars(seed))
+        if seed.strip() not in user:
+            return chat  # a prompt that does not quote the opening as built: keep the pair as it is
+        user = user.replace(seed.strip(), new_seed.strip())
+        request["seed_abc"] = new_seed
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": laid}]
+    return {**chat, "messages": messages, "request": request}
