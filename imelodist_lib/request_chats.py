@@ -37,9 +37,11 @@ from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest, _n
                                         transposed)
 from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS, tonic_shift
 
-__all__ = ["REQUEST_TASK", "request_chats", "meter_variants", "join_bar_pairs"]
+__all__ = ["REQUEST_TASK", "COPY_TASK", "request_chats", "copy_chats", "random_bars",
+           "meter_variants", "join_bar_pairs"]
 
 REQUEST_TASK = "request"  # records' task tag: "request/<task>"
+COPY_TASK = "copy"
 _RELABEL = {"C": "4/4", "4/4": "C", "C|": "2/2", "2/2": "C|"}
 _HALVE = {"3/4": "3/8", "6/4": "6/8"}
 _JOIN = {"2/4": "4/4", "6/8": "12/8"}
@@ -210,4 +212,46 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
                 break
             except (ValueError, abc.ABCError):
                 continue
+    return out
+
+
+# copy chats: a skill the continuations need and the model lacks (probes.copy_test: a second copy
+# of random tokens is predicted no better than the first)
+_COPY_PROMPTS = {
+    "en": ("Copy these bars exactly, note for note:", "Write this melody out again without changing anything:",
+           "Repeat the following ABC exactly:", "Please write out these bars once more, unchanged:"),
+    "zh": ("请把下面的小节原样抄写一遍：", "请一字不改地把这段旋律再写一遍：", "照抄下面的 ABC 谱：",
+           "请把这几小节重新写出来，不要改动："),
+}
+_EIGHTHS = {"2/4": 4, "3/4": 6, "4/4": 8, "6/8": 6, "9/8": 9, "12/8": 12, "3/8": 3, "2/2": 8, "C": 8, "C|": 8}
+_NOTES = "CDEFGABcdefgab"
+
+
+def random_bars(rng: random.Random, key: str, meter: str, bars: int, per_line: int = 4) -> str:
+    """A tune of `bars` bars of random notes (L:1/8, scale notes of the key signature, lengths of
+    one to four eighths filling each bar exactly), `per_line` bars a line, closed with `|]`: a
+    melody no music prior predicts, so only copying it from the context writes it again."""
+    if meter not in _EIGHTHS:
+        raise ValueError(f"meter {meter!r}: choose one of {sorted(_EIGHTHS)}")
+    written = []
+    for _ in range(bars):
+        left, bar = _EIGHTHS[meter], []
+        while left:
+            length = rng.randint(1, min(4, left))
+            bar.append(rng.choice(_NOTES) + ("" if length == 1 else str(length)))
+            left -= length
+        written.append("".join(bar))
+    lines = [" | ".join(written[i:i + per_line]) for i in range(0, bars, per_line)]
+    return f"X:1\nM:{meter}\nL:1/8\nK:{key}\n" + " |\n".join(lines) + " |]\n"
+
+
+def copy_chats(n: int, seed: int = 0, min_bars: int = 2, max_bars: int = 8) -> list[dict]:
+    """`n` chats asking to copy a random-note tune (`random_bars`, the suite's keys and meters,
+    `min_bars`..`max_bars` bars) answered by that tune, zh and en in turn."""
+    rng = random.Random(f"{seed}/copy")
+    out = []
+    for i in range(n):
+        lang = LANGS[i % len(LANGS)]
+        tune = random_bars(rng, rng.choice(SUITE_KEYS), rng.choice(SUITE_METERS), rng.randint(min_bars, max_bars))
+        out.append(chat_record(None, f"{rng.choice(_COPY_PROMPTS[lang])}\n{tune}", tune, None, COPY_TASK))
     return out

@@ -70,3 +70,20 @@ def test_request_chats_answers_keep_every_stated_field(train_tunes):
 
 def test_request_chats_are_seeded(train_tunes):
     assert rc.request_chats(train_tunes, 6, seed=1) == rc.request_chats(train_tunes, 6, seed=1)
+
+
+def test_copy_chats_ask_to_copy_a_valid_random_tune_and_answer_it_exactly():
+    chats = rc.copy_chats(40, seed=3)
+    assert [c["task"] for c in chats] == [rc.COPY_TASK] * 40
+    assert {c["messages"][1]["content"].split("\n")[0][-1] for c in chats} <= {":", "："}
+    tunes = set()
+    for c in chats:
+        user, answer = c["messages"][1]["content"], c["messages"][2]["content"]
+        assert user.endswith("\n" + answer)  # the tune asked for is the answer, byte for byte
+        report = abc.validate(answer)
+        assert report.ok and not report.bars.errors, answer
+        assert 2 <= len([b for b in report.bars.bars if b.kind != "pickup"]) <= 8
+        tunes.add(answer)
+    assert len(tunes) == 40 and rc.copy_chats(40, seed=3) == chats and rc.copy_chats(40, seed=4) != chats
+    with pytest.raises(ValueError):
+        rc.random_bars(__import__("random").Random(0), "G", "5/4", 4)
