@@ -395,7 +395,6 @@ def sample_row(scores: np.ndarray, sampling: Sampling, noise: np.ndarray,
 
 
 _NO_BOOLS, _NO_IDS = np.empty(0, np.bool_), np.empty(0, np.int64)
-_ALL_WORDS = np.full(1 << 12, -1, np.int32)  # a bitmask row allowing every token (vocabularies up to 131,072)
 
 
 @lru_cache(maxsize=1)
@@ -495,6 +494,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
     vocab = lean.vocab_size
     utf8_allowed = None if utf8 is None else utf8.allowed[:, :vocab].numpy()
     utf8_next = None if utf8 is None else utf8.next_state.numpy()
+    every_word = np.full((vocab + 31) // 32, -1, np.int32)  # a bitmask row allowing every token
     prefilled: tuple | None = None  # (prompt, cache row, logits) of the last prefill, for reuse
     worker = _worker() if len(os.sched_getaffinity(0)) > 1 else None
 
@@ -607,7 +607,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 need = filled(live, filling)
                 if constrained and (need[0] or utf8_allowed is not None):
                     # only the allowed tokens' logits: a few rows of the LM head, sampled among themselves
-                    ids = mask_ids(slots.bitmask[0].numpy() if need[0] else _ALL_WORDS, _NO_BOOLS
+                    ids = mask_ids(slots.bitmask[0].numpy() if need[0] else every_word, _NO_BOOLS
                                    if utf8_allowed is None else utf8_allowed[slots.utf8_states[0]], vocab)
                     logits, allowed = lean.logits(out, ids)[None], None
                 else:

@@ -41,8 +41,9 @@ def _one_line(segment: str) -> str:
 
 
 def lay_out(text: str, bars_per_line: int = 4) -> str:
-    """`text` with its body rewritten `bars_per_line` bars a line (pickups, at the start or
-    after a section's end, are not counted: they join the line of the bars they lead into), or `text` itself where that would not give the same music (see the module docstring)."""
+    """`text` with its body rewritten `bars_per_line` bars a line, or `text` itself where that
+    would not give the same music (see the module docstring). Pickups, at the start or after a
+    section's end, are not counted: they join the line of the bars they lead into."""
     if bars_per_line < 1:
         raise ValueError(f"bars_per_line must be >= 1, got {bars_per_line}")
     try:
