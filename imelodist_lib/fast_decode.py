@@ -22,7 +22,8 @@ small were ~3x slower on the shared machine, so decoding runs BLAS at torch's th
 
 Sampling is one compiled call too (`fast_kernels.sample_token`, with the UTF-8 or grammar mask
 as an argument): ~20 NumPy calls took ~60 us a token, ~8 % of a step. With it the single stream
-went from 3.8x `generate` to 4.1-4.2x (benchmarks/results/decode.md).
+went from 3.8x `generate` to 4.1-5.1x (benchmarks/results/decode.md; the ratio moves with
+`generate`'s own speed on the shared machine).
 
 A chat prompt starts with the same system prompt and template every time (~25 of ~95 tokens):
 `prefill_row` copies the keys and values of the part a prompt shares with the last one instead
