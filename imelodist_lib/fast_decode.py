@@ -4,9 +4,10 @@ A 5M-parameter model needs ~10 MFLOP a token, so on a CPU `model.generate` spend
 time in framework overhead (module calls, cache objects, logits processors), not arithmetic.
 `LeanLlama` reads a `LlamaForCausalLM`'s weights once into NumPy float32 arrays (q, k and v in
 one matrix, gate and up in one, each RMSNorm's weight and attention's 1/sqrt(head_dim) folded into
-the matrix after it, layers stacked), keeps a preallocated KV cache, runs prefills and many-row
-steps as NumPy matrix products (OpenBLAS) and a single row's step as one compiled call
-(`fast_kernels.row_step`, numba).
+the matrix after it, layers stacked), keeps a preallocated KV cache, runs prefills as NumPy matrix
+products (OpenBLAS) and each decode step, of one row or many, as one compiled call
+(`fast_kernels.rows_step`, numba: several rows read the weights once, and a row's arithmetic is
+the same alone or in a batch, so batched answers equal unbatched ones bit for bit).
 
 Why these (measured on the 2-core shared machine, CPU time at one thread): a NumPy call costs
 ~1-3 us against torch's ~5-10 us, and NumPy's OpenBLAS beat torch's MKL on these products, so an
@@ -22,7 +23,7 @@ small were ~3x slower on the shared machine, so decoding runs BLAS at torch's th
 
 Sampling is one compiled call too (`fast_kernels.sample_token`, with the UTF-8 or grammar mask
 as an argument): ~20 NumPy calls took ~60 us a token, ~8 % of a step. With it the single stream
-went from 3.8x `generate` to 4.1-5.1x (benchmarks/results/decode.md; the ratio moves with
+went from 3.8x `generate` to 4.1-5.1x (benchmarks/results/decode.md and README; the ratio moves with
 `generate`'s own speed on the shared machine).
 
 A chat prompt starts with the same system prompt and template every time (~25 of ~95 tokens):
@@ -77,7 +78,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imelodist_lib.fast_kernels import mask_ids, row_step, rows_dot, sample_token
+from imelodist_lib.fast_kernels import mask_ids, rows_dot, rows_step, sample_token
 
 NEG_INF = np.float32(-np.inf)
 MIN_REUSED = 8  # prefill_row reuses a shared start of at least this many tokens
@@ -167,9 +168,6 @@ class LeanLlama:
             self._read_weights(model)
         self._cos = self._sin = np.empty((0, self.qk_size), np.float32)
         self._last_prompt: tuple[list[int], np.ndarray] = ([], np.empty(0, np.float32))  # prefill_row's
-        # batched attention: query head h sits in its key head's columns of a (heads, kv_size) block
-        self._head_rows = np.arange(self.heads)[:, None]
-        self._head_cols = (self._head_rows // self.group) * self.head_dim + np.arange(self.head_dim)
 
     def _weights_version(self) -> tuple:
         """Changes when any weight of the source model is changed in place or replaced."""
@@ -200,7 +198,7 @@ class LeanLlama:
             # one op fewer a layer (negation is exact)
             gate_up.append(normed(layer.post_attention_layernorm, -mlp.gate_proj.weight, mlp.up_proj.weight))
             down.append((-mlp.down_proj.weight).t().numpy())
-        # one array per kind, layers stacked (what `fast_kernels.row_step` reads); self.layers: views
+        # one array per kind, layers stacked (what `fast_kernels.rows_step` reads); self.layers: views
         self.qkv_t, self.o_t, self.gate_up_t, self.down_t = (np.ascontiguousarray(np.stack(w), np.float32)
                                                              for w in (qkv, o, gate_up, down))
         self.layers = list(zip(self.qkv_t, self.o_t, self.gate_up_t, self.down_t))
@@ -311,37 +309,19 @@ class LeanLlama:
         self._last_prompt = (tokens, cache[:, row, :len(tokens)].copy())
         return logits
 
-    def step(self, tokens, positions, cache, length: int, mask: np.ndarray | None,
-             same_position: int | None = None) -> np.ndarray:
-        """One new token per cache row (tokens, positions: (B,) ints); attends to the first
-        `length` cache positions (mask (B, length) bools: which of them each row sees; None:
-        all). `same_position`: every row's position, when they share one. Returns logits (B, V)."""
-        tokens, positions = np.asarray(tokens), np.asarray(positions)
-        if tokens.shape[0] == 1 and mask is None:
-            return self._step_one(int(tokens[0]), int(positions[0]), cache, length)[None]
-        b = tokens.shape[0]
-        cos, sin = (t[positions] for t in self.rope_table(max(length, int(positions.max()) + 1)))
-        bias = None if mask is None else np.where(mask, np.float32(0), NEG_INF)[:, None, :]
-        rows, kv = np.arange(b), self.kv_size
-        block = np.zeros((b, self.heads, kv), np.float32)
-        x = self.embed[tokens]
-        with np.errstate(over="ignore"):
-            for (qkv_t, o_t, gu_t, down_t), layer_cache in zip(self.layers, cache):
-                out = self._unit_rms(x) @ qkv_t
-                self._rope_(out[:, :self.qk_size], cos, sin)
-                if same_position is None:
-                    layer_cache[rows, positions] = out[:, self.q_size:]
-                else:
-                    layer_cache[:, same_position] = out[:, self.q_size:]
-                # every head at once: (B, heads, kv_size) queries, zero outside each head's key head
-                block[:, self._head_rows, self._head_cols] = out[:, :self.q_size].reshape(b, self.heads, self.head_dim)
-                scores = block @ layer_cache[:, :length, :kv].transpose(0, 2, 1)  # (B, heads, length)
-                if bias is not None:
-                    scores += bias
-                att = _softmax_(scores, -1) @ layer_cache[:, :length, kv:]  # (B, heads, kv_size)
-                x += att[:, self._head_rows, self._head_cols].reshape(b, self.q_size) @ o_t
-                self._mlp_(x, gu_t, down_t, self._unit_rms(x))
-        return self._unit_rms(x) @ self.lm_head_t
+    def step(self, tokens, positions, cache, head: bool = True) -> np.ndarray:
+        """One new token per cache row (tokens, positions: (B,) ints), row b attending to its own
+        positions 0..positions[b], as one compiled call (`fast_kernels.rows_step`: the weights read
+        once for every row). Returns logits (B, V), or with head=False the final normed hidden
+        states (B, H) for `logits`."""
+        tokens = np.ascontiguousarray(tokens, np.int64)
+        positions = np.ascontiguousarray(positions, np.int64)
+        cos, sin = self.rope_table(int(positions.max()) + 1)
+        out = np.empty((tokens.shape[0], self.vocab_size if head else self.hidden), np.float32)
+        rows_step(tokens, positions, self.embed, self.qkv_t, self.o_t, self.gate_up_t, self.down_t,
+                  self.lm_head_t, cache, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim,
+                  head, out)
+        return out
 
     def logits(self, unit: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
         """The LM head on a final normed hidden state (`_step_one(..., head=False)`): every
@@ -352,16 +332,10 @@ class LeanLlama:
         rows_dot(self.lm_rows, np.asarray(tokens, np.int64), unit, out)
         return out
 
-    def _step_one(self, token: int, position: int, cache, length: int, head: bool = True) -> np.ndarray:
-        """`step` for a single row (cache row 0) at `position`, as one compiled call
-        (`fast_kernels.row_step`). Returns logits (V,), or with head=False the final normed
-        hidden state for `logits`."""
-        cos, sin = self.rope_table(max(length, position + 1))
-        out = np.empty(self.vocab_size if head else self.hidden, np.float32)
-        row_step(token, position, length, self.embed, self.qkv_t, self.o_t, self.gate_up_t, self.down_t,
-                 self.lm_head_t, cache[:, 0], cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim,
-                 head, out)
-        return out
+    def _step_one(self, token: int, position: int, cache, head: bool = True) -> np.ndarray:
+        """`step` for a single row (cache row 0) at `position`: logits (V,), or with head=False
+        the final normed hidden state for `logits`."""
+        return self.step(np.array([token]), np.array([position]), cache[:, :1], head)[0]
 
 
 def _softmax_(scores: np.ndarray, axis: int) -> np.ndarray:
@@ -604,7 +578,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
             ids = None  # one grammar row: its allowed token ids, whose logits alone are computed
             if len(slots.row_of) == 1:
                 position = slots.positions[0]
-                out = lean._step_one(slots.tokens[0], position, slots.cache, position + 1, head=not constrained)
+                out = lean._step_one(slots.tokens[0], position, slots.cache, head=not constrained)
                 need = filled(live, filling)
                 if constrained and (need[0] or utf8_allowed is not None):
                     # only the allowed tokens' logits: a few rows of the LM head, sampled among themselves
@@ -615,14 +589,7 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                     allowed = None if constrained else allowed_tokens(live, None)
                     logits = (lean.logits(out) if constrained else out)[None]
             else:
-                positions = np.array(slots.positions)
-                top = max(slots.positions[s] for s in live) + 1
-                mask, shared = None, None
-                if len(set(slots.positions)) > 1:
-                    mask = np.arange(top)[None] <= positions[:, None]
-                else:
-                    shared = slots.positions[0]
-                logits = lean.step(np.array(slots.tokens), positions, slots.cache, top, mask, shared)
+                logits = lean.step(np.array(slots.tokens), np.array(slots.positions), slots.cache)
                 logits = logits[live] if len(live) < len(slots.row_of) else logits
                 allowed = allowed_tokens(live, filled(live, filling))
             tokens = choose(logits, live, allowed, ids)

@@ -1,10 +1,11 @@
-"""One decode step of a small Llama for one row, and the sampling after it, compiled with numba
+"""One decode step of a small Llama for one row or a few, and the sampling after it, compiled with numba
 (`fast_decode`'s single stream).
 
 At batch 1 an IMelodist-tiny token is ~25 vector-matrix products over 21 MB of weights (read
 from L3: ~0.77 ms here, whether NumPy's OpenBLAS or this loop does it) and ~200 small NumPy calls
 between them (RMSNorm, RoPE, attention, SwiGLU: ~0.3 ms of interpreter and dispatch, measured).
-`row_step` runs the whole step in one compiled call, so only the weights' reading is left.
+`rows_step` runs the whole step in one compiled call, so only the weights' reading is left; for
+several rows it reads each weight once for all of them.
 
 The arithmetic is `LeanLlama`'s (weights as it stores them: RMSNorm weights and attention's scale
 folded in, gate and down negated); the sums run in another order than OpenBLAS's (reductions may
@@ -27,101 +28,111 @@ _FLAGS = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; inf
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
-def _vec_mat(x, w, out):
-    """out = x @ w for w (n_in, n_out), row by row (each row of w read once, in order)."""
+def _rows_mat(x, w, out):
+    """out = x @ w for x (B, n_in), w (n_in, n_out): each row of w read once, in order, and used
+    for every row of x while it is in cache (a row's sums run in the same order whatever B is)."""
     n_in, n_out = w.shape
-    for j in range(n_out):
-        out[j] = 0.0
-    for i in range(n_in):
-        xi = x[i]
+    for b in range(x.shape[0]):
         for j in range(n_out):
-            out[j] += xi * w[i, j]
+            out[b, j] = 0.0
+    for i in range(n_in):
+        for b in range(x.shape[0]):
+            xi = x[b, i]
+            for j in range(n_out):
+                out[b, j] += xi * w[i, j]
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
 def _unit_rms(x, eps, out):
-    """out = x / rms(x) (RMSNorm without its weight, which the next matrix holds)."""
-    total = 0.0
-    for i in range(x.shape[0]):
-        total += np.float64(x[i]) * x[i]
-    scale = np.float32(1.0 / math.sqrt(total / x.shape[0] + eps))
-    for i in range(x.shape[0]):
-        out[i] = x[i] * scale
+    """out = x / rms(x) per row (RMSNorm without its weight, which the next matrix holds)."""
+    for b in range(x.shape[0]):
+        total = 0.0
+        for i in range(x.shape[1]):
+            total += np.float64(x[b, i]) * x[b, i]
+        scale = np.float32(1.0 / math.sqrt(total / x.shape[1] + eps))
+        for i in range(x.shape[1]):
+            out[b, i] = x[b, i] * scale
 
 
 @njit(cache=True, nogil=True, fastmath=_FLAGS)
-def row_step(token, position, length, embed, qkv, o, gate_up, down, lm_head, cache, cos, sin,
-             eps, heads, kv_heads, head_dim, head, out):
-    """One token at `position` of a single row; attends to cache positions 0..length-1 (the
-    new one written at `position` first). Stacked weights: qkv (L, H, q+2kv), o (L, q, H),
-    gate_up (L, H, 2I), down (L, I, H), lm_head (H, V); cache (L, positions, 2 kv): keys then
-    values; cos/sin: `LeanLlama.rope_table`. Writes the logits (V,) into `out`, or with
-    head=False the final normed hidden state (H,)."""
-    hidden = embed.shape[1]
+def rows_step(tokens, positions, embed, qkv, o, gate_up, down, lm_head, cache, cos, sin,
+              eps, heads, kv_heads, head_dim, head, out):
+    """One new token per row: row b's token at positions[b], attending to its own cache positions
+    0..positions[b] (the new one written there first). Stacked weights: qkv (L, H, q+2kv),
+    o (L, q, H), gate_up (L, H, 2I), down (L, I, H), lm_head (H, V); cache (L, B, positions,
+    2 kv): keys then values; cos/sin: `LeanLlama.rope_table`. Writes the logits (B, V) into `out`,
+    or with head=False the final normed hidden states (B, H). The weights are read once for all
+    rows, and a row's arithmetic is the same alone or in a batch."""
+    rows, hidden = tokens.shape[0], embed.shape[1]
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     group, half, inter = heads // kv_heads, head_dim // 2, down.shape[1]
-    x = embed[token].copy()
-    unit = np.empty(hidden, np.float32)
-    proj = np.empty(qkv.shape[2], np.float32)
-    mixed = np.empty(q_size, np.float32)
-    scores = np.empty((group, length), np.float32)
-    gu = np.empty(gate_up.shape[2], np.float32)
-    h = np.empty(down.shape[1], np.float32)
-    delta = np.empty(hidden, np.float32)
+    x = np.empty((rows, hidden), np.float32)
+    for b in range(rows):
+        x[b] = embed[tokens[b]]
+    unit = np.empty((rows, hidden), np.float32)
+    proj = np.empty((rows, qkv.shape[2]), np.float32)
+    mixed = np.empty((rows, q_size), np.float32)
+    scores = np.empty((group, cache.shape[2]), np.float32)
+    mix = np.empty((group, head_dim), np.float32)
+    gu = np.empty((rows, gate_up.shape[2]), np.float32)
+    h = np.empty((rows, down.shape[1]), np.float32)
+    delta = np.empty((rows, hidden), np.float32)
     for layer in range(qkv.shape[0]):
         _unit_rms(x, eps, unit)
-        _vec_mat(unit, qkv[layer], proj)
-        for j in range(0, q_size + kv_size, head_dim):  # RoPE: x*cos + (halves swapped)*signed sin
-            for d in range(half):
-                a, b = proj[j + d], proj[j + half + d]
-                proj[j + d] = a * cos[position, j + d] + b * sin[position, j + d]
-                proj[j + half + d] = b * cos[position, j + half + d] + a * sin[position, j + half + d]
-        kv = cache[layer]
-        for j in range(2 * kv_size):
-            kv[position, j] = proj[q_size + j]
-        for g in range(kv_heads):  # the group of query heads sharing key head g
-            k0, q0 = g * head_dim, g * group * head_dim
-            queries = proj[q0:q0 + group * head_dim].reshape(group, head_dim)
-            for t in range(length):  # each key read once for the whole group
-                key = kv[t, k0:k0 + head_dim]
-                for r in range(group):
-                    s = np.float32(0.0)
-                    for d in range(head_dim):
-                        s += queries[r, d] * key[d]
-                    scores[r, t] = s
-            for r in range(group):  # softmax as fast_decode._softmax_
-                top = scores[r, 0]
-                for t in range(1, length):
-                    top = max(top, scores[r, t])
-                total = np.float32(0.0)
+        _rows_mat(unit, qkv[layer], proj)
+        for b in range(rows):
+            position, length = positions[b], positions[b] + 1
+            p = proj[b]
+            for j in range(0, q_size + kv_size, head_dim):  # RoPE: x*cos + (halves swapped)*signed sin
+                for d in range(half):
+                    a, c = p[j + d], p[j + half + d]
+                    p[j + d] = a * cos[position, j + d] + c * sin[position, j + d]
+                    p[j + half + d] = c * cos[position, j + half + d] + a * sin[position, j + half + d]
+            kv = cache[layer, b]
+            for j in range(2 * kv_size):
+                kv[position, j] = p[q_size + j]
+            for g in range(kv_heads):  # the group of query heads sharing key head g
+                k0, q0 = g * head_dim, g * group * head_dim
+                queries = p[q0:q0 + group * head_dim].reshape(group, head_dim)
+                for t in range(length):  # each key read once for the whole group
+                    key = kv[t, k0:k0 + head_dim]
+                    for r in range(group):
+                        s = np.float32(0.0)
+                        for d in range(head_dim):
+                            s += queries[r, d] * key[d]
+                        scores[r, t] = s
+                for r in range(group):  # softmax as fast_decode._softmax_
+                    top = scores[r, 0]
+                    for t in range(1, length):
+                        top = max(top, scores[r, t])
+                    total = np.float32(0.0)
+                    for t in range(length):
+                        e = np.exp(scores[r, t] - top)
+                        scores[r, t] = e
+                        total += e
+                    for t in range(length):
+                        scores[r, t] /= total
+                mix[:] = 0.0
                 for t in range(length):
-                    e = np.exp(scores[r, t] - top)
-                    scores[r, t] = e
-                    total += e
-                for t in range(length):
-                    scores[r, t] /= total
-            mix = np.zeros((group, head_dim), np.float32)
-            for t in range(length):
-                value = kv[t, kv_size + k0:kv_size + k0 + head_dim]
-                for r in range(group):
-                    w = scores[r, t]
-                    for d in range(head_dim):
-                        mix[r, d] += w * value[d]
-            mixed[q0:q0 + group * head_dim] = mix.ravel()
-        _vec_mat(mixed, o[layer], delta)
-        for i in range(hidden):
-            x[i] += delta[i]
+                    value = kv[t, kv_size + k0:kv_size + k0 + head_dim]
+                    for r in range(group):
+                        w = scores[r, t]
+                        for d in range(head_dim):
+                            mix[r, d] += w * value[d]
+                mixed[b, q0:q0 + group * head_dim] = mix.ravel()
+        _rows_mat(mixed, o[layer], delta)
+        x += delta
         _unit_rms(x, eps, unit)
-        _vec_mat(unit, gate_up[layer], gu)
-        for j in range(inter):  # gate stored negated: silu(g) * u == -g / (1 + exp(-g)) * u ...
-            minus_gate = gu[j]
-            h[j] = minus_gate / (np.float32(1.0) + np.exp(minus_gate)) * gu[inter + j]
-        _vec_mat(h, down[layer], delta)  # ... and down negated back
-        for i in range(hidden):
-            x[i] += delta[i]
+        _rows_mat(unit, gate_up[layer], gu)
+        for b in range(rows):
+            for j in range(inter):  # gate stored negated: silu(g) * u == -g / (1 + exp(-g)) * u ...
+                minus_gate = gu[b, j]
+                h[b, j] = minus_gate / (np.float32(1.0) + np.exp(minus_gate)) * gu[b, inter + j]
+        _rows_mat(h, down[layer], delta)  # ... and down negated back
+        x += delta
     if head:
         _unit_rms(x, eps, unit)
-        _vec_mat(unit, lm_head, out)
+        _rows_mat(unit, lm_head, out)
     else:
         _unit_rms(x, eps, out)
 

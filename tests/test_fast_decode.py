@@ -55,7 +55,7 @@ def test_logits_equal_the_transformers_forward(tiny, lean, prompts):
         cache = lean.new_cache(1, len(prompt))
         lean.prefill(prompt[:2], cache, 0)
         for i in range(2, len(prompt)):
-            step = torch.from_numpy(lean.step([prompt[i]], [i], cache, i + 1, None)[0])
+            step = torch.from_numpy(lean.step([prompt[i]], [i], cache)[0])
             assert torch.allclose(step, reference[i], atol=1e-4), i
 
 
@@ -191,8 +191,9 @@ def test_evaluation_collects_batched_answers_equal_to_one_at_a_time(tiny, tmp_pa
 
 
 def test_batched_step_and_a_few_tokens_logits_equal_the_one_row_step(lean, prompts):
-    """The three forward paths agree: one row on vectors, many rows (shared or own positions),
-    and the LM head read for a few tokens only (what a guaranteed-valid single row uses)."""
+    """The forward paths agree: one row, many rows at their own positions (the same arithmetic
+    per row: equal, not just close), a many-token prefill, and the LM head read for a few tokens
+    only (what a guaranteed-valid single row uses)."""
     rows = prompts[:3]
     cache = lean.new_cache(len(rows), 128)
     singles = [lean.new_cache(1, 128) for _ in rows]
@@ -200,21 +201,23 @@ def test_batched_step_and_a_few_tokens_logits_equal_the_one_row_step(lean, promp
         lean.prefill(prompt, cache, i)
         lean.prefill(prompt, singles[i], 0)
     positions = np.array([len(p) for p in rows])
-    top = int(positions.max()) + 1
-    mask = np.arange(top)[None] <= positions[:, None]
-    batched = lean.step(np.array([5, 6, 7]), positions, cache, top, mask)
+    assert len(set(positions.tolist())) > 1  # rows at different positions
+    batched = lean.step(np.array([5, 6, 7]), positions, cache)
     for i, position in enumerate(positions):
-        one = lean.step([5 + i], [position], singles[i], position + 1, None)[0]
-        assert np.allclose(batched[i], one, atol=1e-5)
-        unit = lean._step_one(5 + i, int(position) + 1, singles[i], int(position) + 2, head=False)
+        one = lean.step([5 + i], [position], singles[i])[0]
+        assert np.array_equal(batched[i], one)
+        assert np.array_equal(cache[:, i, :position + 1], singles[i][:, 0, :position + 1])
+        following = lean.prefill(list(rows[i]) + [5 + i], lean.new_cache(1, 128), 0)
+        assert np.allclose(one, following, atol=1e-4)  # the step == the prefill's next position
+        unit = lean._step_one(5 + i, int(position) + 1, singles[i], head=False)
         ids = np.array([0, 3, 17, lean.vocab_size - 1])
         assert np.allclose(lean.logits(unit, ids), lean.logits(unit)[ids], atol=1e-5)
     shared = lean.new_cache(2, 128)
     for i in range(2):
         lean.prefill(rows[0], shared, i)
     n = len(rows[0])
-    both = lean.step([5, 9], [n, n], shared, n + 1, None, same_position=n)
-    assert np.allclose(both[0], batched[0], atol=1e-5) and not np.allclose(both[1], both[0])
+    both = lean.step([5, 9], [n, n], shared)
+    assert np.array_equal(both[0], batched[0]) and not np.allclose(both[1], both[0])
 
 
 @pytest.mark.parametrize("sampling", [Sampling(0.6, 0.95, 50, 1), Sampling(1.0, 0.9, 0, 1),
@@ -279,7 +282,7 @@ def test_prefill_from_a_start_position_is_the_cached_multi_position_step(lean, p
     fresh = lean.new_cache(1, 64)
     lean.prefill(prompt, fresh, 0)
     assert np.allclose(rewritten, lean.prefill([7, 11], fresh, 0, all_logits=True, start=n), atol=1e-5)
-    step = lean._step_one(11, n + 1, fresh, n + 2)  # the one-row step agrees with the second position
+    step = lean._step_one(11, n + 1, fresh)  # the one-row step agrees with the second position
     assert np.allclose(rewritten[1], step, atol=1e-4) and not np.allclose(rewritten[0], rewritten[1])
 
 
