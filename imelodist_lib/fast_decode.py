@@ -576,18 +576,14 @@ def iter_decode(lean: LeanLlama, rows: list[Row], sampling: Sampling, stop_ids: 
                 live = list(range(len(slots.row_of)))
             filling = worker.submit(fill, live) if worker and constrained else None  # runs during the step
             ids = None  # one grammar row: its allowed token ids, whose logits alone are computed
-            if len(slots.row_of) == 1:
-                position = slots.positions[0]
-                out = lean._step_one(slots.tokens[0], position, slots.cache, head=not constrained)
+            if constrained and len(slots.row_of) == 1:
+                unit = lean._step_one(slots.tokens[0], slots.positions[0], slots.cache, head=False)
                 need = filled(live, filling)
-                if constrained and (need[0] or utf8_allowed is not None):
+                if need[0] or utf8_allowed is not None:
                     # only the allowed tokens' logits: a few rows of the LM head, sampled among themselves
                     ids = mask_ids(slots.bitmask[0].numpy() if need[0] else every_word, _NO_BOOLS
                                    if utf8_allowed is None else utf8_allowed[slots.utf8_states[0]], vocab)
-                    logits, allowed = lean.logits(out, ids)[None], None
-                else:
-                    allowed = None if constrained else allowed_tokens(live, None)
-                    logits = (lean.logits(out) if constrained else out)[None]
+                logits, allowed = lean.logits(unit, ids)[None], None
             else:
                 logits = lean.step(np.array(slots.tokens), np.array(slots.positions), slots.cache)
                 logits = logits[live] if len(live) < len(slots.row_of) else logits

@@ -1,5 +1,5 @@
-"""One decode step of a small Llama for one row or a few, and the sampling after it, compiled with numba
-(`fast_decode`'s single stream).
+"""A small Llama's decode step, for one row or several, and the sampling after it, compiled with
+numba (`fast_decode`'s decode loop).
 
 At batch 1 an IMelodist-tiny token is ~25 vector-matrix products over 21 MB of weights (read
 from L3: ~0.77 ms here, whether NumPy's OpenBLAS or this loop does it) and ~200 small NumPy calls

@@ -23,8 +23,9 @@ _CONTINUATION = re.compile(r"\\[ \t]*(\n|$)")  # ABC's line continuation: `\` en
 
 
 def _music(text: str) -> tuple | None:
-    """What a relayout must keep: every event's pitch(es), duration, bar, tie and kind, and each
-    bar's kind and checked length; None when the text does not parse."""
+    """What a relayout must keep: every event's pitch(es), duration, bar, tie, kind and voice,
+    each bar's kind and index, and how many bars have the wrong length; None when the text does
+    not parse."""
     try:
         tune = abc.parse_tune(text)
         report = abc.check_bars(tune)
@@ -50,7 +51,8 @@ def lay_out(text: str, bars_per_line: int = 4) -> str:
         body_start, spans = abc.bar_segments(text)
     except (abc.ABCError, ValueError):
         return text
-    if not spans or _FIELD_LINE.search(text[body_start:]):
+    before = _music(text)
+    if before is None or not spans or _FIELD_LINE.search(text[body_start:]):
         return text
     unclosed = [i for i, (a, b) in enumerate(spans) if not text[a:b].rstrip().endswith(("|", ":", "]"))]
     if any(i < len(spans) - 1 or "\n" in text[spans[i][0]:spans[i][1]].strip() for i in unclosed):
@@ -59,7 +61,7 @@ def lay_out(text: str, bars_per_line: int = 4) -> str:
     tail = _one_line(text[spans[-1][1]:])
     if tail:
         pieces[-1] += tail
-    kinds = [b.kind for b in abc.check_bars(abc.parse_tune(text)).bars]
+    kinds = [kind for kind, _ in before[1]]
     lines, line, counted = [], [], 0
     for i, piece in enumerate(pieces):
         line.append(piece)
@@ -70,8 +72,7 @@ def lay_out(text: str, bars_per_line: int = 4) -> str:
     if line:
         lines.append(" ".join(line))
     laid = text[:body_start] + "\n".join(lines) + "\n"
-    after = _music(laid)
-    return laid if after is not None and after == _music(text) else text
+    return laid if _music(laid) == before else text
 
 
 def laid_out_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any]:

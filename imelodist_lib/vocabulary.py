@@ -81,6 +81,8 @@ def grow_embeddings(model: Any, old_tokenizer: Any, new_tokenizer: Any) -> int:
     old_size, new_size = model.get_input_embeddings().weight.shape[0], len(new_tokenizer)
     if new_size <= old_size:
         return 0
+    if model.get_output_embeddings() is not None and not model.config.tie_word_embeddings:
+        raise ValueError("grow_embeddings expects tied input and output embeddings (IMelodist-tiny's)")
     model.resize_token_embeddings(new_size, mean_resizing=False)
     weight = model.get_input_embeddings().weight
     by_id = {i: t for t, i in new_tokenizer.get_vocab().items()}
@@ -93,8 +95,6 @@ def grow_embeddings(model: Any, old_tokenizer: Any, new_tokenizer: Any) -> int:
             except (KeyError, UnicodeDecodeError):  # a byte pair on the way to a character
                 pieces = [old_tokenizer.convert_tokens_to_ids(c) for c in by_id[new_id]]
             weight[new_id] = weight[pieces].mean(0)
-    if model.get_output_embeddings() is not None and not model.config.tie_word_embeddings:
-        raise ValueError("grow_embeddings expects tied input and output embeddings (IMelodist-tiny's)")
     return new_size - old_size
 
 
