@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 from imelodist_lib.instructions import build_instruction_records, chat_record, phrase_records
 from imelodist_lib.knowledge import read_identity, read_tsv
-from imelodist_lib.layout import laid_out_chat
+from imelodist_lib.layout import counted_chat, laid_out_chat
 from imelodist_lib.profiles import KNOWLEDGE_DIR, Profile, parse_override
-from imelodist_lib.request_chats import copy_chats, request_chats
+from imelodist_lib.request_chats import copy_chats, request_chats, varied_continuations
 
 TEMPLATES_FILE = "knowledge_qa_templates.json"
 KNOWLEDGE_TASK = "knowledge"  # records' task tag: "knowledge/<kind>"
@@ -111,13 +111,17 @@ def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 15
                        n_validation: int = 48, rounds: int = 2, seed: int = 0,
                        knowledge_dir: Path | str = KNOWLEDGE_DIR, small_repeats: int = 5,
                        n_request_chats: int = 0, name_rounds: int | None = None,
-                       bars_per_line: int = 0, n_copy_chats: int = 0):
+                       bars_per_line: int = 0, n_copy_chats: int = 0, bar_counts: bool = False,
+                       n_varied_continuations: int = 0):
     """DatasetDict(train: knowledge chats + composing chats of `n_tunes` random train tunes +
     `n_request_chats` chats drawn like the any-request suite (`request_chats`) + `n_copy_chats`
-    chats asking to copy a random-note tune (`copy_chats`),
+    chats asking to copy a random-note tune (`copy_chats`) + `n_varied_continuations`
+    continuations with altered given bars (`varied_continuations`),
     validation: ordinary chats of the first `n_validation` validation tunes) for
     `train.instruction_tuning(..., datasets=...)`. `bars_per_line` > 0 lays every composing
-    answer out that many bars a line (`layout.laid_out_chat`); 0 keeps the sources' lines."""
+    answer out that many bars a line (`layout.laid_out_chat`); 0 keeps the sources' lines.
+    `bar_counts` also writes a running bar count in every answer whose request states a length
+    (`layout.counted_chat`), in validation too."""
     from datasets import Dataset, DatasetDict
 
     train_tunes = [r for r in tunes if r.split == "train"]
@@ -129,10 +133,14 @@ def mixed_sft_datasets(profile: Profile, tunes: Sequence[Any], n_tunes: int = 15
     rows = (knowledge_chats(knowledge_dir, rounds=rounds, small_repeats=small_repeats, seed=seed,
                             name_rounds=name_rounds)
             + composing_chats(picked, profile, seed)
-            + request_chats(train_tunes, n_request_chats, seed=seed) + copy_chats(n_copy_chats, seed=seed))
+            + request_chats(train_tunes, n_request_chats, seed=seed) + copy_chats(n_copy_chats, seed=seed)
+            + varied_continuations(train_tunes, n_varied_continuations, seed=seed))
     random.Random(seed).shuffle(rows)
     val = build_instruction_records(val_tunes, profile, random.Random(f"{seed}/validation"))
-    if bars_per_line:
+    if bar_counts:
+        rows = [counted_chat(r, bars_per_line) for r in rows]
+        val = [counted_chat(r, bars_per_line) for r in val]
+    elif bars_per_line:
         rows = [laid_out_chat(r, bars_per_line) for r in rows]
         val = [laid_out_chat(r, bars_per_line) for r in val]
     keep = ("messages", "task")
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="chats asking to copy a random-note tune (request_chats.copy_chats)")
     parser.add_argument("--bars-per-line", type=int, default=0,
                         help="lay composing answers out this many bars a line (0: as the sources)")
+    parser.add_argument("--varied-continuations", type=int, default=0,
+                        help="continuation chats with altered given bars (request_chats.varied_continuations)")
+    parser.add_argument("--bar-counts", action="store_true",
+                        help="answers to requests with a length write a running bar count (layout.counted_chat)")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     data = mixed_sft_datasets(profile, tunes, n_tunes=args.n_tunes, rounds=args.rounds, seed=profile.seed,
                               small_repeats=args.small_repeats, n_request_chats=args.request_chats,
                               name_rounds=args.name_rounds, bars_per_line=args.bars_per_line,
-                              n_copy_chats=args.copy_chats)
+                              n_copy_chats=args.copy_chats, bar_counts=args.bar_counts,
+                              n_varied_continuations=args.varied_continuations)
     print(json.dumps({"train": len(data["train"]), "validation": len(data["validation"])}), flush=True)
     result = instruction_tuning(profile, args.base, args.output, max_steps=args.max_steps,
                                 resume=args.resume, progress=False, datasets=data)

@@ -8,6 +8,12 @@ bars. Line breaks in ABC only break beams and systems, so a relaid tune is the s
 relayout is checked by comparing the tune's events and bars before and after, and a tune that
 does not survive unchanged (extra body lines such as `P:` or `W:`, several voices, bars that end
 with their line) keeps its own layout.
+
+Laying out alone did not teach length (TRAINING_LOG, "Tried after 2h"): the model still has to
+count. `with_bar_counts` gives it a count to copy instead: every line ends with the ABC comment
+`% n/total`, bars written so far of the bars asked, so the next line's figure is this one's plus
+a line's bars and the total is copied from the line above. Renderers and the validator skip
+comments; `without_bar_counts` removes them.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from typing import Any
 
 from imelodist_lib import abc
 
-__all__ = ["lay_out", "laid_out_chat"]
+__all__ = ["lay_out", "laid_out_chat", "with_bar_counts", "without_bar_counts", "counted_chat"]
 
 _FIELD_LINE = re.compile(r"^\s*(%|[A-Za-z+]:)", re.M)  # a header field, lyrics or comment line
 _CONTINUATION = re.compile(r"\\[ \t]*(\n|$)")  # ABC's line continuation: `\` ending a line
@@ -99,3 +105,57 @@ def laid_out_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
                 {"role": "assistant", "content": laid}]
     return {**chat, "messages": messages, "request": request}
+
+
+# bar counts: a running count the answer writes for itself (issue 13, length)
+_COUNT = re.compile(r"[ \t]*%[ \t]*\d+/\d+[ \t]*$", re.M)
+
+
+def with_bar_counts(text: str, total: int | None = None) -> str:
+    """`text` with a comment ` % n/total` ending each body line that closes a bar: n bars written
+    so far (`instructions.count_bars`' bars, pickups included), `total` the bars asked for
+    (default: the tune's own count). A small model cannot count 24 barlines back; it can copy
+    the total from the line above and add a line's bars to the count. ABC comments are not music,
+    so the tune is unchanged (checked as `lay_out` checks, else `text` comes back); lines ending
+    with a continuation `\\` get no comment."""
+    try:
+        body_start, spans = abc.bar_segments(text)
+    except (abc.ABCError, ValueError):
+        return text
+    before = _music(text)
+    if before is None or not spans:
+        return text
+    total = len(spans) if total is None else total
+    ends = sorted(end for _, end in spans)
+    out, offset, done = [], 0, 0
+    for line in text.split("\n"):
+        line_end = offset + len(line)
+        closed = sum(1 for e in ends if e <= line_end + 1)
+        code = line.split("%", 1)[0].rstrip()
+        if offset >= body_start and closed > done and code and not code.endswith("\\") \
+                and not _FIELD_LINE.match(line) and "%" not in line:
+            line = f"{code} % {closed}/{total}"
+        done = max(done, closed)
+        out.append(line)
+        offset = line_end + 1
+    counted = "\n".join(out)
+    return counted if _music(counted) == before else text
+
+
+def without_bar_counts(text: str) -> str:
+    """`text` with the ` % n/total` comments of `with_bar_counts` removed (nothing else)."""
+    return _COUNT.sub("", text)
+
+
+def counted_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any]:
+    """A composing chat laid out (`laid_out_chat`) and, when its request states a length, its
+    answer written `with_bar_counts` toward that length. Other records come back laid out only."""
+    chat = laid_out_chat(chat, bars_per_line) if bars_per_line else chat
+    request = chat.get("request") or {}
+    if not request.get("bars") or request.get("chords"):
+        return chat
+    system, user, answer = (m["content"] for m in chat["messages"])
+    counted = with_bar_counts(answer, int(request["bars"]))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": counted}]
+    return {**chat, "messages": messages}

@@ -38,7 +38,7 @@ from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest, _n
 from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS, tonic_shift
 
 __all__ = ["REQUEST_TASK", "COPY_TASK", "request_chats", "copy_chats", "random_bars",
-           "meter_variants", "join_bar_pairs"]
+           "meter_variants", "join_bar_pairs", "altered_notes", "altered_opening", "varied_continuations"]
 
 REQUEST_TASK = "request"  # records' task tag: "request/<task>"
 COPY_TASK = "copy"
@@ -174,13 +174,13 @@ def _one_chat(record: Any, task: str, lang: str, key: str, meter: str | None, ba
 
 
 def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int = 30,
-                  min_pool: int = 10) -> list[dict]:
+                  min_pool: int = 10, tasks: Sequence[str] = COMPOSE_TASKS) -> list[dict]:
     """`n` chats with task and language dealt in turn and key (mode first, then tonic), meter
     and length drawn evenly, each from a train tune that can serve it: one in the key's mode
     and a meter `meter_variants` rewrites to the drawn one (when the mode has none, a tune of
     the mode in its own meter) and, when at least `min_pool` such tunes have them, as many bars
     as drawn (else the longest opening it has). A draw no tune serves in `attempts` tries is
-    left out."""
+    left out. `tasks`: the task kinds dealt (default all composing kinds)."""
     rng = random.Random(seed)
     pools: dict[tuple[str, str], list[Any]] = {}
     for record in records:
@@ -194,7 +194,10 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
     keys = [k for k in SUITE_KEYS if _mode_of(k) in modes]
     if not keys:
         raise ValueError("no train tunes in any of the suite's modes")
-    kinds = [(t, lang) for t in COMPOSE_TASKS for lang in LANGS]
+    unknown = set(tasks) - set(COMPOSE_TASKS)
+    if unknown or not tasks:
+        raise ValueError(f"tasks {sorted(unknown) or '(none)'}: choose from {list(COMPOSE_TASKS)}")
+    kinds = [(t, lang) for t in tasks for lang in LANGS]
     out: list[dict] = []
     for i in range(n):
         task, lang = kinds[i % len(kinds)]
@@ -254,4 +257,59 @@ def copy_chats(n: int, seed: int = 0, min_bars: int = 2, max_bars: int = 8) -> l
         lang = LANGS[i % len(LANGS)]
         tune = random_bars(rng, rng.choice(SUITE_KEYS), rng.choice(SUITE_METERS), rng.randint(min_bars, max_bars))
         out.append(chat_record(None, f"{rng.choice(_COPY_PROMPTS[lang])}\n{tune}", tune, None, COPY_TASK))
+    return out
+
+
+# continuations whose given bars no prior predicts: copying, asked the way continuations ask
+_NOTE_OR_SKIP = re.compile(r'"[^"]*"|![^!]*!|\+[^+]*\+|\[[A-Za-z]:[^\]]*\]|%.*|([=^_]*)([A-Ga-g])')
+
+
+def altered_notes(body: str, rng: random.Random, share: float = 0.5) -> str:
+    """ABC body text with about `share` of its note letters changed to another letter of the same
+    case (accidentals, octave marks and lengths kept, so every bar keeps its duration); chord
+    symbols, decorations, inline fields and comments are left alone."""
+    def swap(m: re.Match) -> str:
+        if m.group(2) is None or rng.random() >= share:
+            return m.group(0)
+        letters = "ABCDEFG" if m.group(2).isupper() else "abcdefg"
+        return m.group(1) + rng.choice([c for c in letters if c != m.group(2)])
+    return _NOTE_OR_SKIP.sub(swap, body)
+
+
+def altered_opening(chat: dict, rng: random.Random, share: float = 0.5) -> dict:
+    """A continuation chat (`request_chats`, task continue) with notes of its given bars changed
+    (`altered_notes`) in the prompt and in the answer's opening alike, so the answer still starts
+    with exactly the given bars; raises ValueError when the chat is not such a continuation or
+    the altered tune does not keep its bar lengths."""
+    request = chat.get("request") or {}
+    seed = request.get("seed_abc")
+    system, user, answer = (m["content"] for m in chat["messages"])
+    if request.get("task") != "continue" or not seed or not answer.startswith(seed.rstrip()) \
+            or seed.strip() not in user:
+        raise ValueError("not a continuation whose answer starts with its given bars")
+    head = seed.rstrip()
+    body_start = abc.bar_segments(head + "\n")[0]
+    new_head = head[:body_start] + altered_notes(head[body_start:], rng, share)
+    new_answer = new_head + answer[len(head):]
+    before, after = (abc.check_bars(abc.parse_tune(t)) for t in (answer, new_answer))
+    if [b.duration for b in before.bars] != [b.duration for b in after.bars]:
+        raise ValueError("the altered notes changed a bar's length")
+    new_seed = new_head + "\n"
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": user.replace(seed.strip(), new_seed.strip())},
+                {"role": "assistant", "content": new_answer}]
+    return {**chat, "messages": messages, "request": {**request, "seed_abc": new_seed}}
+
+
+def varied_continuations(records: Sequence[Any], n: int, seed: int = 0, share: float = 0.5) -> list[dict]:
+    """`n` continuation chats drawn like the suite's (`request_chats`, tasks=("continue",)), each
+    with its given bars altered (`altered_opening`): a continuation can only start right by
+    copying. Chats the alteration cannot serve are left out."""
+    rng = random.Random(f"{seed}/varied")
+    out = []
+    for chat in request_chats(records, n, seed=seed, tasks=("continue",)):
+        try:
+            out.append(altered_opening(chat, rng, share))
+        except (ValueError, abc.ABCError):
+            continue
     return out

@@ -7,7 +7,8 @@ import pytest
 
 from imelodist_lib import abc
 from imelodist_lib.instructions import ComposeRequest, _seed_bars, chat_record, count_bars, render_prompt
-from imelodist_lib.layout import _music, laid_out_chat, lay_out
+from imelodist_lib.layout import (_music, counted_chat, laid_out_chat, lay_out, with_bar_counts,
+                                   without_bar_counts)
 
 # lines broken inside bars, a pickup, a repeat, a second part with its own pickup
 REEL = ("X:1\nT:Reel\nM:C|\nL:1/8\nK:G\n"
@@ -70,3 +71,30 @@ def test_a_continuation_chat_keeps_its_opening_in_the_prompt_and_the_answer():
     assert chat["messages"][2]["content"] == REEL  # the record given is not changed
     knowledge = chat_record(None, "Who are you?", "I am IMelodist.", None)
     assert laid_out_chat(knowledge) is knowledge
+
+
+def test_bar_counts_end_each_line_with_the_bars_so_far_and_keep_the_music():
+    counted = with_bar_counts(lay_out(REEL), 18)
+    lines = _body_lines(counted)
+    # pickups are bars to count_bars (and to a request's length): 5 + 4 + 5 + 4 = 18
+    assert [line.rsplit("% ", 1)[1] for line in lines] == ["5/18", "9/18", "14/18", "18/18"]
+    assert count_bars(REEL) == 18 and _music(counted) == _music(REEL)
+    assert without_bar_counts(counted) == lay_out(REEL)
+    # the tune's own count by default; lines ending with a continuation get no comment
+    text = 'X:1\nM:3/4\nL:1/8\nK:D\n"D"d2 e2 f2 \\\n| "A"e4 d2 | "G"B2 A2 G2 \\\n| "D"F6 |]\n'
+    assert _body_lines(with_bar_counts(text)) == ['"D"d2 e2 f2 \\', '| "A"e4 d2 | "G"B2 A2 G2 \\',
+                                                  '| "D"F6 |] % 4/4']
+    assert with_bar_counts("not ABC at all") == "not ABC at all"
+
+
+def test_only_chats_that_state_a_length_count_their_bars():
+    def chat(**fields):
+        request = ComposeRequest("emotion", "en", key="G", meter="C|", **fields)
+        return chat_record(request, render_prompt(request, rng=random.Random(0)), REEL, "t1", "emotion")
+    counted = counted_chat(chat(bars=18))["messages"][2]["content"]
+    assert counted.rstrip().endswith("% 18/18") and counted.count("%") == 4
+    assert counted_chat(chat())["messages"][2]["content"] == lay_out(REEL)  # no length asked
+    chords = counted_chat(chat(chords=["G"] * 18, bars=18))["messages"][2]["content"]
+    assert "%" not in chords  # a chord per bar states the length itself
+    knowledge = chat_record(None, "Who are you?", "I am IMelodist.", None)
+    assert counted_chat(knowledge) is knowledge

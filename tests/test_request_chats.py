@@ -87,3 +87,36 @@ def test_copy_chats_ask_to_copy_a_valid_random_tune_and_answer_it_exactly():
     assert len(tunes) == 40 and rc.copy_chats(40, seed=3) == chats and rc.copy_chats(40, seed=4) != chats
     with pytest.raises(ValueError):
         rc.random_bars(__import__("random").Random(0), "G", "5/4", 4)
+
+
+def test_altered_notes_change_letters_only_where_notes_are():
+    body = '"Am"A2 !trill!B c/d/ [CEG] ^f\'2 [K:D] G, % a comment: ABC\n'
+    rng = __import__("random").Random(1)
+    changed = rc.altered_notes(body, rng, share=1.0)
+    assert changed != body
+    assert changed.startswith('"Am"') and "!trill!" in changed and "[K:D]" in changed
+    assert changed.endswith("% a comment: ABC\n")
+    # every note keeps its accidental, octave mark and length; only the letter moves
+    keep = lambda t: __import__("re").sub(r'"[^"]*"|![^!]*!|\[K:[^\]]*\]|%.*', "", t)
+    assert [(a.isupper(), a.isalpha()) for a in keep(body)] == [(b.isupper(), b.isalpha()) for b in keep(changed)]
+    assert [a for a in keep(body) if not a.isalpha()] == [b for b in keep(changed) if not b.isalpha()]
+    assert rc.altered_notes(body, rng, share=0.0) == body
+
+
+def test_varied_continuations_start_with_their_altered_given_bars(train_tunes):
+    chats = rc.varied_continuations(train_tunes, 12, seed=2)
+    plain = rc.request_chats(train_tunes, 12, seed=2, tasks=("continue",))
+    assert len(chats) >= 10 and {c["request"]["task"] for c in plain} == {"continue"}
+    altered = 0
+    for chat in chats:
+        request = ComposeRequest(**chat["request"])
+        answer = chat["messages"][-1]["content"]
+        assert request.seed_abc.strip() in chat["messages"][1]["content"]
+        row = score_answer(request, answer)
+        assert row["valid"] == 1 and row["bar_errors"] == 0 and row["continuation_fidelity"] == 1.0, answer
+        altered += request.seed_abc not in {c["request"]["seed_abc"] for c in plain}
+    assert altered >= len(chats) - 1  # the given bars are not the corpus's own
+    with pytest.raises(ValueError):
+        rc.altered_opening(rc.copy_chats(1)[0], __import__("random").Random(0))
+    with pytest.raises(ValueError):
+        rc.request_chats(train_tunes, 2, tasks=("harmonise",))
