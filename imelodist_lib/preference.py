@@ -39,8 +39,8 @@ from imelodist_lib.profiles import Profile
 # 20 % of a human tune's bars repeat an earlier one; duration entropy measured like the tunes').
 HUMAN_DEFAULTS = {"repeated_bar_share": 0.20, "rhythm_entropy": 1.5}
 ADHERENCE = ("key_match", "mode_match", "meter_match", "length_match", "chord_adherence", "continued")
-REWARD_WEIGHTS = {"valid": 2.0, "bar_accuracy": 2.0, "adherence": 2.0, "stopped": 1.0, "repetition": 1.0,
-                  "rhythm": 0.5, "near_copy": -2.0}
+REWARD_WEIGHTS = {"valid": 2.0, "bar_accuracy": 2.0, "adherence": 2.0, "length": 2.0, "stopped": 1.0,
+                  "repetition": 1.0, "rhythm": 0.5, "near_copy": -2.0}
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,13 @@ def reward_parts(request: ComposeRequest, answer: str, human: Mapping[str, float
     parts["bar_accuracy"] = 0.0 if not row["valid"] else 1.0 - (rate if rate is not None else 0.0)
     asked = [row[m] for m in ADHERENCE if row.get(m) is not None]
     parts["adherence"] = sum(asked) / len(asked) if asked else parts["valid"]
+    # length on its own (adherence's exact length_match is one of six): closer to the asked bars
+    # scores higher, so even answers that all miss it rank; a request without a length: `valid`
+    if request.bars and not request.chords:
+        got = row.get("bars")
+        parts["length"] = 0.0 if got is None else max(0.0, 1.0 - abs(got - request.bars) / request.bars)
+    else:
+        parts["length"] = parts["valid"]
     share, rhythm = row.get("repeated_bar_share"), row.get("rhythm_entropy")
     parts["repetition"] = 0.0 if share is None else max(0.0, 1.0 - abs(share - human["repeated_bar_share"]) / 0.5)
     parts["rhythm"] = 0.0 if rhythm is None else max(

@@ -98,3 +98,11 @@ def test_only_chats_that_state_a_length_count_their_bars():
     assert "%" not in chords  # a chord per bar states the length itself
     knowledge = chat_record(None, "Who are you?", "I am IMelodist.", None)
     assert counted_chat(knowledge) is knowledge
+
+
+def test_bar_counts_are_not_heard_or_seen_as_music():
+    from imelodist_lib import player
+
+    counted = with_bar_counts(lay_out(REEL))
+    assert player.to_midi(counted) == player.to_midi(lay_out(REEL))
+    assert player.count_measures(player.render_svg(counted)) == 18

@@ -1,4 +1,5 @@
 """Preference tuning's reward and pairing, on real tunes (O'Neill's 1850, music21's corpus)."""
+import dataclasses
 import re
 
 import pytest
@@ -6,7 +7,7 @@ from internlm2_reference import oneills_tunes
 
 from imelodist_lib import preference as pf
 from imelodist_lib.evaluation import NoveltyIndex, parse_answer
-from imelodist_lib.instructions import ComposeRequest
+from imelodist_lib.instructions import ComposeRequest, _seed_bars, close_phrase, count_bars
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_rewards_order_human_wrong_key_and_garbage(clean_tunes):
     human, wrong_key, prose = scored
     assert human.parts["valid"] == 1 and human.parts["adherence"] == 1 and human.parts["bar_accuracy"] == 1
     assert wrong_key.parts["adherence"] < 1 and wrong_key.reward < human.reward
-    assert prose.parts == {"valid": 0.0, "bar_accuracy": 0.0, "adherence": 0.0, "stopped": 0.0,
+    assert prose.parts == {"valid": 0.0, "bar_accuracy": 0.0, "adherence": 0.0, "length": 0.0, "stopped": 0.0,
                            "repetition": 0.0, "rhythm": 0.0, "near_copy": 0.0}
     [cut] = pf.score_answers(request, [text], stopped=[False])  # the same tune, cut off by the limit
     assert cut.parts["stopped"] == 0.0 and human.parts["stopped"] == 1.0
@@ -51,6 +52,18 @@ def test_rewards_order_human_wrong_key_and_garbage(clean_tunes):
     assert prose.reward == 0.0 < wrong_key.reward
     pair = pf.best_worst_pair(scored)
     assert pair.chosen is human and pair.rejected is prose and pair.margin == human.reward
+
+
+def test_length_part_ranks_answers_by_how_near_they_come_to_the_asked_bars(clean_tunes):
+    text, tune = clean_tunes[0]
+    n = count_bars(text)
+    asked = dataclasses.replace(_request(tune), bars=n, chords=None)
+    short, half, whole = pf.score_answers(asked, [close_phrase(_seed_bars(text, 2)),
+                                                 close_phrase(_seed_bars(text, n // 2)), text])
+    assert whole.parts["length"] == 1.0 > half.parts["length"] > short.parts["length"] > 0.0
+    assert half.parts["length"] == pytest.approx(1 - (n - count_bars(half.text)) / n)
+    unasked = dataclasses.replace(asked, bars=None)
+    assert pf.score_answers(unasked, [text])[0].parts["length"] == 1.0  # nothing asked: valid is enough
 
 
 def test_near_copy_of_a_training_tune_is_penalised(clean_tunes):
