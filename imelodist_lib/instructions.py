@@ -726,6 +726,15 @@ def chat_record(request: ComposeRequest | None, user: str, answer: str, tune_id:
     }
 
 
+def with_turns(chat: dict, user: str, answer: str, **fields: Any) -> dict:
+    """A copy of a chat record (`chat_record`) with its user and assistant turns replaced (its
+    system prompt kept) and any other top-level `fields` set."""
+    system = chat["messages"][0]["content"]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
+                {"role": "assistant", "content": answer}]
+    return {**chat, **fields, "messages": messages}
+
+
 def _feasible(record: Any, task: str) -> bool:
     """Cheap checks for what a task needs (the expensive ones fail inside request_from_tune)."""
     n_bars = getattr(record, "n_bars", 0) or 0

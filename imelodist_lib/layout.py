@@ -17,10 +17,12 @@ comments; `without_bar_counts` removes them.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Any
 
 from imelodist_lib import abc
+from imelodist_lib.instructions import _seed_bars, count_bars, with_turns
 
 __all__ = ["lay_out", "laid_out_chat", "with_bar_counts", "without_bar_counts", "counted_chat"]
 
@@ -88,23 +90,19 @@ def laid_out_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any
     request = chat.get("request")
     if not request:
         return chat
-    system, user, answer = (m["content"] for m in chat["messages"])
+    _, user, answer = (m["content"] for m in chat["messages"])
     laid = lay_out(answer, bars_per_line)
     if laid == answer:
         return chat
     request = dict(request)
     seed = request.get("seed_abc")
     if request.get("task") == "continue" and seed:
-        from imelodist_lib.instructions import _seed_bars, count_bars
-
         new_seed = _seed_bars(laid, count_bars(seed))
         if seed.strip() not in user:
             return chat  # a prompt that does not quote the opening as built: keep the pair as it is
         user = user.replace(seed.strip(), new_seed.strip())
         request["seed_abc"] = new_seed
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
-                {"role": "assistant", "content": laid}]
-    return {**chat, "messages": messages, "request": request}
+    return with_turns(chat, user, laid, request=request)
 
 
 # bar counts: a running count the answer writes for itself (issue 13, length)
@@ -130,8 +128,8 @@ def with_bar_counts(text: str, total: int | None = None) -> str:
     out, offset, done = [], 0, 0
     for line in text.split("\n"):
         line_end = offset + len(line)
-        closed = sum(1 for e in ends if e <= line_end + 1)
-        code = line.split("%", 1)[0].rstrip()
+        closed = bisect.bisect_right(ends, line_end + 1)
+        code = line.rstrip()
         if offset >= body_start and closed > done and code and not code.endswith("\\") \
                 and not _FIELD_LINE.match(line) and "%" not in line:
             line = f"{code} % {closed}/{total}"
@@ -154,8 +152,5 @@ def counted_chat(chat: dict[str, Any], bars_per_line: int = 4) -> dict[str, Any]
     request = chat.get("request") or {}
     if not request.get("bars") or request.get("chords"):
         return chat
-    system, user, answer = (m["content"] for m in chat["messages"])
-    counted = with_bar_counts(answer, int(request["bars"]))
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user},
-                {"role": "assistant", "content": counted}]
-    return {**chat, "messages": messages}
+    _, user, answer = (m["content"] for m in chat["messages"])
+    return with_turns(chat, user, with_bar_counts(answer, int(request["bars"])))

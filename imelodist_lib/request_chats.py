@@ -34,7 +34,7 @@ from imelodist_lib import abc
 from imelodist_lib.instructions import (COMPOSE_TASKS, LANGS, ComposeRequest, _normalized,
                                         _seed_bars, chat_record, chords_per_bar, close_phrase,
                                         count_bars, render_prompt, request_from_tune, target_for,
-                                        transposed)
+                                        transposed, with_turns)
 from imelodist_lib.request_suite import SUITE_KEYS, SUITE_LENGTHS, SUITE_METERS, tonic_shift
 
 __all__ = ["REQUEST_TASK", "COPY_TASK", "request_chats", "copy_chats", "random_bars",
@@ -181,6 +181,9 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
     the mode in its own meter) and, when at least `min_pool` such tunes have them, as many bars
     as drawn (else the longest opening it has). A draw no tune serves in `attempts` tries is
     left out. `tasks`: the task kinds dealt (default all composing kinds)."""
+    unknown = set(tasks) - set(COMPOSE_TASKS)
+    if unknown or not tasks:
+        raise ValueError(f"tasks {sorted(unknown) or '(none)'}: choose from {list(COMPOSE_TASKS)}")
     rng = random.Random(seed)
     pools: dict[tuple[str, str], list[Any]] = {}
     for record in records:
@@ -194,9 +197,6 @@ def request_chats(records: Sequence[Any], n: int, seed: int = 0, attempts: int =
     keys = [k for k in SUITE_KEYS if _mode_of(k) in modes]
     if not keys:
         raise ValueError("no train tunes in any of the suite's modes")
-    unknown = set(tasks) - set(COMPOSE_TASKS)
-    if unknown or not tasks:
-        raise ValueError(f"tasks {sorted(unknown) or '(none)'}: choose from {list(COMPOSE_TASKS)}")
     kinds = [(t, lang) for t in tasks for lang in LANGS]
     out: list[dict] = []
     for i in range(n):
@@ -283,7 +283,7 @@ def altered_opening(chat: dict, rng: random.Random, share: float = 0.5) -> dict:
     the altered tune does not keep its bar lengths."""
     request = chat.get("request") or {}
     seed = request.get("seed_abc")
-    system, user, answer = (m["content"] for m in chat["messages"])
+    _, user, answer = (m["content"] for m in chat["messages"])
     if request.get("task") != "continue" or not seed or not answer.startswith(seed.rstrip()) \
             or seed.strip() not in user:
         raise ValueError("not a continuation whose answer starts with its given bars")
@@ -295,10 +295,8 @@ def altered_opening(chat: dict, rng: random.Random, share: float = 0.5) -> dict:
     if [b.duration for b in before.bars] != [b.duration for b in after.bars]:
         raise ValueError("the altered notes changed a bar's length")
     new_seed = new_head + "\n"
-    messages = [{"role": "system", "content": system},
-                {"role": "user", "content": user.replace(seed.strip(), new_seed.strip())},
-                {"role": "assistant", "content": new_answer}]
-    return {**chat, "messages": messages, "request": {**request, "seed_abc": new_seed}}
+    return with_turns(chat, user.replace(seed.strip(), new_seed.strip()), new_answer,
+                      request={**request, "seed_abc": new_seed})
 
 
 def varied_continuations(records: Sequence[Any], n: int, seed: int = 0, share: float = 0.5) -> list[dict]:
